@@ -1,0 +1,28 @@
+# Quick start (fresh clone, Python 3.11 + git):
+#   make run    create .venv, install hdmap-ad with its dependencies, run the DVC pipeline
+#   make test   the full test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: run test install bench clean-outputs
+
+run: $(VENV)/.installed
+	$(BIN)/hdmap-ad init-tracking
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/hdmap-ad show
+
+test: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+bench: $(VENV)/.installed
+	$(BIN)/hdmap-ad bench

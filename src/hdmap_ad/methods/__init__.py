@@ -1,0 +1,11 @@
+"""Training methods as plug-ins: one model, one loop, a method changes loss / map aggregation / extra head.
+
+To add a method: write one module with a `Method` subclass decorated by `@register`, and import it
+below so it registers.
+"""
+
+from hdmap_ad.methods.base import REGISTRY, Method, MethodContext, NoParams, build, register
+
+from hdmap_ad.methods import baseline  # noqa: F401,E402  (imports register the methods)
+
+__all__ = ["REGISTRY", "Method", "MethodContext", "NoParams", "build", "register"]

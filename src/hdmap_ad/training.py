@@ -1,0 +1,228 @@
+"""The one training loop: any method, seeded, resumable, with health checks and MLflow logging."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hdmap_ad import checkpoint, tracking
+from hdmap_ad.config import Params, flatten
+from hdmap_ad.data import PreparedData
+from hdmap_ad.errors import HdmapError
+from hdmap_ad.files import write_json
+from hdmap_ad.features import FeatureSource, make_feature_source
+from hdmap_ad.inference import score_maps
+from hdmap_ad.metrics import image_metrics
+from hdmap_ad.optim import StableAdamW, warm_cosine_lr
+from hdmap_ad.runtime import StepProgress, autocast, console, rng_state, seed_everything, select_device, set_rng_state, set_threads
+
+MODEL_FILE = Path("models/model.pt")
+STATE_FILE = Path("models/train_state/last.pt")
+TRAIN_METRICS = Path("metrics/train.json")
+
+
+@dataclass
+class TrainSet:
+    maps: np.ndarray          # N×H×W, all selected domains' train maps
+    domain_ids: np.ndarray    # N
+    domains: list[str]
+    val: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (maps, labels): seeded stratified subset of test
+
+
+def load_train_set(prepared: PreparedData, params: Params) -> TrainSet:
+    domains = list(params.data.domains)
+    missing = [d for d in domains if d not in prepared.domains]
+    if missing:
+        raise HdmapError(f"{params.data.prepared}: prepared data lacks {', '.join(missing)} (rerun `dvc repro prepare`)")
+    maps = [np.asarray(prepared.maps(d, "train"), dtype=np.float32) for d in domains]
+    ids = [np.full(len(m), i, dtype=np.int64) for i, m in enumerate(maps)]
+    rng = np.random.default_rng(params.seed)
+    val = {}
+    for d in domains:
+        labels = prepared.labels(d, "test")
+        chosen = []
+        for label in (0, 1):  # stratified: the same fraction of good and faulty maps
+            idx = np.flatnonzero(labels == label)
+            k = max(1, round(params.data.val_ratio * len(idx)))
+            chosen.append(np.sort(rng.choice(idx, size=k, replace=False)))
+        pick = np.concatenate(chosen)
+        val[d] = (np.asarray(prepared.maps(d, "test")[pick], dtype=np.float32), labels[pick])
+    return TrainSet(np.concatenate(maps), np.concatenate(ids), domains, val)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Shuffled epochs without replacement, dropping the ragged tail; a pure function of the step,
+    so a resumed run draws exactly the batches the uninterrupted run would have."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def validate(model, method, train_set: TrainSet, params: Params, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-domain AUROC on the validation subset, and Youden thresholds (per domain and pooled)."""
+    metrics, thresholds, all_labels, all_scores = {}, {}, [], []
+    for i, d in enumerate(train_set.domains):
+        maps, labels = train_set.val[d]
+        scored = score_maps(model, method, maps, params, device, params.evaluate.batch_size, domain_id=i, description=f"val {d}")
+        m = image_metrics(labels, scored.scores)
+        metrics[f"val/{d}/auroc"] = m["auroc"] if m["valid"] else float("nan")
+        thresholds[d] = m["threshold"]
+        all_labels.append(labels)
+        all_scores.append(scored.scores)
+    pooled = image_metrics(np.concatenate(all_labels), np.concatenate(all_scores))
+    thresholds["pooled"] = pooled["threshold"]
+    values = [v for v in metrics.values() if math.isfinite(v)]
+    metrics["val/mean/auroc"] = float(np.mean(values)) if len(values) == len(metrics) else float("nan")
+    return metrics, thresholds
+
+
+def _grad_health(parameters: list[torch.nn.Parameter]) -> int:
+    return int(sum((~torch.isfinite(p.grad)).sum().item() for p in parameters if p.grad is not None))
+
+
+def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
+    """Train one model over all selected domains; write models/ and metrics/train.json; return a summary."""
+    import mlflow
+
+    t_params = params.train
+    set_threads(t_params.num_threads)
+    device = select_device(t_params.device)
+    prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
+    train_set = load_train_set(prepared, params)
+    fingerprint = params.training_fingerprint()
+
+    state = None
+    if t_params.resume == "auto" and STATE_FILE.is_file():
+        state = checkpoint.load(STATE_FILE)
+        if state.get("fingerprint") != fingerprint:
+            console.print(f"[yellow]{STATE_FILE}: from a different configuration; starting afresh[/]")
+            state = None
+
+    seed_everything(params.seed)
+    model, method = checkpoint.build(params, train_set.domains, device)
+    trainable = model.trainable_parameters()
+    groups = [{"params": trainable, "lr": t_params.lr, "lr_mult": 1.0, "name": "model"}]
+    for g in method.param_groups(t_params.lr):
+        groups.append({"lr_mult": 1.0, **g})
+    optimizer = StableAdamW(groups, lr=t_params.lr, betas=tuple(t_params.betas), eps=t_params.eps,
+                            weight_decay=t_params.weight_decay, amsgrad=True)
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t_params.amp == "fp16")
+    if t_params.compile:
+        model.decoder = torch.compile(model.decoder)
+
+    start_step, run_id, history = 0, None, {}
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step, run_id, history = state["step"], state.get("run_id"), state.get("history", {})
+        console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
+
+    features: FeatureSource = make_feature_source(model, train_set.maps, params, device)
+
+    experiment_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
+    if run_id is not None and not tracking.run_exists(run_id):
+        console.print(f"[yellow]MLflow run {run_id} of the checkpoint is gone; logging to a new run[/]")
+        run_id = None
+    manifest_md5 = prepared.manifest_md5() if hasattr(prepared, "manifest_md5") else None
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params),
+                          tags=tracking.run_tags(params, manifest_md5), log_system_metrics=False) as run:
+        run_id = run.info.run_id
+        if start_step == 0:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
+            mlflow.log_params({"n_train_maps": len(train_set.maps), "device": str(device),
+                               "feature_cache": features.describe(), "fingerprint": fingerprint})
+
+        def save_state(step: int) -> None:
+            checkpoint.save({
+                "model": checkpoint.trainable_state(model), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": {"step": step}, "step": step, "rng": rng_state(), "config": params.resolved(),
+                "fingerprint": fingerprint, "run_id": run_id, "domains": train_set.domains, "history": history,
+            }, STATE_FILE)
+
+        bad_in_row, bad_total, window_loss, window_n, t_last = 0, history.get("bad_total", 0), 0.0, 0, time.perf_counter()
+        model.train()
+        method.train()
+        with StepProgress(t_params.steps, f"train {params.method} seed {params.seed}", every=t_params.log_every, start=start_step) as bar:
+            for step in range(start_step, t_params.steps):
+                lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
+                idx = batch_indices(len(train_set.maps), t_params.batch_size, step, params.seed)
+                domain_ids = torch.from_numpy(train_set.domain_ids[idx]).to(device)
+                feats = features.batch(idx)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, t_params.amp):
+                    recon = model.decode(feats)
+                    loss, info = method.loss(recon, domain_ids, step)
+                loss_ok = bool(torch.isfinite(loss))
+                nan_count, total_norm = 0, float("nan")
+                if loss_ok:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    nan_count = _grad_health(all_params)
+                    total_norm = float(torch.nn.utils.clip_grad_norm_(all_params, t_params.grad_clip))
+                if loss_ok and nan_count == 0 and math.isfinite(total_norm):
+                    scaler.step(optimizer)
+                    scaler.update()
+                    bad_in_row = 0
+                    window_loss += float(loss)
+                    window_n += 1
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    bad_total += 1
+                    what = "loss" if not loss_ok else "gradient"
+                    warnings.warn(f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped", stacklevel=1)
+                    mlflow.log_metrics({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step=step)
+                    if bad_in_row >= t_params.max_bad_steps:
+                        raise HdmapError(
+                            f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
+                            f"the last good checkpoint is kept at {STATE_FILE}")
+                done = step + 1
+                if done % t_params.log_every == 0 or done == t_params.steps:
+                    now = time.perf_counter()
+                    logs = {"train/loss": window_loss / max(1, window_n), "train/lr": lr, "grad/total_norm": total_norm,
+                            "grad/nan_count": nan_count, "train/bad_steps": bad_total,
+                            "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9)}
+                    logs.update(info)
+                    logs.update(method.diagnostics())
+                    mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=done)
+                    bar.update(0, f"loss {logs['train/loss']:.4f} lr {lr:.2e} {logs['train/images_per_s']:.1f} img/s")
+                    window_loss, window_n, t_last = 0.0, 0, now
+                if done % t_params.val_every == 0 and done != t_params.steps:
+                    val_metrics, _ = validate(model, method, train_set, params, device)
+                    mlflow.log_metrics(val_metrics, step=done)
+                    history[f"val@{done}"] = val_metrics
+                    model.train()
+                    method.train()
+                history["bad_total"] = bad_total
+                if done % t_params.checkpoint_every == 0 or done == t_params.steps:
+                    save_state(done)
+                bar.update(1)
+
+        val_metrics, thresholds = validate(model, method, train_set, params, device)
+        mlflow.log_metrics(val_metrics, step=t_params.steps)
+        final = {
+            "model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": t_params.steps,
+            "config": params.resolved(), "fingerprint": fingerprint, "run_id": run_id, "domains": train_set.domains,
+            "thresholds": thresholds, "val": val_metrics,
+        }
+        checkpoint.save(final, MODEL_FILE)
+        mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")
+        summary = {"run_id": run_id, "experiment_id": experiment_id, "steps": t_params.steps, "bad_steps": bad_total,
+                   "thresholds": thresholds, **{k.replace("/", "_"): v for k, v in val_metrics.items()}}
+        write_json(summary, TRAIN_METRICS)
+        mlflow.set_tag("stage", "trained")
+    return summary
+

@@ -1,0 +1,93 @@
+"""params.yaml loading: profiles, method sections, validation errors, overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hdmap_ad.config import flatten, load_params, parse_params
+from hdmap_ad.errors import HdmapError
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def raw_params() -> dict:
+    return yaml.safe_load(REPO_PARAMS.read_text())
+
+
+def test_repo_params_load_with_quick_profile():
+    params = load_params(REPO_PARAMS)
+    assert params.profile == "quick"
+    assert params.method == "baseline"
+    assert params.data_root == Path("data/raw/synthetic")
+
+
+def test_paper_profile_is_the_plan_setting():
+    raw = raw_params()
+    raw["profile"] = "paper"
+    params = parse_params(raw)
+    assert params.model.encoder == "base" and params.model.weights == "hub"
+    assert params.preprocess.resize == (448, 448) and params.preprocess.crop == (392, 392)
+    assert params.train.steps == 3000 and params.train.batch_size == 16 and params.train.val_every == 500
+    assert params.data.source == "folder" and params.data_root == Path(params.data.root)
+    # the profile overrides keys but leaves the rest of a section alone
+    assert params.train.lr == 0.002
+
+
+def test_only_the_chosen_method_section_is_kept():
+    raw = raw_params()
+    raw["method"] = "focal"
+    params = parse_params(raw)
+    assert params.method_params == {"gamma": 2.0}
+    resolved = params.resolved()
+    assert resolved["focal"] == {"gamma": 2.0} and "gem" not in resolved
+
+
+def test_changing_another_methods_section_keeps_the_fingerprint():
+    raw = raw_params()
+    raw["method"] = "focal"
+    a = parse_params(raw).training_fingerprint()
+    raw["gem"] = {"p": 5.0, "factor": 0.3}
+    assert parse_params(raw).training_fingerprint() == a
+    raw["seed"] = 7
+    assert parse_params(raw).training_fingerprint() != a
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r["train"].update(steps=-1), "train.steps"),
+    (lambda r: r["train"].update(stpes=5), "train.stpes"),
+    (lambda r: r["train"].update(device="gpu"), "train.device"),
+    (lambda r: r["preprocess"].update(crop=[500, 500]), "preprocess"),
+    (lambda r: r["preprocess"].update(crop=[50, 196]), "multiple of the patch size"),
+    (lambda r: r.update(method="magic"), "unknown method 'magic'"),
+    (lambda r: r.update(profile="huge"), "profile 'huge'"),
+    (lambda r: r["data"].update(domains=["domain_A", "domain_A"]), "data.domains"),
+    (lambda r: r.update(gem={"p": -1}, method="gem"), "section `gem`"),
+])
+def test_bad_values_give_one_clear_line(edit, needle):
+    raw = raw_params()
+    edit(raw)
+    with pytest.raises(HdmapError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(HdmapError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(HdmapError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_apply_like_dvc_set():
+    params = load_params(REPO_PARAMS, ["method=topk", "train.steps=7", "topk.q=5"])
+    assert params.method == "topk" and params.train.steps == 7 and params.method_params["q"] == 5
+    with pytest.raises(HdmapError, match="KEY=VALUE"):
+        load_params(REPO_PARAMS, ["train.steps"])
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}

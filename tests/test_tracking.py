@@ -1,0 +1,55 @@
+"""Where MLflow runs go: the store follows DVC_ROOT, the experiment is created once under the repo."""
+
+from pathlib import Path
+
+import pytest
+
+from hdmap_ad import tracking
+
+
+def test_store_resolves_to_dvc_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    # inside a queued experiment the cwd is a temp copy; the store must still be the original repo's
+    monkeypatch.chdir(Path("/"))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_environment_overrides_params(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri("sqlite:///other.db") == "http://127.0.0.1:5999"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
+
+
+def test_experiment_created_once_with_artifacts_under_repo(monkeypatch, tmp_path):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    first = tracking.ensure_experiment("exp-a")
+    assert tracking.ensure_experiment("exp-a") == first
+    exp = mlflow.MlflowClient().get_experiment(first)
+    assert exp.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_run_tags_carry_experiment_identity(monkeypatch):
+    from hdmap_ad.config import load_params
+
+    monkeypatch.setenv("DVC_EXP_NAME", "gruff-half")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["method=focal", "seed=44"])
+    tags = tracking.run_tags(params, "abc123")
+    assert tracking.run_name(params) == "focal-seed44"
+    assert tags["method"] == "focal" and tags["seed"] == "44"
+    assert tags["dvc_exp_name"] == "gruff-half" and tags["data_manifest_md5"] == "abc123"
+
+
+def test_unusable_store_is_one_clear_error(monkeypatch, tmp_path):
+    from hdmap_ad.errors import HdmapError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path}/a-file/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(HdmapError, match="MLflow store"):
+        tracking.ensure_experiment("x")
