@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["hdmap_ad.predict"]
 
 
 def register_all(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:

@@ -7,5 +7,6 @@ below so it registers.
 from hdmap_ad.methods.base import REGISTRY, Method, MethodContext, NoParams, build, register
 
 from hdmap_ad.methods import baseline  # noqa: F401,E402  (imports register the methods)
+from hdmap_ad.methods import gem, focal, aux, scale, topk  # noqa: F401,E402  (SPEC §3 order, as error messages list them)
 
 __all__ = ["REGISTRY", "Method", "MethodContext", "NoParams", "build", "register"]

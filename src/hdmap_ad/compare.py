@@ -1,0 +1,798 @@
+"""The compare stage: read the evaluated runs from MLflow, pair them by seed, test every method against the baseline.
+
+Outputs (all written atomically): `metrics/compare.json` (every metric, every comparison),
+`reports/comparison.md` (the experiment plan's tables, filled in), PNG plots under `reports/plots/`
+(one per metric and domain: each method's per-seed values side by side), a summary table on the
+terminal, and one MLflow run named `compare` (tag `kind=compare`) that holds all of them as artifacts.
+
+Which runs count (SPEC §4–§5): FINISHED runs tagged `evaluated=true` with `method` and `seed` tags, of
+the active profile; everything else is listed with the reason it was left out. A run whose evaluation
+found NaN/Inf scores in a domain (`invalid_domains` tag) is left out of that domain's comparisons and
+of the mean and pooled ones (a mean over fewer domains is not comparable). When several valid runs
+share (method, seed) the latest one is used and the others are named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hdmap_ad.errors import HdmapError
+from hdmap_ad.files import write_json, write_text
+
+JSON_FILE = Path("metrics/compare.json")
+REPORT_FILE = Path("reports/comparison.md")
+PLOTS_DIR = Path("reports/plots")
+COMPARE_KIND = "compare"
+
+# What evaluation.py logs per scope as test/<scope>/<metric> (fractions in [0, 1] except threshold).
+KNOWN_METRICS = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1",
+                 "accuracy", "threshold", "pixel_auroc", "aux_domain_accuracy")
+NOT_PERCENT = {"threshold"}
+METRIC_LABELS = {"auroc": "AUROC", "ap": "AP", "f1_max": "F1-max", "tpr_at_fpr_1": "TPR@FPR=1%",
+                 "tpr_at_fpr_5": "TPR@FPR=5%", "precision": "Precision", "recall": "Recall", "f1": "F1",
+                 "accuracy": "Accuracy", "threshold": "Threshold", "pixel_auroc": "pixel AUROC",
+                 "aux_domain_accuracy": "aux domain accuracy"}
+# The experiment plan's order and names; other methods follow alphabetically under their own name.
+METHOD_ORDER = ("baseline", "gem", "focal", "aux", "scale", "topk")
+METHOD_LABELS = {"baseline": "Baseline", "gem": "Method 1 (GEM)", "focal": "Method 3 (Focal)",
+                 "aux": "Method 5-A (Aux)", "scale": "Method 6-A (Scale)", "topk": "TopK"}
+SUMMARY_SCOPES = ("mean", "pooled")
+STATUS_REASONS = {
+    "FAILED": "failed (status FAILED)",
+    "KILLED": "killed (status KILLED)",
+    "RUNNING": "unfinished (status RUNNING: still running, or its process died)",
+    "SCHEDULED": "unfinished (status SCHEDULED)",
+}
+MARK_LEGEND = "*** p<0.001, ** p<0.01, * p<0.05, n.s. not significant (marks use the Holm-adjusted p)"
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    """The few parameters compare reads (params.yaml sections `compare`, `mlflow`, `data`, `profile`)."""
+
+    baseline: str = "baseline"
+    metrics: tuple[str, ...] = ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5")
+    methods: tuple[str, ...] | None = None       # None: every method found
+    experiment: str = "hdmap-dinomaly"
+    tracking_uri: str | None = None
+    domains: tuple[str, ...] = ("domain_A", "domain_B", "domain_C", "domain_D")
+    profile: str | None = "quick"                # only runs tagged with this profile; None: any
+
+
+def load_settings(path: Path | str = "params.yaml", overrides: Sequence[str] = ()) -> Settings:
+    """Read just what compare needs from params.yaml (profile merged, `--set` applied, sections validated).
+
+    Deliberately lighter than config.load_params: it does not build the method registry (torch), so
+    compare works on a machine that only has the tracking store.
+    """
+    from hdmap_ad.config import CompareParams, DataParams, MlflowParams, apply_overrides, deep_merge
+
+    path = Path(path)
+    if not path.is_file():
+        raise HdmapError(f"{path}: parameter file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise HdmapError(f"{path}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise HdmapError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    profiles = raw.pop("profiles", {}) or {}
+    profile = raw.get("profile", "quick")
+    if profile not in profiles:
+        raise HdmapError(f"{path}: profile {profile!r} is not defined under `profiles` (known: {', '.join(profiles) or 'none'})")
+    merged = deep_merge(raw, profiles[profile] or {})
+    section = dict(merged.get("compare") or {})
+    methods = section.pop("methods", None)  # optional key; accepted whether or not CompareParams declares it
+    try:
+        cp = CompareParams.model_validate(section)
+        mp = MlflowParams.model_validate(merged.get("mlflow") or {})
+        dp = DataParams.model_validate(merged.get("data") or {})
+    except Exception as err:  # pydantic ValidationError: one line naming the section
+        first = str(err).splitlines()
+        raise HdmapError(f"{path}: invalid compare/mlflow/data section: {' '.join(first[:3])}") from None
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
+        raise HdmapError(f"{path}: compare.methods must be null or a list of method names, got {methods!r}")
+    unknown = [m for m in cp.metrics if m not in KNOWN_METRICS]
+    if unknown:
+        raise HdmapError(f"{path}: compare.metrics: unknown metric(s) {unknown} (known: {', '.join(KNOWN_METRICS)})")
+    return Settings(baseline=cp.baseline, metrics=tuple(cp.metrics), methods=tuple(methods) if methods else None,
+                    experiment=mp.experiment, tracking_uri=mp.tracking_uri, domains=tuple(dp.domains), profile=profile)
+
+
+# ---------------------------------------------------------------------------------------- the runs
+
+@dataclass
+class RunRecord:
+    run_id: str
+    run_name: str
+    method: str | None
+    seed: int | None
+    status: str
+    start_time: int
+    end_time: int | None
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    invalid_domains: list[str] = field(default_factory=list)
+
+    def brief(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_name": self.run_name, "method": self.method, "seed": self.seed,
+                "status": self.status, "start_time": _iso(self.start_time),
+                "dvc_exp_name": self.tags.get("dvc_exp_name"), "git_commit": self.tags.get("git_commit"),
+                "profile": self.tags.get("profile")}
+
+
+@dataclass
+class Selection:
+    """Which runs were used, and what was left out and why."""
+
+    used: dict[str, dict[int, RunRecord]]          # method -> seed -> run
+    left_out: list[dict[str, Any]]                  # run brief + reason
+    superseded: list[dict[str, Any]]                # method, seed, used run, older valid runs ignored
+    invalid: list[dict[str, Any]]                   # method, seed, run_id, domains
+    not_selected: dict[str, int]                    # method -> valid runs not asked for
+    n_found: int
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _to_record(run) -> RunRecord:
+    tags = dict(run.data.tags)
+    seed: int | None
+    try:
+        seed = int(tags["seed"]) if "seed" in tags else None
+    except ValueError:
+        seed = None
+    invalid = [d.strip() for d in tags.get("invalid_domains", "").split(",") if d.strip()]
+    return RunRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", method=tags.get("method") or None,
+                     seed=seed, status=run.info.status, start_time=int(run.info.start_time or 0),
+                     end_time=run.info.end_time, tags=tags, metrics=dict(run.data.metrics), invalid_domains=invalid)
+
+
+def fetch_runs(client, experiment_id: str) -> list[RunRecord]:
+    """Every active (not deleted) run of the experiment except compare runs, all pages."""
+    from mlflow.entities import ViewType
+
+    records, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="", run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=1000, page_token=token)
+        records += [_to_record(r) for r in page if r.data.tags.get("kind") != COMPARE_KIND]
+        token = page.token
+        if not token:
+            return records
+
+
+def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: Sequence[str] | None = None) -> Selection:
+    """Keep FINISHED, evaluated runs of the profile (and methods); the latest per (method, seed)."""
+    left_out: list[dict[str, Any]] = []
+    candidates: dict[tuple[str, int], list[RunRecord]] = {}
+    not_selected: dict[str, int] = {}
+    for r in runs:
+        reason = None
+        if r.method is None or r.seed is None:
+            reason = "no `method`/`seed` tag (not a training run of this project)"
+        elif r.status != "FINISHED":
+            reason = STATUS_REASONS.get(r.status, f"not finished (status {r.status})")
+        elif r.tags.get("evaluated") != "true":
+            reason = "not evaluated (trained only: the evaluate stage did not log to it)"
+        elif profile is not None and r.tags.get("profile") not in (None, profile):
+            reason = f"profile {r.tags.get('profile')!r}, not {profile!r} (compare --profile all to mix)"
+        if reason:
+            left_out.append({**r.brief(), "reason": reason})
+            continue
+        if methods is not None and r.method not in methods:
+            not_selected[r.method] = not_selected.get(r.method, 0) + 1
+            continue
+        candidates.setdefault((r.method, r.seed), []).append(r)
+
+    used: dict[str, dict[int, RunRecord]] = {}
+    superseded, invalid = [], []
+    for (method, seed), group in candidates.items():
+        group.sort(key=lambda r: (r.start_time, r.end_time or 0), reverse=True)
+        chosen = group[0]
+        used.setdefault(method, {})[seed] = chosen
+        if len(group) > 1:
+            superseded.append({"method": method, "seed": seed, "used": chosen.run_id, "used_start": _iso(chosen.start_time),
+                               "ignored": [r.run_id for r in group[1:]]})
+        if chosen.invalid_domains:
+            invalid.append({"method": method, "seed": seed, "run_id": chosen.run_id, "domains": chosen.invalid_domains})
+    used = {m: dict(sorted(used[m].items())) for m in order_methods(used)}
+    left_out.sort(key=lambda x: (str(x["method"]), x["seed"] if x["seed"] is not None else -1, x["run_id"]))
+    superseded.sort(key=lambda x: (x["method"], x["seed"]))
+    invalid.sort(key=lambda x: (x["method"], x["seed"]))
+    return Selection(used, left_out, superseded, invalid, not_selected, len(runs))
+
+
+def order_methods(methods, baseline: str = "baseline") -> list[str]:
+    names = list(dict.fromkeys(methods))
+    known = [m for m in METHOD_ORDER if m in names]
+    rest = sorted(m for m in names if m not in METHOD_ORDER)
+    ordered = known + rest
+    if baseline in ordered:
+        ordered.remove(baseline)
+        ordered.insert(0, baseline)
+    return ordered
+
+
+def order_scopes(found: set[str], domains: Sequence[str]) -> list[str]:
+    listed = [d for d in domains if d in found]
+    others = sorted(s for s in found if s not in domains and s not in SUMMARY_SCOPES)
+    return listed + others + [s for s in SUMMARY_SCOPES if s in found]
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def scope_label(scope: str) -> str:
+    if scope.startswith("domain_") and len(scope) > 7:
+        return f"Domain {scope[7:]}"
+    return {"mean": "Mean", "pooled": "Pooled"}.get(scope, scope)
+
+
+# -------------------------------------------------------------------------------------- the numbers
+
+def per_seed_values(selection: Selection) -> tuple[dict, dict, list[str], list[str]]:
+    """values[method][scope][metric][seed] (finite numbers only), why[method][seed][scope] for blanks,
+    the scopes found and the metrics found."""
+    values: dict[str, dict[str, dict[str, dict[int, float]]]] = {}
+    why: dict[str, dict[int, dict[str, str]]] = {}
+    scopes, metrics = set(), set()
+    for method, by_seed in selection.used.items():
+        for seed, run in by_seed.items():
+            excluded = set(run.invalid_domains)
+            if excluded:  # the mean and pooled numbers of a run with an invalid domain are not comparable
+                excluded |= set(SUMMARY_SCOPES)
+            for key, value in run.metrics.items():
+                parts = key.split("/")
+                if len(parts) != 3 or parts[0] != "test" or parts[2] not in KNOWN_METRICS:
+                    continue
+                _, scope, metric = parts
+                scopes.add(scope)
+                metrics.add(metric)
+                if scope in excluded:
+                    continue
+                if value is None or not math.isfinite(float(value)):
+                    continue
+                values.setdefault(method, {}).setdefault(scope, {}).setdefault(metric, {})[seed] = float(value)
+            for scope in excluded:
+                scopes.add(scope)
+                why.setdefault(method, {}).setdefault(seed, {})[scope] = (
+                    "invalid" if scope in run.invalid_domains else f"invalid ({', '.join(run.invalid_domains)})")
+    metric_list = [m for m in KNOWN_METRICS if m in metrics]
+    return values, why, sorted(scopes), metric_list
+
+
+def _comparison(method: str, scope: str, metric: str, family: str, res, extra_notes: list[str]) -> dict[str, Any]:
+    from hdmap_ad.stats import significance_mark
+
+    d = asdict(res)
+    notes = [n for n in (res.note.split("; ") if res.note else []) if n] + extra_notes
+    d.update(method=method, scope=scope, metric=metric, holm_family=family,
+             significance=significance_mark(res.p_holm), significance_raw=significance_mark(res.p_ttest),
+             notes=notes)
+    return d
+
+
+def analyse(values: Mapping, why: Mapping, baseline: str, methods: Sequence[str], scopes: Sequence[str],
+            metrics: Sequence[str], selection: Selection) -> list[dict[str, Any]]:
+    """paired_test for each method x scope x metric vs the baseline; Holm within each metric's table
+    (all methods x domains + mean) and, separately, within each metric's pooled comparisons."""
+    from hdmap_ad.stats import fill_holm, paired_test
+
+    out: list[dict[str, Any]] = []
+    base_vals = values.get(baseline, {})
+    for metric in metrics:
+        families: dict[str, list[tuple[str, str, Any, list[str]]]] = {}
+        for method in methods:
+            if method == baseline:
+                continue
+            for scope in scopes:
+                b = base_vals.get(scope, {}).get(metric, {})
+                m = values.get(method, {}).get(scope, {}).get(metric, {})
+                res = paired_test(b, m)
+                notes = _blank_notes(method, baseline, scope, why, selection)
+                family = f"{metric}:pooled" if scope == "pooled" else f"{metric}:table"
+                families.setdefault(family, []).append((method, scope, res, notes))
+        for family, items in families.items():
+            fill_holm([it[2] for it in items], which="p_ttest")
+            out += [_comparison(method, scope, metric, family, res, notes) for method, scope, res, notes in items]
+    return out
+
+
+def _blank_notes(method: str, baseline: str, scope: str, why: Mapping, selection: Selection) -> list[str]:
+    notes = []
+    for who in (baseline, method):
+        bad = [s for s, scopes in why.get(who, {}).items() if scope in scopes]
+        if bad:
+            notes.append(f"{who} seed(s) {', '.join(map(str, sorted(bad)))} left out: "
+                         + ("domain invalid (NaN/Inf scores)" if scope not in SUMMARY_SCOPES
+                            else "a domain was invalid (NaN/Inf scores)"))
+        gone = sorted({x["seed"] for x in selection.left_out if x["method"] == who and x["seed"] is not None
+                       and x["seed"] not in selection.used.get(who, {})})
+        if gone:
+            notes.append(f"{who} seed(s) {', '.join(map(str, gone))} have no valid run (see left_out)")
+    return notes
+
+
+def summarise_values(values: Mapping, methods: Sequence[str], scopes: Sequence[str], metrics: Sequence[str]) -> dict:
+    from hdmap_ad.stats import mean_std
+
+    out: dict[str, Any] = {}
+    for method in methods:
+        for scope in scopes:
+            for metric in metrics:
+                per_seed = values.get(method, {}).get(scope, {}).get(metric, {})
+                entry: dict[str, Any] = {"n": len(per_seed), "seeds": sorted(per_seed), "mean": None, "std": None}
+                if per_seed:
+                    entry["mean"], entry["std"] = mean_std(list(per_seed.values()))
+                out.setdefault(method, {}).setdefault(scope, {})[metric] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------ text
+
+def fmt_value(v: float | None, metric: str) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4g}" if metric in NOT_PERCENT else f"{100 * v:.2f}"
+
+
+def fmt_mean_std(entry: Mapping[str, Any], metric: str, expected_n: int | None = None) -> str:
+    if entry["mean"] is None:
+        return "no data"
+    text = fmt_value(entry["mean"], metric)
+    if entry["std"] is not None:
+        text += f" ± {fmt_value(entry['std'], metric)}"
+    if entry["n"] < 2 or (expected_n is not None and entry["n"] != expected_n):
+        text += f" (n={entry['n']})"
+    return text
+
+
+def fmt_delta(v: float | None, metric: str) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.4g}" if metric in NOT_PERCENT else f"{100 * v:+.2f}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def p_cell(c: Mapping[str, Any]) -> str:
+    if c["p_ttest"] is None:
+        return f"n/a (n={c['n']})" if c["n"] < 2 else "n/a (no test, see notes)"
+    return f"{fmt_p(c['p_ttest'])} → {fmt_p(c['p_holm'])} {c['significance']}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
+    esc = [[str(x).replace("|", "\\|") for x in row] for row in rows]
+    seps = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"] + ["| " + " | ".join(r) + " |" for r in esc]
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    baseline = result["baseline"]
+    methods, scopes, listed = result["methods"], result["table_scopes"], result["report_metrics"]
+    summary, values = result["summary"], result["values"]
+    comps = {(c["method"], c["scope"], c["metric"]): c for c in result["comparisons"]}
+    why = result["blanks"]
+    left = result["left_out"]
+    seeds_all = sorted({int(s) for m in result["runs"].values() for s in m} | {x["seed"] for x in left
+                       if x["seed"] is not None and x["method"] in methods})
+    headers = ["Seed"] + [scope_label(s) for s in scopes]
+    L: list[str] = []
+    L += ["# Method comparison on HDMAP (Dinomaly)", ""]
+    L += [f"Generated {result['generated']} by `hdmap-ad compare` from MLflow experiment `{result['experiment']}` "
+          f"at `{result['tracking_uri']}`" + (f", profile `{result['profile']}`." if result["profile"] else ", all profiles."), ""]
+    L += ["- Values are percent (fraction × 100, 2 decimals); Δ is method − baseline in percentage points.",
+          f"- Mean ± Std over seeds; **std is the sample standard deviation (ddof=1)**; `(n=k)` marks a cell with k seeds.",
+          "- Statistics (SPEC §5): runs paired by seed with the baseline "
+          f"`{baseline}`; paired t-test (`scipy.stats.ttest_rel`), Wilcoxon signed-rank, Cohen's d_z = mean(diff)/std(diff, ddof=1); "
+          "Holm correction over all comparisons of one table (one metric: every method × every domain and the mean).",
+          f"- Significance: {MARK_LEGEND}.",
+          "- precision/recall/F1/accuracy (JSON only) use the Youden-J threshold chosen on each test set.", ""]
+    L += _notes_block(result)
+
+    for method in methods:
+        runs = result["runs"].get(method, {})
+        L += [f"## {method_label(method)} (`{method}`)", ""]
+        if not runs:
+            L += [f"No valid run of `{method}`.", ""]
+            continue
+        commits = sorted({r["git_commit"][:10] for r in runs.values() if r.get("git_commit")})
+        L += [f"- Seeds: {', '.join(map(str, runs))} ({len(runs)} run{'s' if len(runs) != 1 else ''})",
+              f"- Runs: " + ", ".join(f"{s}: `{r['run_id'][:8]}`" + (f" ({r['dvc_exp_name']})" if r.get("dvc_exp_name") else "")
+                                     for s, r in runs.items()),
+              f"- Code: {', '.join(f'`{c}`' for c in commits) or 'unknown commit'}", ""]
+        for metric in listed:
+            L += [f"### {METRIC_LABELS[metric]}", ""]
+            rows = []
+            for seed in seeds_all:
+                cells = [str(seed)]
+                for scope in scopes:
+                    v = values.get(method, {}).get(scope, {}).get(metric, {}).get(str(seed))
+                    if v is not None:
+                        cells.append(fmt_value(v, metric))
+                    elif str(seed) in runs:
+                        cells.append(why.get(method, {}).get(str(seed), {}).get(scope, "not logged"))
+                    else:
+                        cells.append(_missing_reason(method, seed, left))
+                rows.append(cells)
+            n_runs = len(runs)
+            rows.append(["**Mean±Std**"] + [fmt_mean_std(summary[method][scope][metric], metric, n_runs) for scope in scopes])
+            L += _md_table(headers, rows) + [""]
+        if method != baseline:
+            L += [f"### Statistical test (vs {method_label(baseline)})", ""]
+            rows = []
+            for metric in listed:
+                for scope in scopes:
+                    c = comps.get((method, scope, metric))
+                    if c is None:
+                        continue
+                    rows.append([METRIC_LABELS[metric], scope_label(scope), fmt_delta(c["delta"], metric),
+                                 fmt_p(c["p_ttest"]) if c["p_ttest"] is not None else p_cell(c),
+                                 fmt_p(c["p_holm"]), c["significance"] if c["p_holm"] is not None else "no p-value",
+                                 ", ".join(map(str, c["seeds"])) or "none"])
+            L += _md_table(["Metric", "Domain", "Δ Mean", "p-value (t-test)", "Holm p", "Significance", "Seeds used"],
+                           rows, align_right_from=2) + [""]
+
+    L += ["## Summary Table (All Methods)", ""]
+    for metric in listed:
+        L += [f"### {METRIC_LABELS[metric]} (Mean±Std)", ""]
+        rows = [[method_label(m)] + [fmt_mean_std(summary[m][s][metric], metric, len(result["runs"].get(m, {}))) for s in scopes]
+                for m in methods]
+        L += _md_table(["Method"] + [scope_label(s) for s in scopes], rows) + [""]
+
+    others = [m for m in methods if m != baseline]
+    L += [f"## Statistical significance (vs {method_label(baseline)})", ""]
+    if not others:
+        L += [f"Only the baseline `{baseline}` has valid runs: there is nothing to compare.", ""]
+    elif baseline not in result["runs"]:
+        L += [f"The baseline `{baseline}` has no valid run: no paired statistics.", ""]
+    for metric in listed if others else []:
+        L += [f"### {METRIC_LABELS[metric]}: p-value (paired t-test → Holm-adjusted, mark)", ""]
+        rows = [[method_label(m)] + [p_cell(comps[(m, s, metric)]) for s in scopes] for m in others]
+        L += _md_table(["Method"] + [scope_label(s) for s in scopes], rows) + [""]
+    for metric in listed if others else []:
+        L += [f"### {METRIC_LABELS[metric]}: details", ""]
+        rows = []
+        for m in others:
+            for s in scopes:
+                c = comps[(m, s, metric)]
+                rows.append([method_label(m), scope_label(s), str(c["n"]), ", ".join(map(str, c["seeds"])) or "none",
+                             fmt_mean_std({"mean": c["baseline_mean"], "std": c["baseline_std"], "n": c["n"]}, metric),
+                             fmt_mean_std({"mean": c["method_mean"], "std": c["method_std"], "n": c["n"]}, metric),
+                             fmt_delta(c["delta"], metric), _num(c["t_stat"]), fmt_p(c["p_ttest"]), fmt_p(c["p_wilcoxon"]),
+                             fmt_p(c["p_holm"]), _num(c["d_z"]), c["significance"] if c["p_holm"] is not None else "no p-value",
+                             "; ".join(n for n in c["notes"] if not n.startswith("seeds used")) or "—"])
+        L += _md_table(["Method", "Domain", "n", "Seeds used", "Baseline (paired)", "Method (paired)", "Δ", "t",
+                        "p t-test", "p Wilcoxon", "p Holm", "d_z", "Sig.", "Notes"], rows, align_right_from=2) + [""]
+
+    if result["plots"]:
+        L += ["## Plots (per seed, per domain)", ""]
+        for p in result["plots"]:
+            L += [f"![{p['metric']} {p['scope']}]({p['relpath']})"]
+        L += [""]
+    L += _runs_block(result)
+    return "\n".join(L).rstrip() + "\n"
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _missing_reason(method: str, seed: int, left: Sequence[Mapping[str, Any]]) -> str:
+    reasons = [x["reason"].split(" (")[0] for x in left if x["method"] == method and x["seed"] == seed]
+    return f"missing ({reasons[-1]})" if reasons else "missing (no run)"
+
+
+def _notes_block(result: Mapping[str, Any]) -> list[str]:
+    L = ["## Notes", ""]
+    notes = result["notes"]
+    L += [f"- {n}" for n in notes] if notes else ["- none"]
+    return L + [""]
+
+
+def _runs_block(result: Mapping[str, Any]) -> list[str]:
+    L = ["## Runs", ""]
+    rows = []
+    for method, runs in result["runs"].items():
+        for seed, r in runs.items():
+            rows.append([method, str(seed), f"`{r['run_id']}`", r["run_name"], r.get("dvc_exp_name") or "",
+                         (r.get("git_commit") or "")[:10], r.get("start_time") or "",
+                         ", ".join(r.get("invalid_domains") or []) or "none"])
+    L += _md_table(["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99) + [""]
+    if result["left_out"]:
+        L += ["### Left out", ""]
+        rows = [[str(x["method"]), str(x["seed"]), f"`{x['run_id']}`", x["run_name"], x["reason"]] for x in result["left_out"]]
+        L += _md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99) + [""]
+    if result["superseded"]:
+        L += ["### Older runs of the same method and seed (the latest is used)", ""]
+        rows = [[x["method"], str(x["seed"]), f"`{x['used']}`", ", ".join(f"`{i}`" for i in x["ignored"])] for x in result["superseded"]]
+        L += _md_table(["Method", "Seed", "Used", "Ignored"], rows, 99) + [""]
+    return L
+
+
+# ------------------------------------------------------------------------------------ the command
+
+def collect(settings: Settings, methods: Sequence[str] | None = None, profile: str | None = "",
+            client=None) -> tuple[Selection, str, str]:
+    """Find the experiment and select its runs; returns (selection, experiment id, tracking uri)."""
+    import mlflow
+
+    from hdmap_ad import tracking
+
+    uri = tracking.tracking_uri(settings.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = client or mlflow.MlflowClient()
+    try:
+        exp = client.get_experiment_by_name(settings.experiment)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise HdmapError(f"MLflow store {uri}: {first}") from None
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise HdmapError(f"MLflow experiment {settings.experiment!r} not found in {uri}: no runs to compare "
+                         "(train and evaluate first, or set mlflow.experiment / MLFLOW_TRACKING_URI)")
+    chosen_profile = settings.profile if profile == "" else profile
+    selection = select_runs(fetch_runs(client, exp.experiment_id), chosen_profile, methods or settings.methods)
+    return selection, exp.experiment_id, uri
+
+
+def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, profile: str | None = "",
+                json_path: Path = JSON_FILE, report_path: Path = REPORT_FILE, plots_dir: Path | None = PLOTS_DIR,
+                log_run: bool = True, console=None) -> dict[str, Any]:
+    """The whole compare stage. `profile=""` means the params' profile, None any profile."""
+    from rich.console import Console
+
+    console = console or Console()
+    methods = list(methods) if methods else (list(settings.methods) if settings.methods else None)
+    selection, experiment_id, uri = collect(settings, methods, profile)
+    baseline = settings.baseline
+    # The baseline is always listed (its tables say so when it has no runs); then the asked-for or found methods.
+    method_list = order_methods(list(methods or selection.used) + [baseline], baseline)
+    values, why, scopes, metrics = per_seed_values(selection)
+    for m in settings.metrics:
+        if m not in metrics:
+            metrics.append(m)
+    metrics = [m for m in KNOWN_METRICS if m in metrics]
+    scopes = order_scopes(set(scopes) | {"mean"}, settings.domains)
+    table_scopes = [s for s in scopes if s != "pooled"]
+    comparisons = analyse(values, why, baseline, method_list, scopes, metrics, selection)
+    summary = summarise_values(values, method_list, scopes, metrics)
+    notes = build_notes(selection, settings, baseline, method_list, comparisons, uri)
+
+    result: dict[str, Any] = {
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "experiment": settings.experiment, "experiment_id": experiment_id, "tracking_uri": uri,
+        "profile": settings.profile if profile == "" else profile,
+        "baseline": baseline, "methods": method_list, "scopes": scopes, "table_scopes": table_scopes,
+        "metrics": metrics, "report_metrics": list(settings.metrics),
+        "std_note": "std over seeds with ddof=1 (sample standard deviation)",
+        "tests": "paired t-test scipy.stats.ttest_rel(method, baseline); Wilcoxon signed-rank scipy.stats.wilcoxon; "
+                 "d_z = mean(method - baseline) / std(method - baseline, ddof=1)",
+        "holm": "Holm over one family per metric: all methods x (domains + mean) ('<metric>:table'); the pooled "
+                "comparisons form a second family per metric ('<metric>:pooled')",
+        "significance_legend": MARK_LEGEND,
+        "n_runs_found": selection.n_found,
+        "runs": {m: {str(s): {**r.brief(), "invalid_domains": r.invalid_domains} for s, r in selection.used.get(m, {}).items()}
+                 for m in method_list},
+        "left_out": selection.left_out, "superseded": selection.superseded, "invalid": selection.invalid,
+        "not_selected": selection.not_selected,
+        "values": {m: {sc: {mt: {str(s): v for s, v in per.items()} for mt, per in by_scope.items()}
+                       for sc, by_scope in values.get(m, {}).items()} for m in method_list if m in values},
+        "blanks": {m: {str(s): d for s, d in by_seed.items()} for m, by_seed in why.items()},
+        "summary": summary, "comparisons": comparisons, "notes": notes, "plots": [],
+    }
+    print_found(console, selection, method_list, baseline)
+
+    if plots_dir is not None:
+        result["plots"] = write_plots(values, method_list, table_scopes, list(settings.metrics), Path(plots_dir), Path(report_path))
+    write_json(result, Path(json_path))
+    write_text(render_markdown(result), Path(report_path))
+    print_summary(console, result)
+    console.print(f"wrote {json_path}, {report_path}" + (f", {len(result['plots'])} plots under {plots_dir}" if plots_dir else ""))
+    if log_run:
+        run_id = log_compare_run(experiment_id, result, Path(json_path), Path(report_path),
+                                 Path(plots_dir) if plots_dir is not None else None)
+        result["compare_run_id"] = run_id
+        console.print(f"MLflow run `compare` {run_id} (experiment {settings.experiment!r})")
+    return result
+
+
+def build_notes(selection: Selection, settings: Settings, baseline: str, methods: Sequence[str],
+                comparisons: Sequence[Mapping[str, Any]], uri: str) -> list[str]:
+    notes: list[str] = []
+    if not selection.used:
+        notes.append(f"no valid runs found (of {selection.n_found} in the experiment): every table is empty")
+    if baseline not in selection.used:
+        notes.append(f"the baseline `{baseline}` has no valid run: no paired statistics")
+    if len([m for m in methods if m in selection.used]) < 2:
+        notes.append("fewer than two methods with valid runs: no comparison is possible")
+    for m in methods:
+        if m not in selection.used and m != baseline:
+            notes.append(f"method `{m}` was asked for but has no valid run")
+    for x in selection.invalid:
+        notes.append(f"**{x['method']} seed {x['seed']}** (run `{x['run_id']}`): NaN/Inf scores in "
+                     f"{', '.join(x['domains'])} → left out of those domains and of the mean and pooled comparisons")
+    for x in selection.left_out:
+        notes.append(f"left out {x['run_name'] or x['run_id']} (`{x['run_id'][:8]}`, method {x['method']}, seed {x['seed']}): {x['reason']}")
+    for x in selection.superseded:
+        notes.append(f"{x['method']} seed {x['seed']}: {len(x['ignored']) + 1} valid runs; the latest "
+                     f"(`{x['used'][:8]}`, started {x['used_start']}) is used, ignored: {', '.join(i[:8] for i in x['ignored'])}")
+    for m, n in selection.not_selected.items():
+        notes.append(f"{n} valid run(s) of `{m}` not compared (not in the selected methods)")
+    few = sorted({(c["method"], c["n"]) for c in comparisons if c["n"] < 2 and c["scope"] != "pooled"})
+    for m, n in few:
+        notes.append(f"{m} vs {baseline}: only {n} paired seed(s) in some domains → no p-value there")
+    base_seeds = set(selection.used.get(baseline, {}))
+    for m in methods:
+        if m == baseline or m not in selection.used:
+            continue
+        seeds = set(selection.used[m])
+        if seeds != base_seeds and base_seeds:
+            notes.append(f"{m}: paired on seeds {', '.join(map(str, sorted(seeds & base_seeds))) or 'none'} "
+                         f"(only {m}: {', '.join(map(str, sorted(seeds - base_seeds))) or 'none'}; "
+                         f"only {baseline}: {', '.join(map(str, sorted(base_seeds - seeds))) or 'none'})")
+    commits = sorted({r.tags.get("git_commit", "")[:10] for by in selection.used.values() for r in by.values()} - {""})
+    if len(commits) > 1:
+        notes.append(f"the compared runs come from {len(commits)} commits: {', '.join(commits)}")
+    return notes
+
+
+def print_found(console, selection: Selection, methods: Sequence[str], baseline: str) -> None:
+    console.print(f"[bold]compare[/]: {selection.n_found} run(s) in the experiment")
+    for m in methods:
+        seeds = list(selection.used.get(m, {}))
+        console.print(f"  {m:<10} {len(seeds)} run(s), seeds {', '.join(map(str, seeds)) or 'none'}"
+                      + ("  (baseline)" if m == baseline else ""))
+    for x in selection.left_out:
+        console.print(f"  [yellow]left out[/] {x['run_name'] or x['run_id']} ({x['run_id'][:8]}): {x['reason']}")
+    for x in selection.superseded:
+        console.print(f"  [yellow]{x['method']} seed {x['seed']}: {len(x['ignored']) + 1} valid runs, using the latest "
+                      f"{x['used'][:8]}[/]")
+    for x in selection.invalid:
+        console.print(f"  [bold red]INVALID[/] {x['method']} seed {x['seed']} ({x['run_id'][:8]}): NaN/Inf scores in "
+                      f"{', '.join(x['domains'])}; left out of those domains' and the mean/pooled comparisons")
+
+
+def print_summary(console, result: Mapping[str, Any]) -> None:
+    from rich.table import Table
+
+    comps = {(c["method"], c["scope"], c["metric"]): c for c in result["comparisons"]}
+    for metric in result["report_metrics"]:
+        table = Table(title=f"{METRIC_LABELS[metric]} (%): mean ± std (ddof=1); Δ vs {result['baseline']}, Holm p")
+        table.add_column("method")
+        for s in result["table_scopes"]:
+            table.add_column(scope_label(s), justify="right")
+        for m in result["methods"]:
+            cells = []
+            for s in result["table_scopes"]:
+                text = fmt_mean_std(result["summary"][m][s][metric], metric, len(result["runs"].get(m, {})))
+                c = comps.get((m, s, metric))
+                if c is not None:
+                    p = f"p={fmt_p(c['p_holm'])} {c['significance']}" if c["p_holm"] is not None else f"no p (n={c['n']})"
+                    text += f"\nΔ {fmt_delta(c['delta'], metric)} {p}"
+                cells.append(text)
+            table.add_row(m, *cells)
+        console.print(table)
+
+
+def write_plots(values: Mapping, methods: Sequence[str], scopes: Sequence[str], metrics: Sequence[str],
+                plots_dir: Path, report_path: Path) -> list[dict[str, str]]:
+    """One PNG per metric and domain, plus the per-seed numbers as CSV (for `dvc plots`)."""
+    import os
+
+    from hdmap_ad.plots import plot_seed_comparison
+
+    written = []
+    rows = ["method,seed,scope,metric,value"]
+    for method in methods:
+        for scope, by_metric in values.get(method, {}).items():
+            for metric, per_seed in by_metric.items():
+                rows += [f"{method},{seed},{scope},{metric},{v!r}" for seed, v in sorted(per_seed.items())]
+    write_text("\n".join(rows) + "\n", plots_dir / "data" / "per_seed.csv")
+    keep = set()
+    for metric in metrics:
+        for scope in scopes:
+            data = {m: values.get(m, {}).get(scope, {}).get(metric, {}) for m in methods}
+            out = plots_dir / f"{metric}_{scope}.png"
+            plot_seed_comparison(data, f"{METRIC_LABELS[metric]}", scope_label(scope), out)
+            keep.add(out.name)
+            written.append({"metric": metric, "scope": scope, "path": str(out),
+                            "relpath": os.path.relpath(out, report_path.parent)})
+    for stale in plots_dir.glob("*.png"):  # plots of domains or metrics no longer compared
+        if stale.name not in keep:
+            stale.unlink()
+    return written
+
+
+def log_compare_run(experiment_id: str, result: Mapping[str, Any], json_path: Path, report_path: Path,
+                    plots_dir: Path | None) -> str:
+    """One MLflow run `compare` (tag kind=compare) with the outputs as artifacts and Δ / Holm p as metrics."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient()
+    tags = {"kind": COMPARE_KIND, "baseline": result["baseline"], "methods": ",".join(result["methods"])}
+    run = client.create_run(experiment_id, run_name="compare", tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(_dt.datetime.now().timestamp() * 1000)
+        metrics = []
+        for c in result["comparisons"]:
+            if c["metric"] not in result["report_metrics"]:
+                continue
+            for key in ("delta", "p_holm"):
+                if c[key] is not None:
+                    metrics.append(Metric(f"{key}/{c['method']}/{c['scope']}/{c['metric']}", float(c[key]), now, 0))
+        params = [Param("baseline", result["baseline"]), Param("methods", ",".join(result["methods"])),
+                  Param("n_runs_used", str(sum(len(v) for v in result["runs"].values()))),
+                  Param("n_left_out", str(len(result["left_out"]))), Param("profile", str(result["profile"]))]
+        for i in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
+        if not metrics:
+            client.log_batch(run_id, params=params)
+        client.log_artifact(run_id, str(json_path))
+        client.log_artifact(run_id, str(report_path))
+        if plots_dir is not None and plots_dir.is_dir():
+            client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    settings = load_settings(args.params, args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    profile = "" if args.profile is None else (None if args.profile == "all" else args.profile)
+    run_compare(settings, methods=methods, profile=profile, json_path=Path(args.json), report_path=Path(args.report),
+                plots_dir=None if args.no_plots else Path(args.plots), log_run=not args.no_log)
+    return 0
+
+
+DESCRIPTION = """\
+Read every run of the MLflow experiment (mlflow.experiment), keep the FINISHED and evaluated ones
+(latest per method and seed), pair them by seed with compare.baseline and test each method x domain
+(and the mean) x metric: paired t-test, Wilcoxon, d_z, Holm within each metric's table.
+
+Writes metrics/compare.json, reports/comparison.md (the experiment plan's tables, filled in) and
+reports/plots/*.png, prints a summary, and logs a `compare` MLflow run (tag kind=compare) with them.
+Runs that failed, are unfinished, are not evaluated, or have invalid (NaN/Inf) domains are listed
+with the reason they were left out. MLFLOW_TRACKING_URI points it at another store or a server.
+"""
+
+
+def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser("compare", parents=[common], help="compare methods against the baseline over seeds (paired statistics)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help="comma list of methods to compare (default: compare.methods, or every method found)")
+    p.add_argument("--profile", help="only runs of this profile; 'all' mixes profiles (default: the params' profile)")
+    p.add_argument("--json", default=str(JSON_FILE), help=f"JSON output (default: {JSON_FILE})")
+    p.add_argument("--report", default=str(REPORT_FILE), help=f"Markdown report (default: {REPORT_FILE})")
+    p.add_argument("--plots", default=str(PLOTS_DIR), help=f"folder for the PNG plots (default: {PLOTS_DIR})")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--no-log", action="store_true", help="do not log a `compare` run to MLflow")
+    p.set_defaults(func=cmd_compare)
+    return p

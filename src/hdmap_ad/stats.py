@@ -1,0 +1,169 @@
+"""Statistics across seeds (SPEC §5): runs are paired by seed.
+
+Every result is NaN-free: where a statistic is undefined (too few pairs, zero variance, all differences
+zero) it is None and the ``note`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sst
+
+STD_NOTE = "std over seeds with ddof=1 (sample standard deviation)"
+
+
+@dataclass
+class PairedResult:
+    seeds: list[int]
+    n: int
+    baseline_mean: float | None
+    baseline_std: float | None
+    method_mean: float | None
+    method_std: float | None
+    delta: float | None
+    t_stat: float | None
+    p_ttest: float | None
+    w_stat: float | None
+    p_wilcoxon: float | None
+    d_z: float | None
+    p_holm: float | None = None
+    note: str = ""
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
+
+
+def _num(v) -> float | None:
+    return float(v) if _finite(v) else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1) of finite values; std is None for fewer than 2 values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_std: no values")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"mean_std: non-finite value among {vals}")
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) >= 2 else None)
+
+
+def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> PairedResult:
+    """Paired comparison method vs baseline on the seeds both have (with a finite value).
+
+    t-test: scipy.stats.ttest_rel(method, baseline); Wilcoxon signed-rank: scipy.stats.wilcoxon on the same
+    pairs (zero differences dropped, the default); d_z = mean(diff) / std(diff, ddof=1), diff = method - baseline.
+    Means and stds are over the paired seeds only.
+    """
+    notes: list[str] = []
+    dropped = sorted(set(baseline) ^ set(method))
+    seeds = sorted(set(baseline) & set(method))
+    bad = [s for s in seeds if not (_finite(baseline[s]) and _finite(method[s]))]
+    if bad:
+        notes.append(f"seed(s) {', '.join(map(str, bad))} left out: NaN/Inf/missing value")
+        seeds = [s for s in seeds if s not in bad]
+    notes.insert(0, f"seeds used: {', '.join(map(str, seeds)) or 'none'}")
+    if dropped:
+        notes.append(f"unpaired seed(s) left out: {', '.join(map(str, dropped))}")
+    n = len(seeds)
+    b = np.array([float(baseline[s]) for s in seeds])
+    m = np.array([float(method[s]) for s in seeds])
+    res = PairedResult(seeds=[int(s) for s in seeds], n=n, baseline_mean=None, baseline_std=None,
+                       method_mean=None, method_std=None, delta=None, t_stat=None, p_ttest=None,
+                       w_stat=None, p_wilcoxon=None, d_z=None)
+    if n == 0:
+        notes.append("no paired seeds: nothing to compare")
+        res.note = "; ".join(notes)
+        return res
+    res.baseline_mean, res.baseline_std = mean_std(b)
+    res.method_mean, res.method_std = mean_std(m)
+    res.delta = res.method_mean - res.baseline_mean
+    if n < 2:
+        notes.append("fewer than 2 paired seeds: no p-value")
+        res.note = "; ".join(notes)
+        return res
+
+    diff = m - b
+    sd = float(np.std(diff, ddof=1))
+    if np.all(diff == 0):
+        notes.append("all paired differences are zero: no test")
+    elif sd == 0:
+        notes.append("all paired differences are equal: t-test and d_z undefined (zero variance)")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t = sst.ttest_rel(m, b)
+        res.t_stat, res.p_ttest = _num(t.statistic), _num(t.pvalue)
+        res.d_z = float(np.mean(diff) / sd)
+    if not np.all(diff == 0):
+        nonzero = int(np.count_nonzero(diff))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (RuntimeWarning, UserWarning))
+            w = sst.wilcoxon(m, b)
+        res.w_stat, res.p_wilcoxon = _num(w.statistic), _num(w.pvalue)
+        if nonzero < n:
+            notes.append(f"Wilcoxon drops {n - nonzero} zero difference(s)")
+        if nonzero <= 5:
+            notes.append(f"with {nonzero} nonzero pairs the smallest two-sided Wilcoxon p is {2 / 2 ** nonzero:.4g}")
+    res.note = "; ".join(notes)
+    return res
+
+
+def holm_adjust(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values, in the input order.
+
+    With the m available p-values sorted ascending, p_adj(i) = min(1, max_{j<=i} (m - j + 1) * p(j)).
+    None (or NaN) stays None and does not count in m.
+    """
+    idx = [i for i, p in enumerate(pvalues) if _finite(p)]
+    for i in idx:
+        if not 0.0 <= float(pvalues[i]) <= 1.0:
+            raise ValueError(f"p-value out of [0, 1]: {pvalues[i]}")
+    out: list[float | None] = [None] * len(pvalues)
+    order = sorted(idx, key=lambda i: float(pvalues[i]))
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
+def fill_holm(results: Sequence[PairedResult], which: str = "p_ttest") -> list[PairedResult]:
+    """Holm-correct one family (e.g. all comparisons of a table) in place, from p_ttest or p_wilcoxon."""
+    if which not in ("p_ttest", "p_wilcoxon"):
+        raise ValueError(f"which must be p_ttest or p_wilcoxon, got {which!r}")
+    for r, p in zip(results, holm_adjust([getattr(r, which) for r in results])):
+        r.p_holm = p
+    return list(results)
+
+
+def significance_mark(p: float | None) -> str:
+    """'***' p<0.001, '**' p<0.01, '*' p<0.05, 'n.s.' otherwise, '–' when there is no p-value."""
+    if not _finite(p):
+        return "–"
+    p = float(p)
+    if p < 0.001:
+        return "***"
+    if p < 0.01:
+        return "**"
+    if p < 0.05:
+        return "*"
+    return "n.s."
+
+
+def format_mean_std(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    """'98.51 ± 0.12' (values scaled, e.g. to percent); '–' for no mean, no '±' part for no std."""
+    if not _finite(mean):
+        return "–"
+    text = f"{scale * float(mean):.{digits}f}"
+    return f"{text} ± {scale * float(std):.{digits}f}" if _finite(std) else text
+
+
+__all__ = ["PairedResult", "paired_test", "holm_adjust", "fill_holm", "significance_mark", "mean_std",
+           "format_mean_std", "STD_NOTE"]

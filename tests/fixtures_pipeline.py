@@ -1,0 +1,116 @@
+"""A tiny but real trained pipeline (synth -> prepare -> train -> evaluate) for tests of a trained model.
+
+Built with the project's own code in a temporary folder: a 10-block ViT with 32-d embeddings
+(random weights), 28×84 inputs, 5 training steps, two domains, and an MLflow sqlite store of its
+own. `build_tiny_pipeline(root)` makes it; test modules wrap it in a session-scoped fixture:
+
+    @pytest.fixture(scope="session")
+    def tiny_pipeline(tmp_path_factory):
+        return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+The process-global state it touches (cwd, MLFLOW_TRACKING_URI / DVC_ROOT, MLflow's tracking URI)
+is restored afterwards; `pipeline.env()` gives the environment a subprocess needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINS = ["domain_A", "domain_C"]
+EXPERIMENT = "hdmap-tiny-test"
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    root: Path              # the working directory the stages ran in
+    params_file: Path
+    tracking_uri: str
+    checkpoint: Path        # models/model.pt
+    scores_csv: Path        # metrics/scores.csv of the evaluate stage
+    data_root: Path         # the synthetic raw maps
+    domains: list[str]
+    run_id: str
+    model_uri: str          # the pyfunc model logged into the run (models:/<model id>)
+    thresholds: dict
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(MLFLOW_TRACKING_URI=self.tracking_uri, DVC_NO_ANALYTICS="1", HDMAP_AD_DEVICE="cpu", **extra)
+        return env
+
+
+def tiny_params(root: Path) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.update(method="baseline", seed=0, profile="quick")
+    raw["data"].update(source="synthetic", domains=DOMAINS, prepared="data/prepared", val_ratio=0.25)
+    raw["synth"].update(out="data/raw/synthetic", n_train=16, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0)
+    raw["preprocess"] = {"resize": [28, 84], "crop": [28, 84]}
+    raw["model"].update(encoder="small", weights="random", target_blocks=None,
+                        encoder_overrides={"depth": 10, "embed_dim": 32, "num_heads": 2})
+    raw["train"].update(steps=5, batch_size=4, warmup_steps=2, log_every=5, val_every=1000, checkpoint_every=5,
+                        device="cpu", amp="off", resume="never", feature_cache="auto")
+    raw["evaluate"].update(batch_size=8, n_examples=2)
+    raw["mlflow"].update(experiment=EXPERIMENT, tracking_uri=None)
+    return raw
+
+
+@contextlib.contextmanager
+def _inside(root: Path, env: dict[str, str]):
+    old_cwd, old_env = Path.cwd(), {k: os.environ.get(k) for k in env}
+    os.chdir(root)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def build_tiny_pipeline(root: Path) -> TinyPipeline:
+    import mlflow
+
+    from hdmap_ad import evaluation, serving, training
+    from hdmap_ad.checkpoint import load
+    from hdmap_ad.config import load_params
+    from hdmap_ad.data import prepare_dataset
+    from hdmap_ad.synth import SynthConfig, generate
+
+    root = Path(root).resolve()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params(root), sort_keys=False))
+    previous_uri = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
+    with _inside(root, {"MLFLOW_TRACKING_URI": uri, "DVC_ROOT": str(root), "DVC_NO_ANALYTICS": "1"}):
+        params = load_params(params_file)
+        s = params.synth
+        generate(Path(s.out), SynthConfig(n_train=s.n_train, n_test_good=s.n_test_good, n_test_fault=s.n_test_fault,
+                                          height=s.height, width=s.width, seed=s.seed))
+        prepare_dataset(params.data_root, params.data.domains, Path(params.data.prepared))
+        summary = training.train(params)
+        evaluation.evaluate(params)
+        run_id = summary["run_id"]
+        mlflow.set_tracking_uri(uri)
+        run = mlflow.MlflowClient().get_run(run_id)
+        logged = serving.find_logged_model(run)
+        if logged is None:  # until training logs the pyfunc model itself
+            with mlflow.start_run(run_id=run_id):
+                serving.log_pyfunc_model(training.MODEL_FILE)
+            logged = serving.find_logged_model(run)
+        thresholds = load(training.MODEL_FILE)["thresholds"]
+    if previous_uri is not None:
+        mlflow.set_tracking_uri(previous_uri)
+    return TinyPipeline(
+        root=root, params_file=params_file, tracking_uri=uri, checkpoint=root / training.MODEL_FILE,
+        scores_csv=root / evaluation.SCORES_FILE, data_root=root / params.data_root, domains=list(DOMAINS),
+        run_id=run_id, model_uri=f"models:/{logged.model_id}", thresholds=dict(thresholds),
+    )
