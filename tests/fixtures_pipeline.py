@@ -94,8 +94,9 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
         params = load_params(params_file)
         s = params.synth
         generate(Path(s.out), SynthConfig(n_train=s.n_train, n_test_good=s.n_test_good, n_test_fault=s.n_test_fault,
-                                          height=s.height, width=s.width, seed=s.seed))
-        prepare_dataset(params.data_root, params.data.domains, Path(params.data.prepared))
+                                          height=s.height, width=s.width, seed=s.seed,
+                                          domains=tuple(params.data.domains)), progress=False)
+        prepare_dataset(params.data_root, params.data.domains, Path(params.data.prepared), progress=False)
         summary = training.train(params)
         evaluation.evaluate(params)
         run_id = summary["run_id"]

@@ -16,6 +16,7 @@ from hdmap_ad.errors import HdmapError
 from hdmap_ad.methods import REGISTRY, MethodContext, build
 from hdmap_ad.methods.topk import k_at, q_at
 from hdmap_ad.model import Dinomaly, DinomalyConfig, Reconstruction, group_distances, point_distance
+from hdmap_ad.optim import StableAdamW
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 DOMAINS = ("domain_A", "domain_B", "domain_C", "domain_D")
@@ -206,11 +207,21 @@ def test_scale_alpha_diagnostics_and_lr_mult_group():
     assert diag["scale/alpha_0"] == pytest.approx(torch.softmax(torch.tensor([0.3, -1.2]), 0)[0].item())
     groups = method.param_groups(2e-3)
     assert len(groups) == 1 and groups[0]["lr_mult"] == 10.0 and groups[0]["params"] == [method.logits]
-    # the logits learn: the loss gradient reaches them
+    # the logits learn: the loss gradient reaches them, and the optimiser built as the training loop
+    # builds it (a model group, then the method's groups; lr = schedule × lr_mult) moves them
     recon, _ = fake_recon()
     loss, _ = method.loss(recon, torch.zeros(B, dtype=torch.long), 0)
     loss.backward()
     assert method.logits.grad is not None and bool(method.logits.grad.abs().sum() > 0)
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    optimizer = StableAdamW([{"params": [dummy], "lr": 2e-3, "lr_mult": 1.0, "name": "model"},
+                             *({"lr_mult": 1.0, **g} for g in groups)], lr=2e-3, amsgrad=True)
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-3 * g.get("lr_mult", 1.0)
+    before = method.logits.detach().clone()
+    optimizer.step()
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-2)
+    assert not torch.equal(method.logits.detach(), before)
 
 
 def test_scale_fixed_weights_are_normalised_and_checked_against_the_groups():
@@ -249,6 +260,8 @@ def test_aux_loss_is_baseline_plus_weighted_ce_and_logs_accuracy():
     acc = (method.logits(recon).argmax(1) == ids).float().mean().item()
     assert method.diagnostics() == {"aux/train_acc": pytest.approx(acc)}
     assert method.diagnostics() == {}  # the window resets at each logging step
+    with pytest.raises(HdmapError, match="at least 2 domains"):
+        build("aux", {}, MethodContext(embed_dim=C, num_groups=G, domains=("domain_A",), total_steps=1))
 
 
 # --- tiny model ------------------------------------------------------------------------------------

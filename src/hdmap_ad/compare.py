@@ -184,18 +184,20 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
     left_out: list[dict[str, Any]] = []
     candidates: dict[tuple[str, int], list[RunRecord]] = {}
     not_selected: dict[str, int] = {}
-    for r in runs:
-        reason = None
+    for r in sorted(runs, key=lambda r: (r.start_time, r.end_time or 0)):  # oldest first: lists read in time order
+        reason = short = None
         if r.method is None or r.seed is None:
-            reason = "no `method`/`seed` tag (not a training run of this project)"
+            reason, short = "no `method`/`seed` tag (not a training run of this project)", "no tags"
         elif r.status != "FINISHED":
             reason = STATUS_REASONS.get(r.status, f"not finished (status {r.status})")
+            short = reason.split(" (")[0]
         elif r.tags.get("evaluated") != "true":
-            reason = "not evaluated (trained only: the evaluate stage did not log to it)"
+            reason, short = "not evaluated (trained only: the evaluate stage did not log to it)", "not evaluated"
         elif profile is not None and r.tags.get("profile") not in (None, profile):
             reason = f"profile {r.tags.get('profile')!r}, not {profile!r} (compare --profile all to mix)"
+            short = f"profile {r.tags.get('profile')}"
         if reason:
-            left_out.append({**r.brief(), "reason": reason})
+            left_out.append({**r.brief(), "reason": reason, "short": short})
             continue
         if methods is not None and r.method not in methods:
             not_selected[r.method] = not_selected.get(r.method, 0) + 1
@@ -214,7 +216,7 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
         if chosen.invalid_domains:
             invalid.append({"method": method, "seed": seed, "run_id": chosen.run_id, "domains": chosen.invalid_domains})
     used = {m: dict(sorted(used[m].items())) for m in order_methods(used)}
-    left_out.sort(key=lambda x: (str(x["method"]), x["seed"] if x["seed"] is not None else -1, x["run_id"]))
+    left_out.sort(key=lambda x: (str(x["method"]), x["seed"] if x["seed"] is not None else -1))
     superseded.sort(key=lambda x: (x["method"], x["seed"]))
     invalid.sort(key=lambda x: (x["method"], x["seed"]))
     return Selection(used, left_out, superseded, invalid, not_selected, len(runs))
@@ -307,6 +309,8 @@ def analyse(values: Mapping, why: Mapping, baseline: str, methods: Sequence[str]
             for scope in scopes:
                 b = base_vals.get(scope, {}).get(metric, {})
                 m = values.get(method, {}).get(scope, {}).get(metric, {})
+                if not b and not m and not any(metric in values.get(x, {}).get(scope, {}) for x in values):
+                    continue  # not defined for this scope (e.g. the threshold of the mean): nothing to test
                 res = paired_test(b, m)
                 notes = _blank_notes(method, baseline, scope, why, selection)
                 family = f"{metric}:pooled" if scope == "pooled" else f"{metric}:table"
@@ -448,6 +452,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 for scope in scopes:
                     c = comps.get((method, scope, metric))
                     if c is None:
+                        rows.append([METRIC_LABELS[metric], scope_label(scope), "no data", "no data", "no data", "no p-value", "none"])
                         continue
                     rows.append([METRIC_LABELS[metric], scope_label(scope), fmt_delta(c["delta"], metric),
                                  fmt_p(c["p_ttest"]) if c["p_ttest"] is not None else p_cell(c),
@@ -459,8 +464,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     L += ["## Summary Table (All Methods)", ""]
     for metric in listed:
         L += [f"### {METRIC_LABELS[metric]} (Mean±Std)", ""]
-        rows = [[method_label(m)] + [fmt_mean_std(summary[m][s][metric], metric, len(result["runs"].get(m, {}))) for s in scopes]
-                for m in methods]
+        most = max([len(r) for r in result["runs"].values()] or [0])  # "(n=k)" marks a method with fewer seeds
+        rows = [[method_label(m)] + [fmt_mean_std(summary[m][s][metric], metric, most) for s in scopes] for m in methods]
         L += _md_table(["Method"] + [scope_label(s) for s in scopes], rows) + [""]
 
     others = [m for m in methods if m != baseline]
@@ -471,20 +476,23 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         L += [f"The baseline `{baseline}` has no valid run: no paired statistics.", ""]
     for metric in listed if others else []:
         L += [f"### {METRIC_LABELS[metric]}: p-value (paired t-test → Holm-adjusted, mark)", ""]
-        rows = [[method_label(m)] + [p_cell(comps[(m, s, metric)]) for s in scopes] for m in others]
+        rows = [[method_label(m)] + [p_cell(comps[(m, s, metric)]) if (m, s, metric) in comps else "no data" for s in scopes]
+                for m in others]
         L += _md_table(["Method"] + [scope_label(s) for s in scopes], rows) + [""]
     for metric in listed if others else []:
         L += [f"### {METRIC_LABELS[metric]}: details", ""]
         rows = []
         for m in others:
             for s in scopes:
-                c = comps[(m, s, metric)]
+                c = comps.get((m, s, metric))
+                if c is None:
+                    continue
                 rows.append([method_label(m), scope_label(s), str(c["n"]), ", ".join(map(str, c["seeds"])) or "none",
                              fmt_mean_std({"mean": c["baseline_mean"], "std": c["baseline_std"], "n": c["n"]}, metric),
                              fmt_mean_std({"mean": c["method_mean"], "std": c["method_std"], "n": c["n"]}, metric),
                              fmt_delta(c["delta"], metric), _num(c["t_stat"]), fmt_p(c["p_ttest"]), fmt_p(c["p_wilcoxon"]),
                              fmt_p(c["p_holm"]), _num(c["d_z"]), c["significance"] if c["p_holm"] is not None else "no p-value",
-                             "; ".join(n for n in c["notes"] if not n.startswith("seeds used")) or "—"])
+                             "; ".join(n for n in c["notes"] if not n.startswith("seeds used")) or "none"])
         L += _md_table(["Method", "Domain", "n", "Seeds used", "Baseline (paired)", "Method (paired)", "Δ", "t",
                         "p t-test", "p Wilcoxon", "p Holm", "d_z", "Sig.", "Notes"], rows, align_right_from=2) + [""]
 
@@ -502,8 +510,8 @@ def _num(v: float | None) -> str:
 
 
 def _missing_reason(method: str, seed: int, left: Sequence[Mapping[str, Any]]) -> str:
-    reasons = [x["reason"].split(" (")[0] for x in left if x["method"] == method and x["seed"] == seed]
-    return f"missing ({reasons[-1]})" if reasons else "missing (no run)"
+    reasons = list(dict.fromkeys(x["short"] for x in left if x["method"] == method and x["seed"] == seed))
+    return f"missing ({', '.join(reasons)})" if reasons else "missing (no run)"
 
 
 def _notes_block(result: Mapping[str, Any]) -> list[str]:
@@ -518,13 +526,14 @@ def _runs_block(result: Mapping[str, Any]) -> list[str]:
     rows = []
     for method, runs in result["runs"].items():
         for seed, r in runs.items():
-            rows.append([method, str(seed), f"`{r['run_id']}`", r["run_name"], r.get("dvc_exp_name") or "",
-                         (r.get("git_commit") or "")[:10], r.get("start_time") or "",
+            rows.append([method, str(seed), f"`{r['run_id']}`", r["run_name"] or "unnamed", r.get("dvc_exp_name") or "none",
+                         (r.get("git_commit") or "unknown")[:10], r.get("start_time") or "unknown",
                          ", ".join(r.get("invalid_domains") or []) or "none"])
     L += _md_table(["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99) + [""]
     if result["left_out"]:
         L += ["### Left out", ""]
-        rows = [[str(x["method"]), str(x["seed"]), f"`{x['run_id']}`", x["run_name"], x["reason"]] for x in result["left_out"]]
+        rows = [[str(x["method"]), str(x["seed"]), f"`{x['run_id']}`", x["run_name"] or "unnamed", x["reason"]]
+                for x in result["left_out"]]
         L += _md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99) + [""]
     if result["superseded"]:
         L += ["### Older runs of the same method and seed (the latest is used)", ""]
@@ -575,7 +584,8 @@ def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, pro
         if m not in metrics:
             metrics.append(m)
     metrics = [m for m in KNOWN_METRICS if m in metrics]
-    scopes = order_scopes(set(scopes) | {"mean"}, settings.domains)
+    # the domains the runs report; with no run at all, the params' domains (so the empty tables look as planned)
+    scopes = order_scopes(set(scopes) | {"mean"} | (set() if scopes else set(settings.domains)), settings.domains)
     table_scopes = [s for s in scopes if s != "pooled"]
     comparisons = analyse(values, why, baseline, method_list, scopes, metrics, selection)
     summary = summarise_values(values, method_list, scopes, metrics)
@@ -641,9 +651,13 @@ def build_notes(selection: Selection, settings: Settings, baseline: str, methods
                      f"(`{x['used'][:8]}`, started {x['used_start']}) is used, ignored: {', '.join(i[:8] for i in x['ignored'])}")
     for m, n in selection.not_selected.items():
         notes.append(f"{n} valid run(s) of `{m}` not compared (not in the selected methods)")
-    few = sorted({(c["method"], c["n"]) for c in comparisons if c["n"] < 2 and c["scope"] != "pooled"})
-    for m, n in few:
-        notes.append(f"{m} vs {baseline}: only {n} paired seed(s) in some domains → no p-value there")
+    few: dict[str, set[str]] = {}
+    for c in comparisons:
+        if c["n"] < 2 and c["method"] in selection.used and baseline in selection.used:
+            few.setdefault(c["method"], set()).add(f"{c['scope']}: {c['n']}")
+    for m, where in few.items():
+        notes.append(f"{m} vs {baseline}: fewer than 2 paired seeds → no p-value (paired seeds per scope: "
+                     f"{', '.join(sorted(where))})")
     base_seeds = set(selection.used.get(baseline, {}))
     for m in methods:
         if m == baseline or m not in selection.used:
@@ -687,7 +701,8 @@ def print_summary(console, result: Mapping[str, Any]) -> None:
         for m in result["methods"]:
             cells = []
             for s in result["table_scopes"]:
-                text = fmt_mean_std(result["summary"][m][s][metric], metric, len(result["runs"].get(m, {})))
+                text = fmt_mean_std(result["summary"][m][s][metric], metric,
+                                    max([len(r) for r in result["runs"].values()] or [0])).replace(" ± ", "±")
                 c = comps.get((m, s, metric))
                 if c is not None:
                     p = f"p={fmt_p(c['p_holm'])} {c['significance']}" if c["p_holm"] is not None else f"no p (n={c['n']})"

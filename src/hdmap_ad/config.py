@@ -84,6 +84,13 @@ class ScoreParams(Section):
     blur_sigma: float = Field(4.0, gt=0)
     top_ratio: float = Field(0.01, gt=0, le=1)
 
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError(f"blur kernel size must be odd, got {v}")
+        return v
+
 
 class HardMiningParams(Section):
     factor: float = Field(0.1, ge=0, le=1)

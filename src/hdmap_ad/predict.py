@@ -315,6 +315,15 @@ def _picture_paths(inputs: Sequence[Input], root: Path) -> list[Path]:
     return out
 
 
+def _display_map(amap: "np.ndarray", crop: Sequence[int]) -> "np.ndarray":
+    """The anomaly map (computed at the square score size) back at the model input's aspect, for display."""
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=tuple(crop), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
@@ -326,7 +335,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from hdmap_ad.checkpoint import load_trained
     from hdmap_ad.data import read_map
     from hdmap_ad.files import write_text
-    from hdmap_ad.runtime import console, progress_iter, select_device
+    from hdmap_ad.runtime import progress_iter, select_device
 
     if not args.inputs and not args.register:
         raise HdmapError("predict: give at least one INPUT file or folder (or --register NAME)")
@@ -357,7 +366,7 @@ def run_predict(args: argparse.Namespace) -> int:
         trained = load_trained(resolved.checkpoint, device)
         if args.register:
             registered = register(resolved, trained, args.register, uri)
-            console.print(f"registered {registered}")
+            print(f"registered {registered}", file=sys.stderr)
 
         inputs, maps, failed = [], [], len(collected.errors)
         with progress_iter(len(collected.inputs), "reading maps") as bar:
@@ -412,14 +421,14 @@ def run_predict(args: argparse.Namespace) -> int:
             with progress_iter(len(inputs), "anomaly maps") as bar:
                 for item, m, amap, row, thr, picture in zip(inputs, maps, amaps, rows, thresholds, pictures):
                     verdict = {"": "?", 1: "ANOMALY", 0: "normal"}[row["is_anomaly"]]
-                    title = f"{item.path}  score {row['score']:.4g}  threshold {_fmt(thr)}  {verdict}"
-                    plot_map_pair(m, amap, title, picture)
+                    title = f"{item.path}  score {_fmt(row['score'])}  threshold {_fmt(thr)}  {verdict}"
+                    plot_map_pair(m, _display_map(amap, trained.params.preprocess.crop), title, picture)
                     bar.update(1)
 
         n_anomalous = sum(1 for r in rows if r["is_anomaly"] == 1)
         note = f" (--threshold {args.threshold:g})" if args.threshold is not None else " (validation thresholds)"
-        console.print(f"scored {len(rows)} map(s), {n_anomalous} anomalous{note}, {failed} failed -> {out}"
-                      + (f"; anomaly maps in {args.maps}" if args.maps is not None else ""))
+        print(f"scored {len(rows)} map(s), {n_anomalous} anomalous{note}, {failed} failed -> {out}"
+              + (f"; anomaly maps in {args.maps}" if args.maps is not None else ""), file=sys.stderr)
     return 2 if failed else 0
 
 

@@ -20,9 +20,14 @@ console = Console(stderr=True)
 
 
 def select_device(spec: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit CUDA device that is missing is an error."""
+    """`auto` picks CUDA when present (with several GPUs, one of its own per process, so parallel
+    grid workers spread over the GPUs); an explicit CUDA device that is missing is an error."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from hdmap_ad.grid import claim_cuda_device
+
+        return torch.device(claim_cuda_device("auto") or "cuda")
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():

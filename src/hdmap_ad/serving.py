@@ -188,17 +188,21 @@ def log_pyfunc_model(checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, r
     logger = logging.getLogger("mlflow.pyfunc")
     logger.addFilter(quiet)
     try:
-        info = mlflow.pyfunc.log_model(
-            name=artifact_path,
-            python_model=HdmapPyfuncModel(),
-            artifacts={ARTIFACT_KEY: str(checkpoint_path)},
-            code_paths=[str(package_dir)],
-            signature=signature(),
-            pip_requirements=pip_requirements(),
-            registered_model_name=registered_name,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # MLflow forces its own filters; re-emitted below
+            info = mlflow.pyfunc.log_model(
+                name=artifact_path,
+                python_model=HdmapPyfuncModel(),
+                artifacts={ARTIFACT_KEY: str(checkpoint_path)},
+                code_paths=[str(package_dir)],
+                signature=signature(),
+                pip_requirements=pip_requirements(),
+                registered_model_name=registered_name,
+            )
     finally:
         logger.removeFilter(quiet)
+    for w in caught:
+        if "input example was not provided" not in str(w.message):  # the signature is explicit; see the docstring
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return info.model_uri
 
 

@@ -220,6 +220,9 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
         }
         checkpoint.save(final, MODEL_FILE)
         mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")
+        from hdmap_ad.serving import log_pyfunc_model  # the servable model: runs:/<run id>/model
+
+        log_pyfunc_model(MODEL_FILE)
         summary = {"run_id": run_id, "experiment_id": experiment_id, "steps": t_params.steps, "bad_steps": bad_total,
                    "thresholds": thresholds, **{k.replace("/", "_"): v for k, v in val_metrics.items()}}
         write_json(summary, TRAIN_METRICS)

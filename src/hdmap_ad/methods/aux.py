@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from hdmap_ad.errors import HdmapError
 from hdmap_ad.methods.base import MethodContext, register
 from hdmap_ad.methods.baseline import Baseline
 from hdmap_ad.model import Reconstruction
@@ -51,7 +52,7 @@ class Aux(Baseline):
         super().__init__(params, ctx)
         if len(ctx.domains) < 2:
             # One class makes the CE identically 0: the method would silently be the baseline.
-            raise ValueError(f"method aux needs at least 2 domains to classify, got {list(ctx.domains)}")
+            raise HdmapError(f"method aux needs at least 2 domains in data.domains to classify, got {list(ctx.domains)}")
         self.head = nn.Sequential(nn.LayerNorm(ctx.embed_dim), nn.Linear(ctx.embed_dim, len(ctx.domains)))
         nn.init.trunc_normal_(self.head[1].weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF)
         nn.init.zeros_(self.head[1].bias)

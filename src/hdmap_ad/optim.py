@@ -1,0 +1,109 @@
+"""StableAdamW and the warm-cosine learning-rate schedule of Dinomaly (SPEC §2).
+
+StableAdamW (Wortsman et al. 2023, "Stable and low-precision training for large-scale
+vision-language models") is AdamW whose step is shrunk, per parameter tensor, by the RMS of the
+update ratio g/(√v̂+ε) when that RMS exceeds `clip_threshold`: a gradient far larger than its
+running second moment (a spike) cannot produce a huge step. No maintained library ships this exact
+variant with AMSGrad, so it is written out here; the update per tensor p with gradient g is
+
+    p ← p·(1 − lr·wd)                                   decoupled weight decay, not clipped
+    m ← β1·m + (1−β1)·g,   v ← β2·v + (1−β2)·g²,   v_max ← max(v_max, v)   (amsgrad)
+    d = √v_max / √(1−β2^t) + ε
+    s = max(1, RMS(g / d) / clip_threshold)
+    p ← p − lr / (1−β1^t) / s · m / d
+
+With s = 1 this is exactly `torch.optim.AdamW(amsgrad=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with per-tensor update-RMS clipping (see the module docstring for the update)."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, clip_threshold: float = 1.0) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"invalid eps {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        if not clip_threshold > 0.0:
+            raise ValueError(f"invalid clip_threshold {clip_threshold}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        clip_threshold=clip_threshold)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("StableAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+                bias_correction1 = 1.0 - beta1**t
+                bias_correction2 = 1.0 - beta2**t
+
+                p.mul_(1.0 - lr * wd)
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                if group["amsgrad"]:
+                    second = state["max_exp_avg_sq"]
+                    torch.maximum(second, exp_avg_sq, out=second)
+                else:
+                    second = exp_avg_sq
+                denom = (second.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                # RMS of the would-be unscaled update ratio; kept as a tensor so no GPU sync per tensor.
+                rms = torch.linalg.vector_norm(grad / denom) / math.sqrt(grad.numel())
+                shrink = torch.clamp(rms / group["clip_threshold"], min=1.0)
+                p.add_(exp_avg / denom * (-(lr / bias_correction1) / shrink))
+        return loss
+
+
+def warm_cosine_lr(step: int, base_lr: float, final_lr: float, total_steps: int, warmup_steps: int,
+                   *, reach_final_at_last: bool = True) -> float:
+    """Learning rate for 0-based `step`: linear warm-up, then cosine decay.
+
+    Warm-up (step < W): ``base·step/(W−1)``, i.e. ``linspace(0, base, W)`` as in the original, so
+    step 0 has lr 0 and step W−1 has the full lr. Cosine (W ≤ step): ``final + ½(base−final)(1 +
+    cos(π·(step−W)/L))`` with L = T−1−W, so the last step T−1 ends exactly at `final` (SPEC §2).
+    `reach_final_at_last=False` gives the original Dinomaly's L = T−W (it reaches `final` at step T,
+    one past the last). Steps ≥ T stay at `final`.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return base_lr * step / (warmup_steps - 1) if warmup_steps > 1 else 0.0
+    span = total_steps - 1 - warmup_steps if reach_final_at_last else total_steps - warmup_steps
+    if step >= total_steps or span <= 0:
+        return float(final_lr)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
