@@ -16,7 +16,6 @@ import pytest
 from hdmap_ad import grid
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -48,6 +47,16 @@ def test_dry_run_prints_the_exact_dvc_commands(workspace, capsys):
     assert "dvc exp run --queue -S method=baseline,gem,focal,aux,scale,topk -S seed=42,43,44,123,456" in lines
     assert "dvc queue start -j 1" in lines and not any(line.startswith("hdmap-ad compare") for line in lines)
     assert cli.main(["grid", "--dry-run", "--methods", "baseline", "--set", "seed=3"]) == 2  # seeds go through --seeds
+
+
+def test_worker_environment(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = grid.worker_env()
+    # stages import the experiment copy's src/ (not an editable install's live workspace), find hdmap-ad
+    assert env["PYTHONPATH"].split(os.pathsep) == ["src", "/elsewhere"]
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent) or \
+        str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
+    assert env["DVC_NO_ANALYTICS"] == "1"
 
 
 def test_parse_queue_status():

@@ -87,7 +87,10 @@ def mlflow_runs(repo: Path) -> pd.DataFrame:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["hdmap-dinomaly"], filter_string="tags.kind != 'compare'")
+    runs = mlflow.search_runs(experiment_names=["hdmap-dinomaly"])
+    if "tags.kind" in runs:
+        runs = runs[runs["tags.kind"] != "compare"]
+    return runs
 
 
 def test_repro_writes_every_output(repo):

@@ -58,8 +58,9 @@ def build(params: Params, domains: list[str], device: torch.device) -> tuple[Din
 
 
 def trainable_state(model: Dinomaly) -> dict[str, torch.Tensor]:
-    """Model state without the frozen encoder (it is rebuilt from its weights source)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    """Model state without the frozen encoder (it is rebuilt from its weights source); keys as in an
+    uncompiled model (torch.compile inserts `_orig_mod.`)."""
+    return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
 
 
 def save(payload: dict[str, Any], path: Path) -> None:
@@ -116,4 +117,4 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     model.eval()
     method.eval()
     return TrainedModel(model, method, params, list(payload["domains"]), dict(payload.get("thresholds", {})),
-                        {k: payload.get(k) for k in ("step", "run_id", "fingerprint")})
+                        {k: payload.get(k) for k in ("step", "run_id", "fingerprint", "map_shape")})

@@ -89,7 +89,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise HdmapError(f"{path}: no evaluation yet (run `dvc repro`)")
     result = json.loads(path.read_text())
-    Console().print(metrics_table({k: v for k, v in result.items() if isinstance(v, dict)}, f"{path} (%)"))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=140)
+    out.print(metrics_table({k: v for k, v in result.items() if isinstance(v, dict)}, f"{path} (%)"))
     return 0
 
 

@@ -410,6 +410,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
           f"at `{result['tracking_uri']}`" + (f", profile `{result['profile']}`." if result["profile"] else ", all profiles."), ""]
     L += ["- Values are percent (fraction × 100, 2 decimals); Δ is method − baseline in percentage points.",
           f"- Mean ± Std over seeds; **std is the sample standard deviation (ddof=1)**; `(n=k)` marks a cell with k seeds.",
+          "- Per-seed and summary tables use every valid seed of a method; the tests use the seeds it shares with the "
+          "baseline (listed per comparison; the details tables give the paired means).",
           "- Statistics (SPEC §5): runs paired by seed with the baseline "
           f"`{baseline}`; paired t-test (`scipy.stats.ttest_rel`), Wilcoxon signed-rank, Cohen's d_z = mean(diff)/std(diff, ddof=1); "
           "Holm correction over all comparisons of one table (one metric: every method × every domain and the mean).",
@@ -745,7 +747,7 @@ def log_compare_run(experiment_id: str, result: Mapping[str, Any], json_path: Pa
                     plots_dir: Path | None) -> str:
     """One MLflow run `compare` (tag kind=compare) with the outputs as artifacts and Δ / Holm p as metrics."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
     tags = {"kind": COMPARE_KIND, "baseline": result["baseline"], "methods": ",".join(result["methods"])}

@@ -141,6 +141,7 @@ class MlflowParams(Section):
 
 class CompareParams(Section):
     baseline: str = "baseline"
+    methods: list[str] | None = None   # None: every method found in MLflow
     metrics: list[str] = Field(default_factory=lambda: ["auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"])
 
 

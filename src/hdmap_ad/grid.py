@@ -223,11 +223,16 @@ def _default_runner(cmd: Sequence[str]) -> subprocess.CompletedProcess:
 
 def worker_env() -> dict[str, str]:
     """The environment `dvc queue start` hands to its workers: this venv's bin first on PATH (so the
-    stages find `hdmap-ad` even when the venv is not activated), analytics off."""
+    stages find `hdmap-ad` even when the venv is not activated), analytics off, and the relative
+    PYTHONPATH entry `src` first: a stage runs in the experiment's temporary copy, and without it an
+    editable install would import the live workspace's src/ instead of the code the experiment was
+    queued with (and that DVC records)."""
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     if bindir not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(["src"] + [p for p in paths if p != "src"])
     env["DVC_NO_ANALYTICS"] = "1"
     return env
 

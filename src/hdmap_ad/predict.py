@@ -261,6 +261,8 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str) -> ResolvedModel:
 
 def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracking_uri: str) -> str:
     """Register the run's pyfunc model as a new version of `name`; log it from the checkpoint if missing."""
+    import logging
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -277,7 +279,14 @@ def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracki
         if logged is None:
             with mlflow.start_run(run_id=run_id):
                 serving.log_pyfunc_model(resolved.checkpoint)
-        version = mlflow.register_model(f"runs:/{run_id}/{serving.DEFAULT_NAME}", name)
+        # MLflow notes that the run's artifacts hold no `model` folder (MLflow 3 keeps logged models apart)
+        quiet = serving._DropMessage(f"Run with id {run_id} has no artifacts at artifact path")
+        logger = logging.getLogger("mlflow.tracking._model_registry.fluent")
+        logger.addFilter(quiet)
+        try:
+            version = mlflow.register_model(f"runs:/{run_id}/{serving.DEFAULT_NAME}", name)
+        finally:
+            logger.removeFilter(quiet)
     except MlflowException as err:
         first = (str(err).strip().splitlines() or ["?"])[0][:300]
         raise HdmapError(f"--register {name}: run {run_id} in {tracking_uri}: {first}") from None

@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hdmap_ad.errors import HdmapError
 
 console = Console(stderr=True)
+if not console.is_terminal:  # DVC logs and pipes: keep tables readable instead of 80 columns wide
+    console = Console(stderr=True, width=140)
 
 
 def select_device(spec: str) -> torch.device:

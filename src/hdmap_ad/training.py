@@ -116,18 +116,17 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                             weight_decay=t_params.weight_decay, amsgrad=True)
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t_params.amp == "fp16")
-    if t_params.compile:
-        model.decoder = torch.compile(model.decoder)
-
     start_step, run_id, history = 0, None, {}
     if state is not None:
-        model.load_state_dict(state["model"], strict=False)
+        model.load_state_dict(state["model"], strict=False)  # before compiling: keys carry no `_orig_mod.`
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, run_id, history = state["step"], state.get("run_id"), state.get("history", {})
         console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
 
+    if t_params.compile:
+        model.decoder = torch.compile(model.decoder)
     features: FeatureSource = make_feature_source(model, train_set.maps, params, device)
 
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
@@ -176,7 +175,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                     scaler.step(optimizer)
                     scaler.update()
                     bad_in_row = 0
-                    window_loss += float(loss)
+                    window_loss += loss.detach().item()
                     window_n += 1
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -216,7 +215,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
         final = {
             "model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": t_params.steps,
             "config": params.resolved(), "fingerprint": fingerprint, "run_id": run_id, "domains": train_set.domains,
-            "thresholds": thresholds, "val": val_metrics,
+            "thresholds": thresholds, "val": val_metrics, "map_shape": list(prepared.shape),
         }
         checkpoint.save(final, MODEL_FILE)
         mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")

@@ -1,0 +1,109 @@
+"""The command line as users meet it: help texts, and bad input as one clear line (no traceback)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hdmap_ad.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("synth", "prepare", "train", "evaluate", "compare", "grid", "predict", "show", "init-tracking"):
+        assert name in text, name
+
+
+def test_every_subcommand_has_help(capsys):
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "--params" in capsys.readouterr().out or name in ("bench",)
+
+
+@pytest.fixture()
+def workspace(tmp_path, synthetic_root, monkeypatch):
+    """A folder with params.yaml reading a private copy of the tiny synthetic data."""
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_root, raw)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="folder", root=str(raw), prepared=str(tmp_path / "prepared"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _prepare_fails_naming(capsys, needle: str) -> None:
+    code = main(["prepare"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    errors = [line for line in err if line.startswith("error: ")]
+    # progress lines may come first; the error is one line, the last one, and names the culprit
+    assert len(errors) == 1 and err[-1] == errors[0] and needle in errors[0], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "nan", "rank3", "shape", "empty_split", "missing_domain", "unknown_domain"])
+def test_bad_input_is_one_line_and_keeps_prepared(workspace, capsys, bad):
+    import tifffile
+
+    assert main(["prepare"]) == 0
+    capsys.readouterr()
+    before = _snapshot(workspace / "prepared")
+    good = workspace / "raw/domain_B/test/good"
+    target = good / "000003.tiff"
+    needle = target.name
+    if bad == "corrupt":
+        target.write_bytes(b"II*\x00garbage")
+    elif bad == "nan":
+        arr = tifffile.imread(target)
+        arr[2, 5] = np.nan
+        tifffile.imwrite(target, arr)
+    elif bad == "rank3":
+        tifffile.imwrite(target, np.zeros((2, 31, 95), np.float32))
+    elif bad == "shape":
+        tifffile.imwrite(target, np.zeros((30, 95), np.float32))
+    elif bad == "empty_split":
+        for f in good.iterdir():
+            f.unlink()
+        needle = "good"
+    elif bad == "missing_domain":
+        shutil.rmtree(workspace / "raw/domain_D")
+        needle = "domain_D"
+    elif bad == "unknown_domain":
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["data"]["domains"] = ["domain_A", "domain_Z"]
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        needle = "domain_Z"
+    _prepare_fails_naming(capsys, needle)
+    assert _snapshot(workspace / "prepared") == before
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".prepared")]
+
+
+def test_bad_params_is_one_line(workspace, capsys):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"]["steps"] = 0
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "train.steps" in err[0]
+
+
+def test_evaluate_without_model_is_one_line(workspace, capsys):
+    assert main(["evaluate"]) == 2
+    assert "models/model.pt" in capsys.readouterr().err
