@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -785,7 +786,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     profile = "" if args.profile is None else (None if args.profile == "all" else args.profile)
     run_compare(settings, methods=methods, profile=profile, json_path=Path(args.json), report_path=Path(args.report),
-                plots_dir=None if args.no_plots else Path(args.plots), log_run=not args.no_log)
+                plots_dir=None if args.no_plots else Path(args.plots), log_run=not (args.no_log or _in_experiment()))
     return 0
 
 
@@ -799,6 +800,12 @@ reports/plots/*.png, prints a summary, and logs a `compare` MLflow run (tag kind
 Runs that failed, are unfinished, are not evaluated, or have invalid (NaN/Inf) domains are listed
 with the reason they were left out. MLFLOW_TRACKING_URI points it at another store or a server.
 """
+
+
+def _in_experiment() -> bool:
+    """Inside `dvc exp run` the comparison sees only the runs so far: write the files, log no
+    `compare` run (grid and `dvc repro` in the workspace log the one that counts)."""
+    return bool(os.environ.get("DVC_EXP_NAME"))
 
 
 def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:

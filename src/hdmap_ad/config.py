@@ -121,6 +121,12 @@ class TrainParams(Section):
     max_bad_steps: int = Field(5, gt=0)
     resume: Literal["auto", "never"] = "auto"
 
+    @field_validator("amp", "feature_cache", mode="before")
+    @classmethod
+    def _yaml_bools(cls, v: Any) -> Any:
+        # `dvc exp run -S train.amp=off` writes an unquoted off, which YAML reads back as False.
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -29,7 +29,10 @@ def select_device(spec: str) -> torch.device:
             return torch.device("cpu")
         from hdmap_ad.grid import claim_cuda_device
 
-        return torch.device(claim_cuda_device("auto") or "cuda")
+        device = torch.device(claim_cuda_device("auto") or "cuda")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # code that uses "the current CUDA device" lands there too
+        return device
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
