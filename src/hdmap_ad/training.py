@@ -191,7 +191,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                 done = step + 1
                 if done % t_params.log_every == 0 or done == t_params.steps:
                     now = time.perf_counter()
-                    logs = {"train/loss": window_loss / max(1, window_n), "train/lr": lr, "grad/total_norm": total_norm,
+                    logs = {"train/loss": window_loss / window_n if window_n else float("nan"), "train/lr": lr, "grad/total_norm": total_norm,
                             "grad/nan_count": nan_count, "train/bad_steps": bad_total,
                             "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9)}
                     logs.update(info)
@@ -206,7 +206,8 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                     model.train()
                     method.train()
                 history["bad_total"] = bad_total
-                if done % t_params.checkpoint_every == 0 or done == t_params.steps:
+                # Only after a good update: a checkpoint must never sit on the far side of a divergence.
+                if bad_in_row == 0 and (done % t_params.checkpoint_every == 0 or done == t_params.steps):
                     save_state(done)
                 bar.update(1)
 
