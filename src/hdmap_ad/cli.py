@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bars say enough
     warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
     parser = build_parser()
     args = parser.parse_args(argv)

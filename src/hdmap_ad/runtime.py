@@ -80,8 +80,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class StepProgress:
     """A rich progress bar on a terminal; one plain line per `every` steps elsewhere (DVC queue logs)."""
 
-    def __init__(self, total: int, description: str, every: int = 10, start: int = 0) -> None:
+    def __init__(self, total: int, description: str, every: int = 10, start: int = 0, quiet_below: int = 0) -> None:
         self.total, self.description, self.every = total, description, max(1, every)
+        self.quiet_below = quiet_below  # plain logs: say nothing for loops this short
         self.done = start
         self.interactive = console.is_terminal and not os.environ.get("CI")
         self._progress: Progress | None = None
@@ -103,14 +104,15 @@ class StepProgress:
 
     def update(self, advance: int = 1, info: str = "") -> None:
         self.done += advance
+        self.info = info or getattr(self, "info", "")
         if self._progress is not None:
-            self._progress.update(self._task, advance=advance, info=info)
-        elif self.done % self.every == 0 or self.done == self.total:
-            print(f"{self.description} {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
+            self._progress.update(self._task, advance=advance, info=self.info)
+        elif advance and self.quiet_below < self.total and (self.done % self.every == 0 or self.done == self.total):
+            print(f"{self.description} {self.done}/{self.total} {self.info}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def progress_iter(total: int, description: str) -> Iterator[StepProgress]:
     """Progress for batch loops (evaluation, caching) where plain logs need only a few lines."""
-    with StepProgress(total, description, every=max(1, total // 4)) as bar:
+    with StepProgress(total, description, every=max(1, -(-total // 4)), quiet_below=2) as bar:
         yield bar
