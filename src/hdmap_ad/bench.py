@@ -123,6 +123,9 @@ def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParse
     p.add_argument("--repeat", type=int, default=1, help="run every phase this many times, interleaved; report the median")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every phase (default 0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall clock (default) or by this process's CPU time: with --threads 1 the "
+                        "latter is robust to other jobs on a shared machine")
     p.add_argument("--sweep-sizes", type=_sizes, metavar="HxW,...", help="sizes to sweep (time per image vs tokens)")
     p.add_argument("--sweep-batch", type=_ints, metavar="N,...", help="batch sizes to sweep")
     p.add_argument("--no-anomalib", action="store_true", help="measure only our implementation")
@@ -137,6 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hdmap_ad.files import write_json
     from hdmap_ad.runtime import console
 
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the benchmark never downloads (random weights on both sides)
     overrides = list(args.set)
     if args.profile:
         overrides.append(f"profile={args.profile}")
@@ -155,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if use_anomalib:
         phases += ["anomalib_train", "anomalib_infer"]
     base = {"resolved": params.resolved(), "device": device, "threads": args.threads, "warmup": args.warmup,
-            "steps": args.steps, "compile": args.compile,
+            "steps": args.steps, "compile": args.compile, "clock": args.clock,
             "raw_size": [params.synth.height, params.synth.width], "anomalib": use_anomalib}
 
     peak = _median_runs([_run_phase({**base, "phase": "matmul"}) for _ in range(args.repeat)])
@@ -179,10 +183,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cache = paper_cache_estimate(args.params)
     result = {
-        "command": "hdmap-ad " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": command_line(args),
         "device": device, "cpu": _cpu_name(), "threads": peak.get("threads"), "torch": peak.get("torch"),
         "anomalib": anomalib_version if use_anomalib else None, "profile": params.profile,
         "settings": {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
+                     "clock": args.clock,
                      "hard_mining_step": HARD_MINING_STEP},
         "matmul_peak": peak, "cases": results, "paper_cache": cache,
         "notes": {
@@ -200,6 +205,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(cache_text(cache))
     console.print(f"written {args.out}")
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `hdmap-ad bench` call that reproduces this result (options as parsed)."""
+    parts = ["hdmap-ad", "bench"]
+    if str(args.params) != "params.yaml":
+        parts += ["--params", str(args.params)]
+    parts += [f"--set {s}" for s in args.set]
+    for name in ("profile", "encoder", "device", "threads", "clock", "batch", "steps", "warmup", "repeat"):
+        value = getattr(args, name)
+        if value is not None:
+            parts.append(f"--{name} {value}")
+    if args.size:
+        parts.append(f"--size {args.size[0]}x{args.size[1]}")
+    if args.sweep_sizes:
+        parts.append("--sweep-sizes " + ",".join(f"{h}x{w}" for h, w in args.sweep_sizes))
+    if args.sweep_batch:
+        parts.append("--sweep-batch " + ",".join(map(str, args.sweep_batch)))
+    parts += [f"--{flag}" for flag in ("no-anomalib", "no-cache-off", "compile") if getattr(args, flag.replace("-", "_"))]
+    parts.append(f"--out {args.out}")
+    return " ".join(parts)
 
 
 def plan_cases(params, args: argparse.Namespace) -> list[Case]:
@@ -342,21 +368,29 @@ def _maps(n: int, spec: dict[str, Any], seed: int = 0):
     return rng.gamma(8.0, 0.03, size=(n, *spec["raw_size"])).astype(np.float32)
 
 
-def _timed(fn, warmup: int, steps: int, device) -> tuple[list[float], float]:
-    """Run fn(i) warmup+steps times; return the timed steps' seconds and the first call's seconds."""
-    first = None
-    times = []
+def _timed(fn, warmup: int, steps: int, device, clock: str = "wall") -> tuple[list[float], float, list[float]]:
+    """Run fn(i) warmup+steps times. Returns the timed steps' seconds on `clock` (wall: elapsed;
+    cpu: this process's CPU time, robust to other load when --threads 1), the first call's wall
+    seconds (compile / first-touch cost), and the timed steps' other-clock seconds."""
+    first, times, other = 0.0, [], []
     for i in range(warmup + steps):
         _sync(device)
-        t = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn(i)
         _sync(device)
-        dt = time.perf_counter() - t
+        dw, dc = time.perf_counter() - w, time.process_time() - c
         if i == 0:
-            first = dt
+            first = dw
         if i >= warmup:
-            times.append(dt)
-    return times, first or 0.0
+            times.append(dc if clock == "cpu" else dw)
+            other.append(dw if clock == "cpu" else dc)
+    return times, first, other
+
+
+def _summary(times: list[float], first: float, other: list[float], flops: int, batch: int, clock: str) -> dict[str, Any]:
+    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
+            "clock": clock, ("wall_s" if clock == "cpu" else "cpu_s"): statistics.median(other),
+            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / batch, "batch": batch}
 
 
 def _flops(fn) -> int:
@@ -373,7 +407,7 @@ def _phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
 
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    times, _ = _timed(lambda i: a @ b, 3, 10, device)
+    times, _, _ = _timed(lambda i: a @ b, 3, 10, device, spec.get("clock", "wall"))
     return {"n": n, "dtype": "float32", "step_s": None, "matmul_s": statistics.median(times),
             "gflops": 2 * n**3 / statistics.median(times) / 1e9, "gflops_best": 2 * n**3 / min(times) / 1e9}
 
@@ -414,7 +448,7 @@ def ours_train_step(model, method, optimizer, features, params, device, n_maps: 
             if nan_count == 0 and math.isfinite(total_norm):
                 scaler.step(optimizer)
                 scaler.update()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -456,10 +490,9 @@ def _phase_ours_train(spec: dict[str, Any], device, cache: str) -> dict[str, Any
     _sync(device)
     cache_build_s = time.perf_counter() - t0 if cache == "on" else 0.0
     step = ours_train_step(model, method, optimizer, features, params, device, n_maps)
-    times, first = _timed(step, warmup, steps, device)
+    times, first, other = _timed(step, warmup, steps, device, spec.get("clock", "wall"))
     flops = _flops(lambda: step(warmup + steps))
-    out = {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
-           "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / b, "batch": b,
+    out = {**_summary(times, first, other, flops, b, spec.get("clock", "wall")),
            "feature_cache": features.describe(), "n_maps": n_maps}
     if cache == "on":
         encode_flops = _flops(lambda: features_for_flops(model, maps[:b], params, device))
@@ -493,10 +526,8 @@ def _phase_ours_infer(spec: dict[str, Any], device) -> dict[str, Any]:
     def run(i: int):
         return score_maps(model, method, maps[i * b:(i + 1) * b], params, device, b).scores
 
-    times, first = _timed(run, warmup, steps, device)
-    flops = _flops(lambda: run(warmup + steps))
-    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
-            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / b, "batch": b}
+    times, first, other = _timed(run, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: run(warmup + steps)), b, spec.get("clock", "wall"))
 
 
 def _anomalib_model(case: dict[str, Any]):
@@ -574,10 +605,8 @@ def _phase_anomalib_train(spec: dict[str, Any], device) -> dict[str, Any]:
         scheduler.step()
         return float(loss)
 
-    times, first = _timed(step, warmup, steps, device)
-    flops = _flops(lambda: step(warmup + steps))
-    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
-            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / b, "batch": b}
+    times, first, other = _timed(step, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: step(warmup + steps)), b, spec.get("clock", "wall"))
 
 
 def _phase_anomalib_infer(spec: dict[str, Any], device) -> dict[str, Any]:
@@ -595,10 +624,8 @@ def _phase_anomalib_infer(spec: dict[str, Any], device) -> dict[str, Any]:
             out = model(preprocess(maps[i * b:(i + 1) * b]))
         return out.pred_score.double().cpu().numpy()
 
-    times, first = _timed(run, warmup, steps, device)
-    flops = _flops(lambda: run(warmup + steps))
-    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
-            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / b, "batch": b}
+    times, first, other = _timed(run, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: run(warmup + steps)), b, spec.get("clock", "wall"))
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -618,10 +645,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         import anomalib.models.image.dinomaly  # noqa: F401
         import torchvision.transforms.v2  # noqa: F401
     if phase.startswith("ours") or (phase.startswith("anomalib")):
+        import timm  # noqa: F401  (imported lazily by both models' constructors)
+        import timm.models.vision_transformer  # noqa: F401
+
         import hdmap_ad.features  # noqa: F401
         import hdmap_ad.inference  # noqa: F401
         import hdmap_ad.training  # noqa: F401
     rss0 = _rss_mb()
+    load0 = os.getloadavg()[0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = {
@@ -635,7 +666,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out = run(spec, device)
     peak_rss = _maxrss_mb()
     out.update(phase=phase, threads=torch.get_num_threads(), torch=torch.__version__, rss_after_imports_mb=rss0,
-               peak_rss_mb=peak_rss)
+               peak_rss_mb=peak_rss, loadavg_start=load0, loadavg_end=os.getloadavg()[0])
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -656,11 +687,12 @@ def paper_cache_estimate(params_file: Path | str) -> dict[str, Any]:
     from hdmap_ad.features import cache_bytes
     from hdmap_ad.model import Dinomaly
 
-    try:
-        paper = load_params(params_file, ["profile=paper", "model.weights=random", "model.encoder_overrides={}"])
-    except HdmapError:
-        paper = load_params(params_file, ["model.encoder=base", "model.weights=random", "model.encoder_overrides={}",
-                                          "preprocess.resize=[448,448]", "preprocess.crop=[392,392]"])
+    random = ["model.weights=random", "model.encoder_overrides={}"]
+    try:  # the paper profile, with random weights: only shapes matter here, nothing is loaded
+        paper = load_params(params_file, ["profile=paper", *random, "profiles.paper.model.weights=random"])
+    except HdmapError:  # a params file without the paper profile: its values from SPEC
+        paper = load_params(params_file, [*random, "model.encoder=base", "preprocess.resize=[448,448]",
+                                          "preprocess.crop=[392,392]"])
     with torch.device("meta"):  # shapes only: no memory, no weights
         model = Dinomaly(dinomaly_config(paper))
     out = {"n_maps": PAPER_MAPS, "encoder": paper.model.encoder, "crop": list(paper.preprocess.crop),

@@ -1,0 +1,116 @@
+"""`hdmap-ad bench` and the exactness of the encoder-feature cache.
+
+The smoke test runs the real command (each phase in its own subprocess) on a tiny encoder. The
+cache tests train the same seed with `train.feature_cache` on and off through the training step
+the benchmark measures (a mirror of `training.train`'s loop body) and compare loss trajectories.
+
+What holds on CPU (float32, MKL/oneDNN GEMMs): a sample's encoder features depend on the *size*
+of the batch it is encoded in (the GEMM kernel and blocking are chosen by the row count B·T), but
+not on its batch mates nor on its position in the batch. `features.Cached` encodes in chunks of
+`train.batch_size`, the size training batches have, so whenever the number of maps is a multiple
+of the batch size the cache is bitwise exact. A ragged last chunk (n % B maps) is encoded at
+another size: its features differ by ~1e-13, the loss trajectory by ~1e-8 (≤ 1e-6). Encoding
+that tail padded to a full batch makes the cache exact in every case (proposed for features.py;
+`test_features_depend_on_batch_size_only` checks the property that fix relies on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hdmap_ad import bench
+from hdmap_ad.cli import main
+from hdmap_ad.config import load_params
+from hdmap_ad.features import make_feature_source
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+TINY = "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}"
+CPU = torch.device("cpu")
+
+
+def test_bench_smoke_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--params", str(PARAMS), "--set", TINY, "--size", "28x84", "--batch", "2",
+               "--steps", "2", "--warmup", "1", "--no-anomalib", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert {"command", "device", "threads", "settings", "matmul_peak", "cases", "paper_cache", "notes"} <= set(result)
+    assert result["command"].startswith("hdmap-ad bench") and result["anomalib"] is None
+    assert result["matmul_peak"]["gflops"] > 0
+    (case,) = result["cases"]
+    assert case["crop"] == [28, 84] and case["batch"] == 2 and case["tokens_per_image"] == 5 + 2 * 6
+    assert set(case["phases"]) == {"ours_train_cache_on", "ours_train_cache_off", "ours_infer"}
+    for name, m in case["phases"].items():
+        for key in ("images_per_s", "ms_per_image", "step_s", "flops_per_image", "gflops_achieved", "peak_rss_mb"):
+            assert m[key] > 0, (name, key, m[key])
+        assert m["peak_mb"] >= 0 and len(m["steps_s"]) == 2
+    assert case["phases"]["ours_train_cache_on"]["feature_cache"] == "on"
+    assert case["phases"]["ours_train_cache_off"]["feature_cache"] == "off"
+    assert case["phases"]["ours_train_cache_on"]["cache_mb"] > 0
+    # cache-on steps skip the encoder: fewer FLOPs per image than cache-off steps
+    assert case["phases"]["ours_train_cache_on"]["flops_per_image"] < case["phases"]["ours_train_cache_off"]["flops_per_image"]
+    assert all(v is None for v in case["ratios"].values())  # no anomalib, no ratios
+    paper = result["paper_cache"]
+    assert paper["n_maps"] == 4000 and paper["crop"] == [392, 392]
+    # ViT-B/14 at 392²: (5 + 784 + 2·784) tokens × 768 channels per map
+    assert paper["cpu_gib"] == pytest.approx(4000 * (789 + 2 * 784) * 768 * 4 / 2**30)
+    assert paper["cuda_gib"] == pytest.approx(paper["cpu_gib"] / 2)
+
+
+def _spec(crop: tuple[int, int], batch: int, overrides: dict | None = None) -> dict:
+    params = load_params(PARAMS, [f"model.encoder_overrides={json.dumps(overrides or {})}"])
+    return {"resolved": params.resolved(), "device": "cpu", "threads": 0, "compile": False,
+            "raw_size": [31, 95], "case": {"crop": list(crop), "resize": [crop[0] + 14, crop[1] + 14],
+                                           "batch": batch, "encoder": "small"}}
+
+
+def _trajectory(spec: dict, cache: str, n_maps: int, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+    params = bench._params_for(spec, feature_cache=cache)
+    model, method, optimizer = bench._build_ours(params, CPU)
+    model.train()
+    method.train()
+    features = make_feature_source(model, bench._maps(n_maps, spec), params, CPU)
+    assert features.describe() == cache
+    step = bench.ours_train_step(model, method, optimizer, features, params, CPU, n_maps)
+    losses = [step(i) for i in range(steps)]
+    return losses, [p.detach().clone() for p in model.trainable_parameters()]
+
+
+def test_cache_is_bitwise_exact_when_the_batch_size_divides_the_maps():
+    spec = _spec((56, 196), batch=4)  # ViT-S/14 shapes of the quick profile, random weights
+    on, p_on = _trajectory(spec, "on", n_maps=8, steps=6)
+    off, p_off = _trajectory(spec, "off", n_maps=8, steps=6)
+    assert on == off
+    assert all(torch.equal(a, b) for a, b in zip(p_on, p_off))
+
+
+def test_cache_with_a_ragged_tail_is_within_1e6():
+    # 5 maps, batch 4: the cache encodes the fifth map alone (a batch of 1), training in batches of 4.
+    spec = _spec((56, 196), batch=4)
+    on, _ = _trajectory(spec, "on", n_maps=5, steps=8)
+    off, _ = _trajectory(spec, "off", n_maps=5, steps=8)
+    assert max(abs(a - b) for a, b in zip(on, off)) <= 1e-6
+
+
+def test_features_depend_on_batch_size_only():
+    """At a fixed batch size, a sample's features are the same whatever its batch mates and position."""
+    from hdmap_ad.model import Dinomaly, DinomalyConfig
+    from hdmap_ad.preprocess import preprocess
+
+    torch.manual_seed(0)
+    model = Dinomaly(DinomalyConfig(encoder="small", image_size=(56, 196))).eval()
+    x = preprocess(torch.from_numpy(np.random.default_rng(0).random((16, 31, 95), dtype=np.float32)), (70, 210), (56, 196))
+    b = 4
+    ref = model.encode(x[:b])
+    for pos in range(b):
+        idx = list(range(8, 8 + b))
+        idx[pos] = 0
+        got = model.encode(x[idx])
+        assert torch.equal(got.bottleneck_in[pos], ref.bottleneck_in[0])
+        assert all(torch.equal(g[pos], r[0]) for g, r in zip(got.groups, ref.groups))
