@@ -1,17 +1,15 @@
 """`hdmap-ad bench` and the exactness of the encoder-feature cache.
 
 The smoke test runs the real command (each phase in its own subprocess) on a tiny encoder. The
-cache tests train the same seed with `train.feature_cache` on and off through the training step
-the benchmark measures (a mirror of `training.train`'s loop body) and compare loss trajectories.
+cache tests train the same seed with `train.feature_cache` on and off through
+`training.train_step` (the step the training loop and the benchmark run) and compare loss
+trajectories and weights; tests/test_training.py does the same through `train()` and its metrics.
 
 What holds on CPU (float32, MKL/oneDNN GEMMs): a sample's encoder features depend on the *size*
 of the batch it is encoded in (the GEMM kernel and blocking are chosen by the row count B·T), but
-not on its batch mates nor on its position in the batch. `features.Cached` encodes in chunks of
-`train.batch_size`, the size training batches have, so whenever the number of maps is a multiple
-of the batch size the cache is bitwise exact. A ragged last chunk (n % B maps) is encoded at
-another size: its features differ by ~1e-13, the loss trajectory by ~1e-8 (≤ 1e-6). Encoding
-that tail padded to a full batch makes the cache exact in every case (proposed for features.py;
-`test_features_depend_on_batch_size_only` checks the property that fix relies on).
+not on its batch mates nor on its position in the batch (`test_features_depend_on_batch_size_only`).
+`features.Cached` therefore encodes every chunk at the training batch size, padding the ragged
+last chunk, which makes cache on and cache off bitwise equal.
 """
 
 from __future__ import annotations
@@ -90,12 +88,14 @@ def test_cache_is_bitwise_exact_when_the_batch_size_divides_the_maps():
     assert all(torch.equal(a, b) for a, b in zip(p_on, p_off))
 
 
-def test_cache_with_a_ragged_tail_is_within_1e6():
-    # 5 maps, batch 4: the cache encodes the fifth map alone (a batch of 1), training in batches of 4.
+def test_cache_with_a_ragged_tail_is_bitwise_exact():
+    # 7 maps, batch 4: the last chunk (3 maps) is padded to 4 for encoding; training batches of 4
+    # mix maps from both chunks over the epochs.
     spec = _spec((56, 196), batch=4)
-    on, _ = _trajectory(spec, "on", n_maps=5, steps=8)
-    off, _ = _trajectory(spec, "off", n_maps=5, steps=8)
-    assert max(abs(a - b) for a, b in zip(on, off)) <= 1e-6
+    on, p_on = _trajectory(spec, "on", n_maps=7, steps=8)
+    off, p_off = _trajectory(spec, "off", n_maps=7, steps=8)
+    assert on == off
+    assert all(torch.equal(a, b) for a, b in zip(p_on, p_off))
 
 
 def test_features_depend_on_batch_size_only():

@@ -386,3 +386,59 @@ def test_predict_is_deterministic_and_restores_the_mode(model):
     assert torch.allclose(s1, image_score(expected), atol=1e-6)
     custom = model.predict(x, reduce=lambda m: m.amax(1, keepdim=True), score=ScoreConfig(size=(28, 42)))[0]
     assert custom.shape == (3,) and not torch.allclose(custom, s1)
+
+
+def _block_grads(block, x, plain: bool):
+    from hdmap_ad.model import gelu_linear
+
+    block.zero_grad()
+    x = x.clone().requires_grad_()
+    if plain:  # what autograd does with the modules as they are
+        h = block.norm2(x)
+        out = x + block.mlp(h)
+    else:
+        out = x + gelu_linear(block.mlp.fc1(block.norm2(x)), block.mlp.fc2)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), [x.grad, *(p.grad.clone() for p in block.mlp.parameters())]
+
+
+def test_gelu_linear_gives_autograds_gradients_and_saves_less():
+    from hdmap_ad.model import DecoderBlock, gelu_linear
+
+    torch.manual_seed(0)
+    block = DecoderBlock(32, 4, 4.0, 1e-8)
+    x = torch.randn(3, 7, 32)
+    out_plain, grads_plain = _block_grads(block, x, plain=True)
+    out_ours, grads_ours = _block_grads(block, x, plain=False)
+    assert torch.equal(out_plain, out_ours)
+    for a, b in zip(grads_plain, grads_ours):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    def saved_bytes(fn) -> int:
+        storages = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: t):
+            fn()
+        return sum(storages.values())
+
+    xg = x.clone().requires_grad_()
+    full = saved_bytes(lambda: block.mlp(block.norm2(xg)))
+    lean = saved_bytes(lambda: gelu_linear(block.mlp.fc1(block.norm2(xg)), block.mlp.fc2))
+    hidden = x.numel() * 4 * 4  # one 4C-wide float32 activation
+    assert full - lean == hidden
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gelu_linear_under_cuda_autocast_matches_autograd():
+    from hdmap_ad.model import DecoderBlock, gelu_linear
+
+    torch.manual_seed(0)
+    block = DecoderBlock(64, 4, 4.0, 1e-8).cuda()
+    x = torch.randn(2, 9, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_plain, grads_plain = _block_grads(block, x, plain=True)
+        out_ours, grads_ours = _block_grads(block, x, plain=False)
+    assert out_plain.dtype == out_ours.dtype
+    for a, b in zip(grads_plain, grads_ours):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-3)

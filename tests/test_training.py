@@ -47,6 +47,16 @@ def test_same_seed_same_metrics(workdir, prepared_dir):
     assert a["val_mean_auroc"] == b["val_mean_auroc"] and a["thresholds"] == b["thresholds"]
 
 
+def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
+    # batch 3 does not divide the training maps: the cache's last chunk is a padded one
+    on = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=on", "train.batch_size=3"))
+    state_on = torch.load(workdir / "models/model.pt", weights_only=False)["model"]
+    off = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=off", "train.batch_size=3"))
+    state_off = torch.load(workdir / "models/model.pt", weights_only=False)["model"]
+    assert on["val_mean_auroc"] == off["val_mean_auroc"] and on["thresholds"] == off["thresholds"]
+    assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
+
+
 def _nan_at(steps: set[int], monkeypatch) -> None:
     original = Baseline.loss
 

@@ -413,42 +413,23 @@ def _phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
 
 
 def ours_train_step(model, method, optimizer, features, params, device, n_maps: int, scaler=None):
-    """One step of training.train's loop body, as a closure over the model and optimizer state.
-
-    Kept line-for-line equivalent to the loop in hdmap_ad.training (lr schedule, batch draw,
-    decode + method loss, non-finite checks, gradient clip, StableAdamW step)."""
+    """A closure `step(i) -> loss` running training.train_step, the training loop's own step, with
+    its lr schedule and batch draw; steps count from HARD_MINING_STEP (hard mining at full ratio)."""
+    import numpy as np
     import torch
 
     from hdmap_ad.optim import warm_cosine_lr
-    from hdmap_ad.runtime import autocast
-    from hdmap_ad.training import _grad_health, batch_indices
+    from hdmap_ad.training import batch_indices, set_lr, train_step
 
     t = params.train
-    all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    domain_ids_all = torch.zeros(n_maps, dtype=torch.long)
+    domain_ids = np.zeros(n_maps, dtype=np.int64)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
 
     def step(i: int) -> float:
         gstep = HARD_MINING_STEP + i
-        lr = warm_cosine_lr(gstep, t.lr, t.final_lr, max(t.steps, gstep + 1), t.warmup_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
+        set_lr(optimizer, warm_cosine_lr(gstep, t.lr, t.final_lr, max(t.steps, gstep + 1), t.warmup_steps))
         idx = batch_indices(n_maps, t.batch_size, i, params.seed)
-        domain_ids = domain_ids_all[idx].to(device)
-        feats = features.batch(idx)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, t.amp):
-            recon = model.decode(feats)
-            loss, _ = method.loss(recon, domain_ids, gstep)
-        if bool(torch.isfinite(loss)):
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nan_count = _grad_health(all_params)
-            total_norm = float(torch.nn.utils.clip_grad_norm_(all_params, t.grad_clip))
-            if nan_count == 0 and math.isfinite(total_norm):
-                scaler.step(optimizer)
-                scaler.update()
-        return float(loss.detach())
+        return train_step(model, method, optimizer, scaler, features, idx, domain_ids[idx], gstep, params, device).loss
 
     return step
 
@@ -708,7 +689,8 @@ def cache_text(c: dict[str, Any]) -> str:
     return (f"feature cache, paper setting ({c['n_maps']} maps, ViT-{c['encoder'][0].upper()}/14, "
             f"{c['crop'][0]}x{c['crop'][1]}): {c['cuda_gib']:.1f} GiB on CUDA with amp={c['amp']} "
             f"({c['per_map_mib_cuda']:.2f} MiB/map; {fits} under feature_cache_max_gb={c['feature_cache_max_gb']:g}), "
-            f"{c['cpu_gib']:.1f} GiB in float32 on CPU. feature_cache=auto turns the cache off when it does not fit.")
+            f"{c['cpu_gib']:.1f} GiB in float32 on CPU. feature_cache=auto caches only under feature_cache_max_gb "
+            f"and half the free memory, and encodes per batch otherwise.")
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

@@ -13,6 +13,13 @@ variant with AMSGrad, so it is written out here; the update per tensor p with gr
     p ← p − lr / (1−β1^t) / s · m / d
 
 With s = 1 this is exactly `torch.optim.AdamW(amsgrad=True)`.
+
+Speed: the update is memory-bound (a few passes over every parameter-sized tensor), and written
+as separate tensor ops it also allocates several parameter-sized temporaries per tensor and step.
+By default (`fused=None`) the AdamW part therefore runs in torch's fused AdamW kernel (one pass;
+CPU and CUDA), called per tensor with lr/s as a device tensor (no host sync); s is computed first
+in a reused scratch buffer, and the weight decay, which s must not scale, is applied before it.
+`fused=False` is the plain op-by-op reference; tests hold the two together.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class StableAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, clip_threshold: float = 1.0) -> None:
+                 amsgrad: bool = False, clip_threshold: float = 1.0, fused: bool | None = None) -> None:
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not eps >= 0.0:
@@ -44,6 +51,21 @@ class StableAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         clip_threshold=clip_threshold)
         super().__init__(params, defaults)
+        self.fused = fused
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # not state: never saved
+
+    def _use_fused(self, p: Tensor) -> bool:
+        if self.fused is False or not hasattr(torch, "_fused_adamw_"):
+            return False
+        return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+    def _buffer(self, like: Tensor) -> Tensor:
+        """A scratch tensor shaped like `like`, carved from one growing flat buffer per device/dtype."""
+        key = (like.device, like.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < like.numel():
+            buf = self._scratch[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        return buf[: like.numel()].view(like.shape)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -73,6 +95,9 @@ class StableAdamW(torch.optim.Optimizer):
                 bias_correction1 = 1.0 - beta1**t
                 bias_correction2 = 1.0 - beta2**t
 
+                if self._use_fused(p):
+                    self._fused_update(p, grad, state, group, t)
+                    continue
                 p.mul_(1.0 - lr * wd)
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -87,6 +112,29 @@ class StableAdamW(torch.optim.Optimizer):
                 shrink = torch.clamp(rms / group["clip_threshold"], min=1.0)
                 p.add_(exp_avg / denom * (-(lr / bias_correction1) / shrink))
         return loss
+
+    def _fused_update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> None:
+        """The same update as the reference branch of `step`: s from the updated second moment
+        (computed in scratch, before the fused kernel updates the moments), then the decay, then
+        AdamW with lr/s and no decay in one fused pass."""
+        lr, wd, eps, amsgrad = group["lr"], group["weight_decay"], group["eps"], group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        ratio = self._buffer(grad)
+        torch.mul(grad, grad, out=ratio)
+        ratio.mul_(1.0 - beta2).add_(state["exp_avg_sq"], alpha=beta2)      # v_t
+        if amsgrad:
+            torch.maximum(ratio, state["max_exp_avg_sq"], out=ratio)        # max(v_max, v_t)
+        ratio.div_(1.0 - beta2**t).sqrt_().add_(eps)                          # d
+        torch.div(grad, ratio, out=ratio)                                     # g / d
+        rms = torch.linalg.vector_norm(ratio) / math.sqrt(grad.numel())
+        shrink = torch.clamp(rms / group["clip_threshold"], min=1.0)
+        p.mul_(1.0 - lr * wd)
+        step = torch.full((), float(t), device=p.device, dtype=torch.float32)
+        lr_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        max_sq = [state["max_exp_avg_sq"]] if amsgrad else []
+        torch._fused_adamw_([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], max_sq, [step],
+                            lr=(lr / shrink).to(lr_dtype), beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                            amsgrad=amsgrad, maximize=False)
 
 
 def warm_cosine_lr(step: int, base_lr: float, final_lr: float, total_steps: int, warmup_steps: int,

@@ -88,6 +88,58 @@ def _grad_health(parameters: list[torch.nn.Parameter]) -> int:
     return int(sum((~torch.isfinite(p.grad)).sum().item() for p in parameters if p.grad is not None))
 
 
+@dataclass
+class StepResult:
+    loss: float          # NaN/Inf when the loss was not finite
+    nan_count: int       # non-finite gradient elements (0 when no backward ran)
+    total_norm: float    # gradient norm before clipping (NaN when no backward ran)
+    info: dict[str, float]
+
+    @property
+    def good(self) -> bool:
+        """The update was applied: finite loss, finite gradients."""
+        return math.isfinite(self.loss) and self.nan_count == 0 and math.isfinite(self.total_norm)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def train_step(model, method, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, features: FeatureSource,
+               idx: np.ndarray, domain_ids: np.ndarray, step: int, params: Params, device: torch.device) -> StepResult:
+    """One optimisation step on the maps `idx`: decode their features, the method's loss, and, when
+    loss and gradients are finite, a clipped StableAdamW update (otherwise the update is skipped).
+    The training loop and `hdmap-ad bench` both run exactly this."""
+    t_params = params.train
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = torch.from_numpy(domain_ids).to(device)
+    feats = features.batch(idx)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, t_params.amp):
+        recon = model.decode(feats)
+        loss, info = method.loss(recon, ids, step)
+    loss_value = float(loss.detach())
+    nan_count, total_norm = 0, float("nan")
+    if math.isfinite(loss_value):
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grads = [p.grad for p in all_params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        total_norm = float(norm)
+        if math.isfinite(total_norm):
+            torch.nn.utils.clip_grads_with_norm_(all_params, t_params.grad_clip, norm)
+        else:  # only now count the bad elements (a full pass over the gradients); the update is skipped
+            nan_count = _grad_health(all_params)
+    result = StepResult(loss_value, nan_count, total_norm, info)
+    if result.good:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return result
+
+
 def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     """Train one model over all selected domains; write models/ and metrics/train.json; return a summary."""
     import mlflow
@@ -114,7 +166,6 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
         groups.append({"lr_mult": 1.0, **g})
     optimizer = StableAdamW(groups, lr=t_params.lr, betas=tuple(t_params.betas), eps=t_params.eps,
                             weight_decay=t_params.weight_decay, amsgrad=True)
-    all_params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t_params.amp == "fp16")
     start_step, run_id, history = 0, None, {}
     if state is not None:
@@ -155,33 +206,19 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
         with StepProgress(t_params.steps, f"train {params.method} seed {params.seed}", every=t_params.log_every, start=start_step) as bar:
             for step in range(start_step, t_params.steps):
                 lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_mult", 1.0)
+                set_lr(optimizer, lr)
                 idx = batch_indices(len(train_set.maps), t_params.batch_size, step, params.seed)
-                domain_ids = torch.from_numpy(train_set.domain_ids[idx]).to(device)
-                feats = features.batch(idx)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, t_params.amp):
-                    recon = model.decode(feats)
-                    loss, info = method.loss(recon, domain_ids, step)
-                loss_ok = bool(torch.isfinite(loss))
-                nan_count, total_norm = 0, float("nan")
-                if loss_ok:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    nan_count = _grad_health(all_params)
-                    total_norm = float(torch.nn.utils.clip_grad_norm_(all_params, t_params.grad_clip))
-                if loss_ok and nan_count == 0 and math.isfinite(total_norm):
-                    scaler.step(optimizer)
-                    scaler.update()
+                result = train_step(model, method, optimizer, scaler, features, idx, train_set.domain_ids[idx],
+                                    step, params, device)
+                info, nan_count, total_norm = result.info, result.nan_count, result.total_norm
+                if result.good:
                     bad_in_row = 0
-                    window_loss += loss.detach().item()
+                    window_loss += result.loss
                     window_n += 1
                 else:
-                    optimizer.zero_grad(set_to_none=True)
                     bad_in_row += 1
                     bad_total += 1
-                    what = "loss" if not loss_ok else "gradient"
+                    what = "loss" if not math.isfinite(result.loss) else "gradient"
                     warnings.warn(f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped", stacklevel=1)
                     mlflow.log_metrics({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step=step)
                     if bad_in_row >= t_params.max_bad_steps:
