@@ -57,6 +57,19 @@ def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
 
 
+def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
+    from hdmap_ad import training
+
+    train(tiny_params(prepared_dir, "train.resume=auto"))
+    capsys.readouterr()
+    train(tiny_params(prepared_dir, "train.resume=auto"))
+    assert "resuming from" in capsys.readouterr().err
+    monkeypatch.setattr(training, "code_digest", lambda: "edited-code")
+    train(tiny_params(prepared_dir, "train.resume=auto"))
+    err = capsys.readouterr().err
+    assert "different configuration, code or data; starting afresh" in err and "resuming from" not in err
+
+
 def _nan_at(steps: set[int], monkeypatch) -> None:
     original = Baseline.loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -140,6 +141,22 @@ def train_step(model, method, optimizer: torch.optim.Optimizer, scaler: torch.am
     return result
 
 
+def code_digest() -> str:
+    """Hash of this package's Python source: a code change must not resume an old run's state."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(params: Params, manifest_md5: str) -> str:
+    """What a training state must match to be resumed: configuration, code and prepared data."""
+    parts = f"{params.training_fingerprint()}:{code_digest()}:{manifest_md5}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:16]
+
+
 def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     """Train one model over all selected domains; write models/ and metrics/train.json; return a summary."""
     import mlflow
@@ -149,13 +166,14 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     device = select_device(t_params.device)
     prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
     train_set = load_train_set(prepared, params)
-    fingerprint = params.training_fingerprint()
+    manifest_md5 = prepared.manifest_md5()
+    fingerprint = run_fingerprint(params, manifest_md5)
 
     state = None
     if t_params.resume == "auto" and STATE_FILE.is_file():
         state = checkpoint.load(STATE_FILE)
         if state.get("fingerprint") != fingerprint:
-            console.print(f"[yellow]{STATE_FILE}: from a different configuration; starting afresh[/]")
+            console.print(f"[yellow]{STATE_FILE}: from a different configuration, code or data; starting afresh[/]")
             state = None
 
     seed_everything(params.seed)
@@ -184,7 +202,6 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     if run_id is not None and not tracking.run_exists(run_id):
         console.print(f"[yellow]MLflow run {run_id} of the checkpoint is gone; logging to a new run[/]")
         run_id = None
-    manifest_md5 = prepared.manifest_md5() if hasattr(prepared, "manifest_md5") else None
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params),
                           tags=tracking.run_tags(params, manifest_md5), log_system_metrics=False) as run:
         run_id = run.info.run_id
