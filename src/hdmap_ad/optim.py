@@ -17,9 +17,10 @@ With s = 1 this is exactly `torch.optim.AdamW(amsgrad=True)`.
 Speed: the update is memory-bound (a few passes over every parameter-sized tensor), and written
 as separate tensor ops it also allocates several parameter-sized temporaries per tensor and step.
 By default (`fused=None`) the AdamW part therefore runs in torch's fused AdamW kernel (one pass;
-CPU and CUDA), called per tensor with lr/s as a device tensor (no host sync); s is computed first
-in a reused scratch buffer, and the weight decay, which s must not scale, is applied before it.
-`fused=False` is the plain op-by-op reference; tests hold the two together.
+CPU and CUDA), called per tensor with lr/s; s is computed first in a reused scratch buffer. The
+decay must not be scaled by s: on CPU it enters the kernel as wd·s, on CUDA (where s stays on the
+device, no host sync) it is a pass of its own. `fused=False` is the plain op-by-op reference;
+tests hold the two together.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class StableAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._steps: dict[tuple[torch.device, int], Tensor] = {}  # the step count as the fused kernel wants it
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
@@ -115,26 +117,38 @@ class StableAdamW(torch.optim.Optimizer):
 
     def _fused_update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> None:
         """The same update as the reference branch of `step`: s from the updated second moment
-        (computed in scratch, before the fused kernel updates the moments), then the decay, then
-        AdamW with lr/s and no decay in one fused pass."""
+        (computed in scratch, before the fused kernel updates the moments), then decay and AdamW
+        with lr/s in one fused pass."""
         lr, wd, eps, amsgrad = group["lr"], group["weight_decay"], group["eps"], group["amsgrad"]
         beta1, beta2 = group["betas"]
+        # Each op is a pass over memory, so the algebra is arranged for few of them: with
+        # c = 1/sqrt(1 - beta2^t), d = c*sqrt(v) + eps and g/d = (g/c) / (sqrt(v) + eps/c).
+        c = 1.0 / math.sqrt(1.0 - beta2**t)
         ratio = self._buffer(grad)
         torch.mul(grad, grad, out=ratio)
-        ratio.mul_(1.0 - beta2).add_(state["exp_avg_sq"], alpha=beta2)      # v_t
+        torch.lerp(state["exp_avg_sq"], ratio, 1.0 - beta2, out=ratio)      # v_t = beta2*v + (1-beta2)*g^2
         if amsgrad:
             torch.maximum(ratio, state["max_exp_avg_sq"], out=ratio)        # max(v_max, v_t)
-        ratio.div_(1.0 - beta2**t).sqrt_().add_(eps)                          # d
-        torch.div(grad, ratio, out=ratio)                                     # g / d
-        rms = torch.linalg.vector_norm(ratio) / math.sqrt(grad.numel())
-        shrink = torch.clamp(rms / group["clip_threshold"], min=1.0)
-        p.mul_(1.0 - lr * wd)
-        step = torch.full((), float(t), device=p.device, dtype=torch.float32)
-        lr_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        ratio.sqrt_().add_(eps / c)                                           # d / c
+        torch.div(grad, ratio, out=ratio)                                     # c * g / d
+        norm = torch.linalg.vector_norm(ratio)                                # c * sqrt(n) * RMS(g/d)
+        k = 1.0 / (c * math.sqrt(grad.numel()) * group["clip_threshold"])   # s = max(1, k * norm)
+        if p.device.type == "cpu":
+            # A host value is free here: plain floats instead of tiny tensor ops, and the decay
+            # goes into the kernel as wd*s, so that its factor 1 - (lr/s)(wd*s) is the unclipped one.
+            shrink = max(1.0, float(norm) * k)
+            lr_t: float | Tensor = lr / shrink
+            kernel_wd = wd * shrink
+        else:  # a device tensor: no host sync per parameter; the decay is a pass of its own
+            lr_t = (lr / torch.clamp(norm * k, min=1.0)).to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+            kernel_wd = 0.0
+            p.mul_(1.0 - lr * wd)
+        key = (p.device, t)
+        if key not in self._steps:
+            self._steps[key] = torch.full((), float(t), device=p.device, dtype=torch.float32)
         max_sq = [state["max_exp_avg_sq"]] if amsgrad else []
-        torch._fused_adamw_([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], max_sq, [step],
-                            lr=(lr / shrink).to(lr_dtype), beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
-                            amsgrad=amsgrad, maximize=False)
+        torch._fused_adamw_([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], max_sq, [self._steps[key]],
+                            lr=lr_t, beta1=beta1, beta2=beta2, weight_decay=kernel_wd, eps=eps, amsgrad=amsgrad, maximize=False)
 
 
 def warm_cosine_lr(step: int, base_lr: float, final_lr: float, total_steps: int, warmup_steps: int,
