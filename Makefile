@@ -24,5 +24,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-bench: $(VENV)/.installed
-	$(BIN)/hdmap-ad bench
+bench: $(VENV)/.installed  # side by side with anomalib's Dinomaly: installs the `bench` extra
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/hdmap-ad bench $(BENCH_ARGS)
