@@ -137,6 +137,8 @@ def train_step(model, method, optimizer: torch.optim.Optimizer, scaler: torch.am
         scaler.step(optimizer)
         scaler.update()
     else:
+        if math.isfinite(loss_value):
+            scaler.update()  # fp16: an overflow must lower the loss scale, or it recurs every step
         optimizer.zero_grad(set_to_none=True)
     return result
 
