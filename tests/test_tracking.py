@@ -40,7 +40,8 @@ def test_run_tags_carry_experiment_identity(monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "gruff-half")
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["method=focal", "seed=44"])
     tags = tracking.run_tags(params, "abc123")
-    assert tracking.run_name(params) == "focal-seed44"
+    assert tracking.run_name(params, "abc123") == f"focal-seed44-{tags['comparison_key'][:6]}"
+    assert tags["comparison_key"] == params.comparison_key("abc123") != params.comparison_key("other data")
     assert tags["method"] == "focal" and tags["seed"] == "44"
     assert tags["dvc_exp_name"] == "gruff-half" and tags["data_manifest_md5"] == "abc123"
 
@@ -53,3 +54,15 @@ def test_unusable_store_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(HdmapError, match="MLflow store"):
         tracking.ensure_experiment("x")
+
+
+def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
+    from hdmap_ad.config import load_params
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    base = load_params(path, ["method=baseline", "seed=42"])
+    focal = load_params(path, ["method=focal", "seed=44", "focal.gamma=3.0", "train.device=cpu", "train.log_every=3"])
+    longer = load_params(path, ["method=focal", "seed=44", "train.steps=20"])
+    assert base.comparison_key("m") == focal.comparison_key("m")
+    assert base.comparison_key("m") != longer.comparison_key("m")
+    assert tracking.run_name(focal, "m") != tracking.run_name(longer, "m")

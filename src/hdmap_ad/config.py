@@ -180,13 +180,48 @@ class Params(Section):
         out[self.method] = self.method_params
         return out
 
-    def training_fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights; a checkpoint resumes only on a match."""
+    def model_config(self) -> dict[str, Any]:
+        """Everything that changes what training writes (weights, thresholds, validation metrics).
+
+        Run-time settings (RUNTIME_TRAIN_KEYS: device, threads, logging and checkpoint cadence,
+        resume, feature cache) and the sections of other stages are left out. The DVC `configure`
+        stage writes exactly this to models/train_config.json and the train stage depends on that
+        file, so DVC reruns training when, and only when, this changes.
+        """
         keep = self.resolved()
-        for key in ("evaluate", "mlflow", "compare", "synth", "score"):
+        for key in ("evaluate", "mlflow", "compare", "synth", "profile"):
             keep.pop(key, None)
-        keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("resume", "log_every", "device")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        keep["train"] = {k: v for k, v in keep["train"].items() if k not in RUNTIME_TRAIN_KEYS}
+        return keep
+
+    def training_fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights; a checkpoint resumes only on a match.
+        Score settings are left out: they change thresholds, not weights, so a finished state can be
+        "resumed" at its last step to recompute the thresholds."""
+        keep = self.model_config()
+        keep.pop("score", None)
+        return _digest(keep)
+
+    def comparable_config(self) -> dict[str, Any]:
+        """What two runs must share to be compared: the model config without the method, its own
+        section, the seed and the data paths (the data's identity is its manifest hash)."""
+        keep = self.model_config()
+        for key in ("method", "seed", self.method):
+            keep.pop(key, None)
+        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("root", "prepared")}
+        return keep
+
+    def comparison_key(self, manifest_md5: str | None) -> str:
+        """Runs with equal keys differ only in method and seed: the only runs paired by `compare`."""
+        return _digest({"config": self.comparable_config(), "data": manifest_md5})
+
+
+RUNTIME_TRAIN_KEYS = ("device", "num_threads", "log_every", "resume", "feature_cache", "feature_cache_max_gb",
+                      "checkpoint_every")
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

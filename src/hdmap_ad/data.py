@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from rich import box
 from rich.table import Table
 
 from hdmap_ad.errors import HdmapError
+from hdmap_ad.files import atomic_dir
 
 DEFAULT_DOMAINS: tuple[str, ...] = ("domain_A", "domain_B", "domain_C", "domain_D")
 MAP_SUFFIXES = (".tif", ".tiff", ".png")
@@ -211,35 +210,6 @@ def scan_root(root: Path, domains: Sequence[str]) -> list[MapRecord]:
 
 
 # ---------------------------------------------------------------------------------------------- prepare
-
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `out` to fill. When the block succeeds it replaces `out`;
-    when it fails it is deleted and `out` is left exactly as it was."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result should look like a normal folder
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-            raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
 
 def _stats(values: np.ndarray) -> dict[str, float]:
     return {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean(dtype=np.float64))}

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from hdmap_ad.data import DEFAULT_DOMAINS, atomic_dir, folder_phases
+from hdmap_ad.data import DEFAULT_DOMAINS, folder_phases
+from hdmap_ad.files import atomic_dir
 from hdmap_ad.errors import HdmapError
 
 WARM_FACTOR = 1.4               # warm / cold amplitude (SPEC §1)

@@ -93,12 +93,15 @@ def git_commit(root: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def run_name(params: "Params") -> str:
-    return f"{params.method}-seed{params.seed}"
+def run_name(params: "Params", manifest_hash: str | None = None) -> str:
+    """`<method>-seed<seed>-<6 hex of the comparison key>`: two runs of one method and seed with other
+    settings or data get different names."""
+    return f"{params.method}-seed{params.seed}-{params.comparison_key(manifest_hash)[:6]}"
 
 
 def run_tags(params: "Params", manifest_hash: str | None) -> dict[str, str]:
-    tags = {"method": params.method, "seed": str(params.seed), "profile": params.profile}
+    tags = {"method": params.method, "seed": str(params.seed), "profile": params.profile,
+            "comparison_key": params.comparison_key(manifest_hash)}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit

@@ -204,7 +204,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     if run_id is not None and not tracking.run_exists(run_id):
         console.print(f"[yellow]MLflow run {run_id} of the checkpoint is gone; logging to a new run[/]")
         run_id = None
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params),
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params, manifest_md5),
                           tags=tracking.run_tags(params, manifest_md5), log_system_metrics=False) as run:
         run_id = run.info.run_id
         if start_step == 0:
