@@ -180,7 +180,7 @@ class Params(Section):
         out[self.method] = self.method_params
         return out
 
-    def model_config(self) -> dict[str, Any]:
+    def training_config(self) -> dict[str, Any]:
         """Everything that changes what training writes (weights, thresholds, validation metrics).
 
         Run-time settings (RUNTIME_TRAIN_KEYS: device, threads, logging and checkpoint cadence,
@@ -198,14 +198,14 @@ class Params(Section):
         """Hash of everything that changes the trained weights; a checkpoint resumes only on a match.
         Score settings are left out: they change thresholds, not weights, so a finished state can be
         "resumed" at its last step to recompute the thresholds."""
-        keep = self.model_config()
+        keep = self.training_config()
         keep.pop("score", None)
         return _digest(keep)
 
     def comparable_config(self) -> dict[str, Any]:
         """What two runs must share to be compared: the model config without the method, its own
         section, the seed and the data paths (the data's identity is its manifest hash)."""
-        keep = self.model_config()
+        keep = self.training_config()
         for key in ("method", "seed", self.method):
             keep.pop(key, None)
         keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("root", "prepared")}
