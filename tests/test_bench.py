@@ -25,9 +25,10 @@ from hdmap_ad import bench
 from hdmap_ad.cli import main
 from hdmap_ad.config import load_params
 from hdmap_ad.features import make_feature_source
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = REPO / "params.yaml"
+PARAMS = shipped.params_file()
 TINY = "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}"
 CPU = torch.device("cpu")
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from hdmap_ad.cli import build_parser, main
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,8 @@ def workspace(tmp_path, synthetic_root, monkeypatch):
     """A folder with params.yaml reading a private copy of the tiny synthetic data."""
     raw = tmp_path / "raw"
     shutil.copytree(synthetic_root, raw)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source="folder", root=str(raw), prepared=str(tmp_path / "prepared"))
+    params = shipped.params()
+    params["data"].update(root=str(raw), prepared=str(tmp_path / "prepared"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -7,8 +7,9 @@ import yaml
 
 from hdmap_ad.config import flatten, load_params, parse_params
 from hdmap_ad.errors import HdmapError
+import shipped
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO_PARAMS = shipped.params_file()
 
 
 def raw_params() -> dict:
@@ -29,7 +30,7 @@ def test_paper_profile_is_the_plan_setting():
     assert params.model.encoder == "base" and params.model.weights == "hub"
     assert params.preprocess.resize == (448, 448) and params.preprocess.crop == (392, 392)
     assert params.train.steps == 3000 and params.train.batch_size == 16 and params.train.val_every == 500
-    assert params.data.source == "folder" and params.data_root == Path(params.data.root)
+    assert params.data_root == Path("data/raw/synthetic")  # the real data folder is set with data.root itself
     # the profile overrides keys but leaves the rest of a section alone
     assert params.train.lr == 0.002
 
@@ -63,6 +64,9 @@ def test_changing_another_methods_section_keeps_the_fingerprint():
     (lambda r: r.update(profile="huge"), "profile 'huge'"),
     (lambda r: r["data"].update(domains=["domain_A", "domain_A"]), "data.domains"),
     (lambda r: r.update(gem={"p": -1}, method="gem"), "section `gem`"),
+    (lambda r: r.update(seed=-1), "seed"),
+    (lambda r: r.update(seed=2**32), "seed"),
+    (lambda r: r["profiles"]["quick"].update(data={"root": "elsewhere"}), "profiles.quick.data.root"),
 ])
 def test_bad_values_give_one_clear_line(edit, needle):
     raw = raw_params()
@@ -98,3 +102,36 @@ def test_unquoted_off_from_dvc_set_is_understood():
     raw["train"].update(amp=False, feature_cache=False)  # what `-S train.amp=off` writes back
     params = parse_params(raw)
     assert params.train.amp == "off" and params.train.feature_cache == "off"
+
+
+def test_runtime_settings_do_not_change_the_training_config():
+    raw = raw_params()
+    base = parse_params(raw).training_config()
+    for key, value in (("device", "cpu"), ("num_threads", 1), ("log_every", 3), ("resume", "never"),
+                       ("feature_cache", "off"), ("checkpoint_every", 7)):
+        changed = raw_params()
+        changed["train"][key] = value
+        assert parse_params(changed).training_config() == base, key
+    for edit in (lambda r: r["train"].update(steps=151), lambda r: r.update(seed=43), lambda r: r["score"].update(top_ratio=0.02),
+                 lambda r: r["profiles"]["quick"].update(train={"lr": 0.001})):  # a change inside the active profile
+        changed = raw_params()
+        edit(changed)
+        assert parse_params(changed).training_config() != base
+
+
+def test_params_yaml_is_written_as_dvc_writes_it_back():
+    """`dvc exp run -S` rewrites params.yaml through DVC's own serializer: the experiment's diff must be
+    only the values it sets (no reflowed lists, no moved or dropped comments)."""
+    import shutil
+    import tempfile
+
+    from dvc.utils.hydra import apply_overrides
+
+    folder = Path(tempfile.mkdtemp())
+    copy = folder / "params.yaml"
+    shutil.copy(REPO_PARAMS, copy)
+    apply_overrides(copy, ["method=focal", "seed=44", "train.steps=20"])
+    before, after = REPO_PARAMS.read_text().splitlines(), copy.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert [b.split("#")[0].split() for _, b in changed] == [["method:", "focal"], ["seed:", "44"], ["steps:", "20"]]

@@ -12,6 +12,7 @@ from hdmap_ad import features
 from hdmap_ad.checkpoint import build
 from hdmap_ad.config import load_params
 from hdmap_ad.features import cache_decision, make_feature_source
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -31,7 +32,7 @@ def test_cache_decision(mode, need, max_gb, free, use, says):
 
 
 def test_a_cache_that_does_not_fit_falls_back_to_per_batch_encoding(monkeypatch, capsys):
-    params = load_params(REPO / "params.yaml", ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
+    params = load_params(shipped.params_file(), ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
                                                  "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
                                                  "train.feature_cache=on", "train.batch_size=2"])
     model, _ = build(params, ["domain_A"], torch.device("cpu"))

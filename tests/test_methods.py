@@ -17,8 +17,9 @@ from hdmap_ad.methods import REGISTRY, MethodContext, build
 from hdmap_ad.methods.topk import k_at, q_at
 from hdmap_ad.model import Dinomaly, DinomalyConfig, Reconstruction, group_distances, point_distance
 from hdmap_ad.optim import StableAdamW
+import shipped
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO_PARAMS = shipped.params_file()
 DOMAINS = ("domain_A", "domain_B", "domain_C", "domain_D")
 G, B, C, H, W = 2, 3, 8, 4, 5
 PREFIX = 5  # CLS + 4 registers

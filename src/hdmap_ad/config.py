@@ -25,8 +25,9 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["synthetic", "folder"] = "synthetic"
-    root: str = "data/raw/1000_tiff_minmax"
+    # The folder `prepare` reads; dvc.yaml lists it as the prepare stage's dependency, so an edit of any
+    # map in it (inside or outside the repository) reruns prepare.
+    root: str = "data/raw/synthetic"
     domains: list[str] = Field(default_factory=lambda: ["domain_A", "domain_B", "domain_C", "domain_D"], min_length=1)
     prepared: str = "data/prepared"
     val_ratio: float = Field(0.1, gt=0, lt=1)
@@ -153,7 +154,7 @@ class CompareParams(Section):
 
 class Params(Section):
     method: str = "baseline"
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)   # numpy's generators take 0 <= seed < 2**32
     profile: str = "quick"
     data: DataParams = DataParams()
     synth: SynthParams = SynthParams()
@@ -172,7 +173,12 @@ class Params(Section):
     @property
     def data_root(self) -> Path:
         """The raw HDMAP folder that `prepare` reads."""
-        return Path(self.synth.out if self.data.source == "synthetic" else self.data.root)
+        return Path(self.data.root)
+
+    @property
+    def synthetic_data(self) -> bool:
+        """Whether `prepare` reads the synth stage's output."""
+        return Path(self.data.root) == Path(self.synth.out)
 
     def resolved(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what MLflow and checkpoints record)."""
@@ -215,6 +221,8 @@ class Params(Section):
         """Runs with equal keys differ only in method and seed: the only runs paired by `compare`."""
         return _digest({"config": self.comparable_config(), "data": manifest_md5})
 
+
+DVC_TEMPLATED_KEYS = (("data", "root"),)
 
 RUNTIME_TRAIN_KEYS = ("device", "num_threads", "log_every", "resume", "feature_cache", "feature_cache_max_gb",
                       "checkpoint_every")
@@ -268,7 +276,15 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     profile = raw.get("profile", "quick")
     if profile not in profiles:
         raise HdmapError(f"{source}: profile {profile!r} is not defined under `profiles` (known: {', '.join(profiles) or 'none'})")
-    merged = deep_merge(raw, profiles[profile] or {})
+    chosen = profiles[profile] or {}
+    # dvc.yaml names these keys in stage paths/params (e.g. the prepare stage depends on ${data.root}); DVC
+    # reads them from the top level and cannot see a profile's value, so a profile must not set them.
+    for section, key in DVC_TEMPLATED_KEYS:
+        if isinstance(chosen.get(section), dict) and key in chosen[section]:
+            raise HdmapError(f"{source}: profiles.{profile}.{section}.{key}: not allowed inside a profile (DVC tracks "
+                             f"{section}.{key} itself); set it at the top level, e.g. "
+                             f"`dvc exp run -S profile={profile} -S {section}.{key}=...`")
+    merged = deep_merge(raw, chosen)
 
     method = merged.get("method", "baseline")
     if method not in methods.REGISTRY:

@@ -36,7 +36,12 @@ MANIFEST_COLUMNS = ["domain", "split", "label", "index", "path", "height", "widt
 # ---------------------------------------------------------------------------------------------- reading
 
 def _read_raw(path: Path) -> np.ndarray:
-    """The stored array, untouched; unsigned 8/16-bit data is scaled to [0, 1] (PNG or TIFF alike)."""
+    """The stored array; unsigned 8/16-bit data is scaled to [0, 1] (PNG or TIFF alike)."""
+    return _read_stored(path)[0]
+
+
+def _read_stored(path: Path) -> tuple[np.ndarray, str]:
+    """The stored array as float32-ready data, and its storage type ("uint8", "uint16", "float32"...)."""
     suffix = path.suffix.lower()
     if suffix not in MAP_SUFFIXES:
         raise HdmapError(f"{path}: unsupported file type {path.suffix or '(none)'!r} (expected .tif, .tiff or .png)")
@@ -56,11 +61,11 @@ def _read_raw(path: Path) -> np.ndarray:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255)
+        return arr.astype(np.float32) / np.float32(255), "uint8"
     if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / np.float32(65535)
+        return arr.astype(np.float32) / np.float32(65535), "uint16"
     if arr.dtype.kind == "f":
-        return arr
+        return arr, str(arr.dtype)
     raise HdmapError(f"{path}: unsupported data type {arr.dtype} (expected float, 8-bit or 16-bit)")
 
 
@@ -103,8 +108,14 @@ def _png_bit_depth(path: Path) -> int:
 def read_map(path: Path) -> np.ndarray:
     """One HDMAP as a float32 H×W array: float TIFF values exactly as stored (no clipping), 16-bit
     PNG / 65535, 8-bit PNG / 255. Any problem is an HdmapError that starts with the file name."""
+    return read_map_stored(path)[0]
+
+
+def read_map_stored(path: Path) -> tuple[np.ndarray, str]:
+    """`read_map`, and the storage type of the file (integer maps are rescaled, float maps are not,
+    so one dataset must not mix them)."""
     path = Path(path)
-    arr = _read_raw(path)
+    arr, stored = _read_stored(path)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -116,7 +127,7 @@ def read_map(path: Path) -> np.ndarray:
     if bad.any():
         n_nan = int(np.isnan(arr).sum())
         raise HdmapError(f"{path}: contains {n_nan} NaN and {int(bad.sum()) - n_nan} Inf values (of {arr.size} pixels)")
-    return arr
+    return arr, stored
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -217,10 +228,11 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def _read_all(records: list[MapRecord], progress: bool) -> tuple[list[np.ndarray], dict[Path, np.ndarray]]:
     """Every map (validated, one common shape) and every fault mask that exists."""
-    maps, masks = [], {}
+    maps, masks, stored_as = [], {}, {}
     with _progress(len(records), "reading maps", progress) as bar:
         for rec in records:
-            m = read_map(rec.path)
+            m, stored = read_map_stored(rec.path)
+            stored_as.setdefault(_storage_kind(stored), []).append(rec.path)
             if maps and m.shape != maps[0].shape:
                 raise HdmapError(f"{rec.path}: shape {m.shape} differs from {maps[0].shape} of {records[0].path} "
                                  "(all maps must have one shape)")
@@ -228,7 +240,19 @@ def _read_all(records: list[MapRecord], progress: bool) -> tuple[list[np.ndarray
                 masks[rec.path] = read_mask(rec.mask_path, m.shape)
             maps.append(m)
             bar.update(1)
+    if len(stored_as) > 1:
+        # 16-bit maps are divided by 65535 and float maps are taken as stored: mixed, they would not
+        # share one scale, and the model would learn the storage type instead of the signal.
+        odd_kind = min(stored_as, key=lambda k: len(stored_as[k]))
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(stored_as.items()))
+        raise HdmapError(f"{stored_as[odd_kind][0]}: stored as {odd_kind}, but the dataset mixes storage types "
+                         f"({counts}); integer maps are rescaled to [0, 1] and float maps are not, so they would "
+                         "not share one scale: convert the maps to one type")
     return maps, masks
+
+
+def _storage_kind(dtype_name: str) -> str:
+    return "float" if dtype_name.startswith("float") else dtype_name
 
 
 def _pack_domain(folder: Path, items: list[tuple[MapRecord, np.ndarray]], masks: dict[Path, np.ndarray],
