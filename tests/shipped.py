@@ -1,9 +1,10 @@
-"""The repository's files as committed, for tests: never the workspace's copies.
+"""The shipped params.yaml for tests: the committed one, never the workspace's copy.
 
 `dvc exp run -S method=focal` rewrites the workspace's params.yaml (that is how DVC applies an
 experiment); tests that read it would then test the user's last experiment instead of the shipped
-configuration. Tests read params.yaml / dvc.yaml through these helpers, which take the version in git's
-HEAD (falling back to the file itself outside a git checkout), and set every value they rely on.
+configuration. Tests read params.yaml through these helpers, which take the version in git's HEAD
+(falling back to the file itself outside a git checkout), and set every value they rely on. So a change
+to params.yaml reaches the tests once it is committed.
 """
 
 from __future__ import annotations
