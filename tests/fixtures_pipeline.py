@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["domain_A", "domain_C"]
@@ -46,9 +47,9 @@ class TinyPipeline:
 
 
 def tiny_params(root: Path) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = shipped.params()
     raw.update(method="baseline", seed=0, profile="quick")
-    raw["data"].update(source="synthetic", domains=DOMAINS, prepared="data/prepared", val_ratio=0.25)
+    raw["data"].update(root="data/raw/synthetic", domains=DOMAINS, prepared="data/prepared", val_ratio=0.25)
     raw["synth"].update(out="data/raw/synthetic", n_train=16, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0)
     raw["preprocess"] = {"resize": [28, 84], "crop": [28, 84]}
     raw["model"].update(encoder="small", weights="random", target_blocks=None,

@@ -138,6 +138,9 @@ def test_mlflow_run_id_and_registered_model(tiny_pipeline, tmp_path, capsys):
         np.testing.assert_allclose(pred["score"].to_numpy(float), ref.loc[pred.index, "score"].to_numpy(float), atol=TOL, rtol=0)
     assert predict(["--model", "0" * 32, files[0]], tiny_pipeline) == 2
     assert "cannot fetch it from the MLflow store" in capsys.readouterr().err
+    # the model file names no run: --register finds it through the run's model_sha256 tag
+    assert predict(["--model", tiny_pipeline.checkpoint, "--register", "hdmap-tiny-file"], tiny_pipeline) == 0
+    assert "models:/hdmap-tiny-file/1" in capsys.readouterr().err
 
 
 def _sample(pipeline: TinyPipeline, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -185,13 +188,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _strict_json(raw: bytes) -> dict:
+    def refuse(name: str):
+        raise AssertionError(f"the answer holds {name}, which is not JSON: {raw[:300]!r}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
 def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, _strict_json(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, _strict_json(err.read() or b"{}")
 
 
 @pytest.mark.slow
@@ -235,6 +245,10 @@ def test_served_model_answers_like_predict(tiny_pipeline, tmp_path):
         bad[0, 0, 0] = np.nan
         status, answer = _post(f"{base}/invocations", {"inputs": bad.tolist()})
         assert 400 <= status < 500 and "contains NaN or Inf" in json.dumps(answer), answer
+
+        # finite but huge: the network overflows; a clear 400, never "score": NaN
+        status, answer = _post(f"{base}/invocations", {"inputs": np.full((1, 31, 95), 3e38, dtype=np.float32).tolist()})
+        assert 400 <= status < 500 and "score is NaN/Inf" in json.dumps(answer), answer
     finally:
         with _suppress():
             os.killpg(proc.pid, signal.SIGTERM)
@@ -251,3 +265,71 @@ def _suppress():
     import contextlib
 
     return contextlib.suppress(ProcessLookupError, PermissionError)
+
+
+def test_logged_model_is_code_and_safetensors_not_a_pickle(tiny_pipeline, tmp_path):
+    import mlflow
+    import yaml
+
+    mlflow.set_tracking_uri(tiny_pipeline.tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=tiny_pipeline.model_uri, dst_path=str(tmp_path)))
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert "python_model.pkl" not in names and not [n for n in names if n.endswith((".pkl", ".pickle"))], sorted(names)
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path") and (folder / Path(flavor["model_code_path"]).name).is_file()
+    assert "python_model" not in flavor  # the cloudpickled object's entry
+    head = (folder / "artifacts" / "model.pt").read_bytes()[:9]
+    assert head[8:9] == b"{" and not head.startswith(b"PK")  # a safetensors header, not a torch.save zip
+
+
+def _load_pyfunc(pipeline: TinyPipeline):
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(pipeline.tracking_uri)
+    return mlflow.pyfunc.load_model(pipeline.model_uri)
+
+
+def test_pyfunc_refuses_inputs_whose_score_overflows(tiny_pipeline, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("HDMAP_AD_DEVICE", "cpu")
+    model = _load_pyfunc(tiny_pipeline)
+    huge = np.full((2, 31, 95), 3e38, dtype=np.float32)  # finite, but the network overflows on it
+    with pytest.raises(MlflowException, match="score is NaN/Inf") as err:
+        model.predict(huge)
+    assert err.value.get_http_status_code() == 400
+    ok = model.predict(np.zeros((1, 31, 95), dtype=np.float32))
+    assert np.isfinite(ok["score"]).all()
+
+
+def test_pyfunc_stops_after_the_scoring_server_timeout(tiny_pipeline, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("HDMAP_AD_DEVICE", "cpu")
+    model = _load_pyfunc(tiny_pipeline)
+    maps = np.zeros((3, 31, 95), dtype=np.float32)
+    assert len(model.predict(maps)) == 3  # no deadline outside `mlflow models serve`
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "-1")  # already past the deadline
+    with pytest.raises(MlflowException, match="request timeout with 0 of 3 maps scored"):
+        model.predict(maps)
+
+
+@pytest.mark.parametrize("target", ["out_is_folder", "out_under_a_file", "maps_is_a_file"])
+def test_unwritable_outputs_fail_before_scoring(tiny_pipeline, tmp_path, monkeypatch, capsys, target):
+    from hdmap_ad import predict as predict_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before checking the outputs")
+
+    monkeypatch.setattr(predict_module, "score_arrays", no_scoring)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    extra = {"out_is_folder": ["--out", tmp_path],
+             "out_under_a_file": ["--out", a_file / "pred.csv"],
+             "maps_is_a_file": ["--out", tmp_path / "pred.csv", "--maps", a_file]}[target]
+    src = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "good").glob("*.tif*"))[0]
+    assert predict(["--model", tiny_pipeline.checkpoint, *extra, src], tiny_pipeline) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --") and "Traceback" not in err[0], err
+    assert not (tmp_path / "pred.csv").exists()

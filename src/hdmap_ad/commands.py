@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = ["hdmap_ad.predict", "hdmap_ad.compare", "hdmap_ad.grid", "hdmap_ad.bench"]
+COMMAND_MODULES: list[str] = ["hdmap_ad.predict", "hdmap_ad.compare", "hdmap_ad.grid", "hdmap_ad.bench",
+                              "hdmap_ad.checkpoint_cli"]
 
 
 def register_all(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:

@@ -6,7 +6,11 @@
 `models:/<name>/<version>` (or `models:/<model id>`) URI; MLflow references are resolved in the
 tracking store (`MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` in --params > sqlite mlflow.db at the
 repo root) and the checkpoint (`checkpoint/model.pt` of the run, or the checkpoint inside a logged
-pyfunc model) is downloaded to a temporary folder.
+pyfunc model) is downloaded to a temporary folder. A checkpoint is never unpickled: it is read as
+safetensors + JSON and checked against its recorded hash (hdmap_ad.checkpoint); an old pickle-based
+one is refused with the `hdmap-ad checkpoint migrate` command that converts it.
+
+`--out` and `--maps` are checked to be writable before any map is scored.
 
 Scoring goes through `inference.score_maps`, the path training validation and the evaluate stage
 use, so the same file gets the same score here as in `metrics/scores.csv`.
@@ -109,7 +113,7 @@ def expected_shape(trained: "TrainedModel") -> tuple[int, int] | None:
     if shape:
         return int(shape[0]), int(shape[1])
     p = trained.params
-    if p.data.source == "synthetic":
+    if p.synthetic_data:
         return p.synth.height, p.synth.width
     return None
 
@@ -268,11 +272,21 @@ def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracki
 
     from hdmap_ad import serving
 
-    run_id = resolved.run_id or trained.info.get("run_id")
-    if not run_id:
-        raise HdmapError(f"--register {name}: {resolved.source} does not name an MLflow run (the checkpoint has no run_id)")
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
+    run_id = resolved.run_id or trained.info.get("run_id")
+    if not run_id and trained.info.get("sha256"):  # a model file names no run: find the run that logged it
+        try:
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, filter_string=f"tags.model_sha256 = '{trained.info['sha256']}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        except MlflowException as err:
+            first = (str(err).strip().splitlines() or ["?"])[0][:300]
+            raise HdmapError(f"--register {name}: MLflow store {tracking_uri}: {first}") from None
+        run_id = runs[0].info.run_id if runs else None
+    if not run_id:
+        raise HdmapError(f"--register {name}: no run in the MLflow store {tracking_uri} logged {resolved.source} "
+                         "(no run is tagged with its model_sha256); give the run id as --model")
     try:
         run = client.get_run(run_id)
         logged = serving.find_logged_model(run, serving.DEFAULT_NAME)
@@ -333,6 +347,30 @@ def _display_map(amap: "np.ndarray", crop: Sequence[int]) -> "np.ndarray":
     return torch.nn.functional.interpolate(t, size=tuple(crop), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def _check_writable(flag: str, path: Path, folder: bool) -> None:
+    """Fail before any scoring when `path` (a file, or with `folder` a folder) cannot be written:
+    it is the wrong kind of entry, or its nearest existing parent is not a writable folder."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        if folder:
+            raise HdmapError(f"{flag} {path}: is a file, not a folder")
+        raise HdmapError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'predictions.csv'}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HdmapError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:  # os.access is not enough (root, read-only mounts): create and remove a probe file
+        fd, probe = tempfile.mkstemp(prefix=".hdmap-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise HdmapError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err})") from None
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
@@ -352,6 +390,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise HdmapError(f"--batch-size {args.batch_size}: must be positive")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise HdmapError(f"--threshold {args.threshold}: must be a finite number")
+    if args.inputs:  # before the scoring work, not after it
+        _check_writable("--out", Path(args.out), folder=False)
+        if args.maps is not None:
+            _check_writable("--maps", Path(args.maps), folder=True)
 
     def report(path: str, what: str) -> None:
         print(f"error: {path}: {what}", file=sys.stderr, flush=True)

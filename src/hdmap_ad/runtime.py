@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,27 +64,46 @@ def set_threads(num_threads: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tuples, lists, numbers and CPU uint8 tensors (what a checkpoint
+    stores without pickle; the numpy key array becomes a list of ints)."""
+    bit_generator, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(bit_generator), "key": [int(k) for k in key], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore `rng_state()` output (also after a trip through JSON, where tuples became lists)."""
+    random.setstate(_tuples(state["python"]))
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        np.random.set_state((npy["bit_generator"], np.asarray(npy["key"], dtype=np.uint32), int(npy["pos"]),
+                             int(npy["has_gauss"]), float(npy["gauss"])))
+    else:  # the legacy tuple (a state migrated from format 1: its key array may be a tensor)
+        np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 class StepProgress:
     """A rich progress bar on a terminal; one plain line per `every` steps elsewhere (DVC queue logs)."""
 
+    clock = staticmethod(time.monotonic)  # the time source of rates and ETAs (tests replace it)
+
     def __init__(self, total: int, description: str, every: int = 10, start: int = 0, quiet_below: int = 0) -> None:
         self.total, self.description, self.every = total, description, max(1, every)
         self.quiet_below = quiet_below  # plain logs: say nothing for loops this short
         self.done = start
+        self.info = ""
+        self._start_done, self._t0 = start, self.clock()  # the rate counts this process's steps only
         self.interactive = console.is_terminal and not os.environ.get("CI")
         self._progress: Progress | None = None
         if self.interactive:
@@ -94,6 +114,7 @@ class StepProgress:
             self._task = self._progress.add_task(description, total=total, completed=start, info="")
 
     def __enter__(self) -> "StepProgress":
+        self._start_done, self._t0 = self.done, self.clock()
         if self._progress is not None:
             self._progress.start()
         return self
@@ -104,11 +125,39 @@ class StepProgress:
 
     def update(self, advance: int = 1, info: str = "") -> None:
         self.done += advance
-        self.info = info or getattr(self, "info", "")
+        self.info = info or self.info
         if self._progress is not None:
             self._progress.update(self._task, advance=advance, info=self.info)
         elif advance and self.quiet_below < self.total and (self.done % self.every == 0 or self.done == self.total):
-            print(f"{self.description} {self.done}/{self.total} {self.info}", file=sys.stderr, flush=True)
+            print(self.plain_line(), file=sys.stderr, flush=True)
+
+    def plain_line(self) -> str:
+        """`<description> 50/150 <info> | 2.31 it/s, elapsed 0:21, ETA 0:43` (the rate over this process's steps)."""
+        elapsed = self.clock() - self._t0
+        steps = self.done - self._start_done
+        timing = f"elapsed {_clock(elapsed)}"
+        if steps > 0 and elapsed > 0:
+            rate = steps / elapsed
+            speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+            eta = "done" if self.done >= self.total else f"ETA {_clock((self.total - self.done) / rate)}"
+            timing = f"{speed}, {timing}, {eta}"
+        info = f" {self.info}" if self.info else ""
+        return f"{self.description} {self.done}/{self.total}{info} | {timing}"
+
+    def note(self, text: str) -> None:
+        """A line of its own (e.g. a validation result): above the bar on a terminal, plain elsewhere."""
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """0:43, 12:05, 1:02:09."""
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 @contextlib.contextmanager

@@ -5,9 +5,11 @@ Logging (inside an active MLflow run; training calls this at the end of `train()
     from hdmap_ad.serving import log_pyfunc_model
     model_uri = log_pyfunc_model(Path("models/model.pt"))          # models:/<model id>
 
-The logged model holds the checkpoint (artifact `checkpoint` -> artifacts/model.pt), a copy of the
-`hdmap_ad` package (code_paths, so it loads in a fresh process that has only the dependencies),
-pinned requirements of the current environment, and a signature:
+The logged model holds the checkpoint (artifact `checkpoint` -> artifacts/model.pt, a safetensors
+file), a copy of the `hdmap_ad` package (code_paths, so it loads in a fresh process that has only
+the dependencies), and pinned requirements of the current environment. It is logged as code
+(MLflow "models from code": `pyfunc_model.py` builds the model object), not as a pickle: loading
+it unpickles nothing. It is still code, so load models only from a store you trust. Signature:
 
     input   tensor float32, shape (-1, -1, -1): N maps of H×W (any H×W: preprocessing resizes)
     params  domain: string (optional; "" or absent = pooled threshold), threshold: double (optional)
@@ -20,6 +22,11 @@ POST /invocations with Content-Type application/json:
      "params": {"domain": "domain_A"}}                       # optional; or {"threshold": 0.42}
 
 answer: {"predictions": [{"score": 0.0123, "is_anomaly": false, "threshold": 0.0150}, ...]}.
+A map that holds NaN/Inf, or whose score is not finite (values so large they overflow), makes
+the request fail with HTTP 400 naming it: an answer never holds NaN. The server's 504 answer at
+its request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) does not stop the thread computing the
+answer, so inside the server scoring stops between batches once that many seconds have passed
+since it began (the server's own parsing of the request before that still runs to its end).
 
 In-process, `mlflow.pyfunc.load_model(uri).predict(maps)` takes a float32 numpy array N×H×W (or
 H×W for one map); the signature makes MLflow reject float64 there (cast with `.astype("float32")`).
@@ -36,6 +43,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 ARTIFACT_KEY = "checkpoint"
+MODEL_CODE = "pyfunc_model.py"  # in this package: builds the model object when MLflow loads the model
 DEFAULT_NAME = "model"
 DEVICE_ENV = "HDMAP_AD_DEVICE"
 # What the model needs at load time; versions are pinned to this environment's.
@@ -125,17 +134,48 @@ with warnings.catch_warnings(record=True):
                 raise MlflowException.invalid_parameter_value(
                     f"params.domain {domain!r}: the model knows {', '.join(self.trained.domains)}")
             override = params.get("threshold")
+            if override is not None and not np.isfinite(float(override)):
+                raise MlflowException.invalid_parameter_value(f"params.threshold {override!r}: must be a finite number")
             maps = as_map_list(model_input)
             if not maps:
                 return pd.DataFrame({"score": np.zeros(0), "is_anomaly": np.zeros(0, dtype=bool), "threshold": np.zeros(0)})
-            scores, _ = score_arrays(self.trained, maps, self.device, self.trained.params.evaluate.batch_size,
-                                     description="serve")
+            batch_size = self.trained.params.evaluate.batch_size
+            deadline = request_deadline()
+            scores = np.full(len(maps), np.nan, dtype=np.float64)
+            for start in range(0, len(maps), batch_size):
+                # The scoring server answers 504 at its timeout but cannot stop this thread: stop here
+                # (counted from here, so never before the server's own timeout).
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MlflowException(f"stopped after the scoring server's request timeout with {start} of "
+                                          f"{len(maps)} maps scored; send fewer maps per request")
+                scores[start:start + batch_size], _ = score_arrays(
+                    self.trained, maps[start:start + batch_size], self.device, batch_size, description="serve")
+            bad = np.flatnonzero(~np.isfinite(scores))
+            if len(bad):  # never answer NaN: it is not valid JSON, and no decision can be made on it
+                peak = max(float(np.abs(maps[i]).max()) for i in bad)
+                raise MlflowException.invalid_parameter_value(
+                    f"map(s) {', '.join(map(str, bad[:10].tolist()))}{' ...' if len(bad) > 10 else ''}: the model's score "
+                    f"is NaN/Inf (largest absolute value in them {peak:.3g}): values this large overflow the model's "
+                    "arithmetic; send raw HDMAP map values")
             threshold = threshold_for(self.trained, domain, override)
             return pd.DataFrame({
-                "score": scores.astype(np.float64),
+                "score": scores,
                 "is_anomaly": decide(scores, threshold),
-                "threshold": np.full(len(scores), np.nan if threshold is None else threshold, dtype=np.float64),
+                # None (JSON null), not NaN, when the model stores no usable threshold
+                "threshold": [threshold] * len(scores) if threshold is not None else [None] * len(scores),
             })
+
+
+def request_deadline() -> float | None:
+    """time.monotonic() at which the scoring server's request timeout expires, inside
+    `mlflow models serve` (which sets both variables); None elsewhere."""
+    try:
+        from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    except ImportError:  # a private name of MLflow's: without it, no deadline
+        return None
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() or not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.defined:
+        return None
+    return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
 
 def signature() -> "mlflow.models.ModelSignature":
@@ -184,22 +224,18 @@ def log_pyfunc_model(checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, r
     if mlflow.active_run() is None:
         raise MlflowException("log_pyfunc_model needs an active MLflow run (call it inside mlflow.start_run())")
     package_dir = Path(hdmap_ad.__file__).resolve().parent
-    quiet = _DropMessage("Passing a Python object as `python_model`")  # the pickled object is this module's class
-    logger = logging.getLogger("mlflow.pyfunc")
-    logger.addFilter(quiet)
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # MLflow forces its own filters; re-emitted below
-            info = mlflow.pyfunc.log_model(
-                name=artifact_path,
-                python_model=HdmapPyfuncModel(),
-                artifacts={ARTIFACT_KEY: str(checkpoint_path)},
-                code_paths=[str(package_dir)],
-                signature=signature(),
-                pip_requirements=pip_requirements(),
-                registered_model_name=registered_name,
-            )
-    finally:
-        logger.removeFilter(quiet)
+    with warnings.catch_warnings(record=True) as caught:  # MLflow forces its own filters; re-emitted below
+        # models from code: the logged model is this package's source plus the checkpoint, and
+        # loading it imports code instead of unpickling an object
+        info = mlflow.pyfunc.log_model(
+            name=artifact_path,
+            python_model=str(package_dir / MODEL_CODE),
+            artifacts={ARTIFACT_KEY: str(checkpoint_path)},
+            code_paths=[str(package_dir)],
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_name,
+        )
     for w in caught:
         if "input example was not provided" not in str(w.message):  # the signature is explicit; see the docstring
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
