@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hdmap_ad import grid
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def workspace(tmp_path, monkeypatch):
     """A repository root stand-in: dvc.yaml + params.yaml, the MLflow store resolved to it (none yet)."""
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(shipped.text("params.yaml"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -144,7 +145,7 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
     text = "\n".join(lines)
     assert "6/6 done (1 failed)" in text and "old-one" not in text.split("grid finished")[1]
     assert "FAILED exp-gem-43: see `dvc queue logs exp-gem-43`" in text
-    saved = json.loads((workspace / "metrics/compare.json").read_text())
+    saved = json.loads((workspace / "reports/comparison.json").read_text())
     assert saved["runs"]["gem"].keys() == {"42", "44"} and saved["runs"]["baseline"].keys() == {"42", "43", "44"}
     assert any(x["reason"].startswith("failed") for x in saved["left_out"])
     assert (workspace / "reports/comparison.md").is_file()
@@ -155,8 +156,10 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    (crun,) = client.search_runs([client.get_experiment_by_name("hdmap-dinomaly").experiment_id], "tags.kind = 'compare'")
-    assert {a.path for a in client.list_artifacts(crun.info.run_id)} == {"compare.json", "comparison.md", "plots"}
+    assert client.search_runs([client.get_experiment_by_name("hdmap-dinomaly").experiment_id], "tags.kind = 'compare'") == []
+    (crun,) = client.search_runs([client.get_experiment_by_name("hdmap-dinomaly-compare").experiment_id], "tags.kind = 'compare'")
+    assert {a.path for a in client.list_artifacts(crun.info.run_id)} == {"compare.json", "comparison.md", "comparison.json",
+                                                                        "plots"}
     assert "plots/auroc_domain_C.png" in {a.path for a in client.list_artifacts(crun.info.run_id, "plots")}
 
 
@@ -231,9 +234,9 @@ while not os.path.exists({go!r}):
     time.sleep(0.01)
 for seed in range(6):  # as training.py + evaluation.py log them
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{{method}}-seed{{seed}}",
-                          tags={{"method": method, "seed": str(seed), "profile": "quick"}}):
+                          tags={{"method": method, "seed": str(seed), "profile": "quick", "comparison_key": "k1"}}):
         mlflow.log_metric("train/loss", 0.1, step=1)
-        mlflow.log_metrics({{f"test/{{d}}/auroc": 0.9 + 0.01 * ((seed * 7 + len(method) + i) % 5)
+        mlflow.log_metrics({{f"test_auroc/{{d}}": 0.9 + 0.01 * ((seed * 7 + len(method) + i) % 5)
                             for i, d in enumerate(("domain_A", "domain_B", "mean"))}})
         mlflow.set_tags({{"evaluated": "true", "invalid_domains": "", "stage": "trained"}})
 """

@@ -8,7 +8,7 @@ against the server, and compare finds every run of both machines.
 
 The clones' stage is a stand-in for `hdmap-ad train && hdmap-ad evaluate`: it logs one run with the
 tags and metric names the real stages log (run name, method, seed, profile, git_commit, dvc_exp_name,
-evaluated, invalid_domains, test/<domain>/<metric>), so the sharing mechanics are what is tested.
+comparison_key, evaluated, invalid_domains, test_<metric>/<domain>), so the sharing mechanics are what is tested.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+import shipped
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ EXPERIMENT = "hdmap-multimachine"
 
 STAND_IN = '''\
 """Stand-in for `hdmap-ad train && hdmap-ad evaluate`: one MLflow run tagged and named like the real one."""
-import json, os, random
+import hashlib, json, os, random
 from pathlib import Path
 
 import mlflow
@@ -49,9 +51,12 @@ level = {"baseline": 0.90, "gem": 0.93}.get(method, 0.9)
 metrics = {}
 for m in ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"):
     per = [min(1.0, level + rng.gauss(0, 0.01)) for _ in p["data"]["domains"]]
-    metrics.update({f"test/{d}/{m}": v for d, v in zip(p["data"]["domains"], per)})
-    metrics[f"test/mean/{m}"] = sum(per) / len(per)
-tags = {"method": method, "seed": str(seed), "profile": p["profile"], "stage": "trained",
+    metrics.update({f"test_{m}/{d}": v for d, v in zip(p["data"]["domains"], per)})
+    metrics[f"test_{m}/mean"] = sum(per) / len(per)
+# (stands in for Params.comparison_key: the training sections only, so any method, seed or compare setting shares it)
+key = hashlib.sha256(json.dumps({k: p.get(k) for k in ("data", "preprocess", "model", "score", "train")},
+                                sort_keys=True).encode()).hexdigest()[:16]
+tags = {"method": method, "seed": str(seed), "profile": p["profile"], "stage": "trained", "comparison_key": key,
         "git_commit": tracking.git_commit() or "unknown", "machine": os.environ.get("MACHINE", "")}
 if os.environ.get("DVC_EXP_NAME"):
     tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -61,7 +66,7 @@ with mlflow.start_run(experiment_id=exp_id, run_name=f"{method}-seed{seed}", tag
 Path("models").mkdir(exist_ok=True)
 Path("models/run.txt").write_text(run.info.run_id + "\\n")
 Path("metrics").mkdir(exist_ok=True)
-Path("metrics/eval.json").write_text(json.dumps({"run_id": run.info.run_id, "mean_auroc": metrics["test/mean/auroc"]}))
+Path("metrics/eval.json").write_text(json.dumps({"run_id": run.info.run_id, "mean_auroc": metrics["test_auroc/mean"]}))
 '''
 
 DVC_YAML = """\
@@ -136,7 +141,7 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
     sh(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
     seed_repo.mkdir()
     sh(["git", "init", "-q", "-b", "main"], seed_repo, env)
-    params = (REPO / "params.yaml").read_text().replace("experiment: hdmap-dinomaly", f"experiment: {EXPERIMENT}")
+    params = shipped.text("params.yaml").replace("experiment: hdmap-dinomaly", f"experiment: {EXPERIMENT}")
     (seed_repo / "params.yaml").write_text(params)
     (seed_repo / "dvc.yaml").write_text(DVC_YAML)
     (seed_repo / "standin.py").write_text(STAND_IN)
@@ -194,10 +199,11 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
     assert by_key[("gem", "42")].data.tags["dvc_exp_name"] == "b-gem-42"  # MLflow run <-> DVC experiment
     assert by_key[("gem", "42")].data.tags["machine"] == "B" and by_key[("baseline", "43")].data.tags["machine"] == "A"
 
-    saved = json.loads((a / "metrics/compare.json").read_text())
+    saved = json.loads((a / "reports/comparison.json").read_text())
     assert saved["tracking_uri"] == mlflow_server
     assert {m: sorted(r) for m, r in saved["runs"].items()} == {"baseline": ["42", "43"], "gem": ["42", "43"]}
     c = [c for c in saved["comparisons"] if (c["method"], c["scope"], c["metric"]) == ("gem", "mean", "auroc")][0]
     assert c["seeds"] == [42, 43] and c["p_ttest"] is not None
-    (crun,) = client.search_runs([exp_id], "tags.kind = 'compare'")
-    assert {a.path for a in client.list_artifacts(crun.info.run_id)} >= {"compare.json", "comparison.md", "plots"}
+    assert client.search_runs([exp_id], "tags.kind = 'compare'") == []  # compare runs have their own experiment
+    (crun,) = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-compare").experiment_id], "tags.kind = 'compare'")
+    assert {a.path for a in client.list_artifacts(crun.info.run_id)} >= {"compare.json", "comparison.md", "comparison.json", "plots"}

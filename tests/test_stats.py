@@ -1,4 +1,4 @@
-"""Statistics across seeds (SPEC §5) against scipy and hand-computed values."""
+"""Statistics across seeds against scipy and hand-computed values."""
 
 import dataclasses
 import json
@@ -159,3 +159,14 @@ def test_paired_result_defaults():
     r = PairedResult(seeds=[], n=0, baseline_mean=None, baseline_std=None, method_mean=None, method_std=None,
                      delta=None, t_stat=None, p_ttest=None, w_stat=None, p_wilcoxon=None, d_z=None)
     assert r.p_holm is None and r.note == ""
+
+
+def test_unpaired_difference_of_means_without_common_seed():
+    from hdmap_ad.stats import unpaired_difference
+
+    r = unpaired_difference({42: 0.90, 43: 0.94}, {44: 0.95, 45: float("nan")})
+    assert r.delta == pytest.approx(0.95 - 0.92) and r.baseline_seeds == [42, 43] and r.method_seeds == [44]
+    assert "no p-value" in r.note
+    none = unpaired_difference({}, {44: 0.95})
+    assert none.delta is None and none.method_mean is None
+    json.dumps(dataclasses.asdict(r), allow_nan=False)

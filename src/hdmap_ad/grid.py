@@ -299,6 +299,8 @@ def run_grid(params_path: Path | str, methods: Sequence[str], seeds: Sequence[in
         out(f"warning: {len(untracked)} untracked file(s) are NOT copied into queued experiments (git add them): "
             + ", ".join(untracked[:8]) + (" ..." if len(untracked) > 8 else ""))
     exp_id = tracking.ensure_experiment(settings.experiment, settings.tracking_uri)
+    # the workers' compare stages log there: create it now too, not in a race between them
+    tracking.ensure_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
     out(f"MLflow experiment {settings.experiment!r} (id {exp_id}) ready at {uri}")
     if jobs > 1 and (gpus := _cuda_device_count()) > 1:
         out(f"{gpus} GPUs: each worker claims its own (train.device=auto)"

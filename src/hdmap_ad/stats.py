@@ -1,4 +1,4 @@
-"""Statistics across seeds (SPEC §5): runs are paired by seed.
+"""Statistics across seeds: runs are paired by seed.
 
 Every result is NaN-free: where a statistic is undefined (too few pairs, zero variance, all differences
 zero) it is None and the ``note`` says why.
@@ -114,6 +114,38 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
     return res
 
 
+@dataclass
+class UnpairedResult:
+    """Difference of the means of two groups of seeds that share no seed.
+
+    No p-value on purpose: with the usual one run per side a two-sample test is undefined, and with
+    more it would be a different test (ignoring the seed pairing the design relies on) beside the paired
+    tests of the same table and their Holm family. The fix is a paired run, not another test.
+    """
+
+    baseline_seeds: list[int]
+    method_seeds: list[int]
+    baseline_mean: float | None
+    method_mean: float | None
+    delta: float | None
+    note: str = ""
+
+
+def unpaired_difference(baseline: Mapping[int, float], method: Mapping[int, float]) -> UnpairedResult:
+    """mean(method) - mean(baseline) over each side's finite values (all its seeds); None when a side has none."""
+    b = {int(s): float(v) for s, v in baseline.items() if _finite(v)}
+    m = {int(s): float(v) for s, v in method.items() if _finite(v)}
+    res = UnpairedResult(sorted(b), sorted(m), None, None, None)
+    if not b or not m:
+        res.note = "unpaired: a side has no value"
+        return res
+    res.baseline_mean, res.method_mean = mean_std(list(b.values()))[0], mean_std(list(m.values()))[0]
+    res.delta = res.method_mean - res.baseline_mean
+    res.note = (f"unpaired difference of means (no common seed; method seeds {', '.join(map(str, sorted(m)))}, "
+                f"baseline seeds {', '.join(map(str, sorted(b)))}): no p-value")
+    return res
+
+
 def holm_adjust(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm step-down adjusted p-values, in the input order.
 
@@ -165,5 +197,5 @@ def format_mean_std(mean: float | None, std: float | None, scale: float = 100.0,
     return f"{text} ± {scale * float(std):.{digits}f}" if _finite(std) else text
 
 
-__all__ = ["PairedResult", "paired_test", "holm_adjust", "fill_holm", "significance_mark", "mean_std",
+__all__ = ["PairedResult", "paired_test", "UnpairedResult", "unpaired_difference", "holm_adjust", "fill_holm", "significance_mark", "mean_std",
            "format_mean_std", "STD_NOTE"]
