@@ -59,7 +59,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("bad", ["corrupt", "nan", "rank3", "shape", "empty_split", "missing_domain", "unknown_domain"])
+@pytest.mark.parametrize("bad", ["corrupt", "nan", "rank3", "shape", "empty_split", "missing_domain", "unknown_domain",
+                                 "uint16_among_float"])
 def test_bad_input_is_one_line_and_keeps_prepared(workspace, capsys, bad):
     import tifffile
 
@@ -86,6 +87,8 @@ def test_bad_input_is_one_line_and_keeps_prepared(workspace, capsys, bad):
     elif bad == "missing_domain":
         shutil.rmtree(workspace / "raw/domain_D")
         needle = "domain_D"
+    elif bad == "uint16_among_float":  # rescaled by 1/65535 while its neighbours are used as stored
+        tifffile.imwrite(target, np.full((31, 95), 30000, np.uint16))
     elif bad == "unknown_domain":
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["data"]["domains"] = ["domain_A", "domain_Z"]
@@ -108,3 +111,19 @@ def test_bad_params_is_one_line(workspace, capsys):
 def test_evaluate_without_model_is_one_line(workspace, capsys):
     assert main(["evaluate"]) == 2
     assert "models/model.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, needle", [("seed=-1", "seed"), ("method=focl", "unknown method 'focl'")])
+def test_configure_refuses_bad_params_in_one_line(workspace, capsys, setting, needle):
+    assert main(["configure", "--set", setting, "--out", "cfg.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert not Path("cfg.json").exists()
+
+
+def test_batch_larger_than_the_training_set_is_refused(workspace, capsys):
+    assert main(["prepare"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--set", "train.batch_size=100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: train.batch_size 100000 is larger than the training set (32 maps")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from hdmap_ad import tracking
+import shipped
 
 
 def test_store_resolves_to_dvc_root(monkeypatch, tmp_path):
@@ -38,7 +39,7 @@ def test_run_tags_carry_experiment_identity(monkeypatch):
     from hdmap_ad.config import load_params
 
     monkeypatch.setenv("DVC_EXP_NAME", "gruff-half")
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["method=focal", "seed=44"])
+    params = load_params(shipped.params_file(), ["method=focal", "seed=44"])
     tags = tracking.run_tags(params, "abc123")
     assert tracking.run_name(params, "abc123") == f"focal-seed44-{tags['comparison_key'][:6]}"
     assert tags["comparison_key"] == params.comparison_key("abc123") != params.comparison_key("other data")
@@ -59,10 +60,28 @@ def test_unusable_store_is_one_clear_error(monkeypatch, tmp_path):
 def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
     from hdmap_ad.config import load_params
 
-    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    path = shipped.params_file()
     base = load_params(path, ["method=baseline", "seed=42"])
     focal = load_params(path, ["method=focal", "seed=44", "focal.gamma=3.0", "train.device=cpu", "train.log_every=3"])
     longer = load_params(path, ["method=focal", "seed=44", "train.steps=20"])
     assert base.comparison_key("m") == focal.comparison_key("m")
     assert base.comparison_key("m") != longer.comparison_key("m")
     assert tracking.run_name(focal, "m") != tracking.run_name(longer, "m")
+
+
+def test_dataset_input_is_the_prepared_manifest_with_its_hash(monkeypatch, tmp_path, prepared_dir):
+    import mlflow
+
+    from hdmap_ad.data import PreparedData
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    prepared = PreparedData.load(prepared_dir)
+    exp = tracking.ensure_experiment("datasets")
+    with mlflow.start_run(experiment_id=exp) as run:
+        tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")
+        tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")  # a resumed run logs it again
+    (logged,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "data/raw/1000_tiff_minmax"
+    assert logged.dataset.digest == prepared.manifest_md5()
+    assert [t.value for t in logged.tags] == ["training"]

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from hdmap_ad import checkpoint
 from hdmap_ad.config import load_params
 from hdmap_ad.errors import HdmapError
 from hdmap_ad.methods.baseline import Baseline
 from hdmap_ad.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
+import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
@@ -29,7 +31,7 @@ def workdir(tmp_path, monkeypatch, prepared_dir):
 
 
 def tiny_params(prepared_dir: Path, *extra: str):
-    return load_params(REPO / "params.yaml", [*TINY, f"data.prepared={prepared_dir}", *extra])
+    return load_params(shipped.params_file(), [*TINY, f"data.prepared={prepared_dir}", *extra])
 
 
 def test_batches_are_shuffled_epochs_and_a_function_of_the_step():
@@ -44,16 +46,16 @@ def test_batches_are_shuffled_epochs_and_a_function_of_the_step():
 def test_same_seed_same_metrics(workdir, prepared_dir):
     a = train(tiny_params(prepared_dir, "train.resume=never"))
     b = train(tiny_params(prepared_dir, "train.resume=never"))
-    assert a["val_mean_auroc"] == b["val_mean_auroc"] and a["thresholds"] == b["thresholds"]
+    assert a["val"] == b["val"] and a["thresholds"] == b["thresholds"]
 
 
 def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
     # batch 3 does not divide the training maps: the cache's last chunk is a padded one
     on = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=on", "train.batch_size=3"))
-    state_on = torch.load(workdir / "models/model.pt", weights_only=False)["model"]
+    state_on = checkpoint.load(workdir / "models/model.pt")["model"]
     off = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=off", "train.batch_size=3"))
-    state_off = torch.load(workdir / "models/model.pt", weights_only=False)["model"]
-    assert on["val_mean_auroc"] == off["val_mean_auroc"] and on["thresholds"] == off["thresholds"]
+    state_off = checkpoint.load(workdir / "models/model.pt")["model"]
+    assert on["val"] == off["val"] and on["thresholds"] == off["thresholds"]
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
 
 
@@ -80,7 +82,7 @@ def _nan_at(steps: set[int], monkeypatch) -> None:
     monkeypatch.setattr(Baseline, "loss", loss)
 
 
-def test_non_finite_steps_are_skipped_counted_and_logged(workdir, prepared_dir, monkeypatch):
+def test_non_finite_steps_are_skipped_counted_and_logged(workdir, prepared_dir, monkeypatch, capsys):
     import mlflow
 
     _nan_at({2, 4}, monkeypatch)
@@ -89,13 +91,37 @@ def test_non_finite_steps_are_skipped_counted_and_logged(workdir, prepared_dir, 
     assert summary["bad_steps"] == 2
     history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/bad_steps")
     assert max(m.value for m in history) == 2
-    assert json.loads(TRAIN_METRICS.read_text())["bad_steps"] == 2
+    written = json.loads(TRAIN_METRICS.read_text())
+    assert written["bad_steps"] == 2
+    # train.json is what people compare: no run id, no thresholds; validation AUROC in percent
+    assert set(written) == {"steps", "bad_steps", "val_auroc"}
+    assert written["val_auroc"]["mean"] == pytest.approx(100 * summary["val"]["val_auroc/mean"], abs=0.005 + 1e-9)
+    val_history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "val_auroc/mean")
+    assert [m.step for m in val_history] == [3, 6]
+    # plain logs: one line per validation (per domain and mean), progress lines with rate and ETA
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("validation @ ")]
+    assert [line.split(":")[0] for line in lines] == ["validation @ 3/6", "validation @ 6/6"]
+    assert all("domain_A" in line and "domain_D" in line and "mean" in line for line in lines)
+    assert "it/s" in err and "ETA" in err
+
+
+def test_plain_progress_lines_give_rate_and_eta(monkeypatch, capsys):
+    from hdmap_ad import runtime
+
+    times = [100.0, 100.0, 110.0]  # created and entered at t=100; 5 steps done 10 s later
+    monkeypatch.setattr(runtime.StepProgress, "clock", staticmethod(lambda: times.pop(0)))
+    with runtime.StepProgress(25, "train x", every=5, start=10) as bar:
+        assert not bar.interactive
+        bar.update(5, "loss 0.5")
+    line = capsys.readouterr().err.strip()
+    assert line == "train x 15/25 loss 0.5 | 2.00 s/it, elapsed 0:10, ETA 0:20"
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(workdir, prepared_dir, monkeypatch):
     _nan_at({3, 4, 5}, monkeypatch)
     with pytest.warns(UserWarning), pytest.raises(HdmapError, match="3 non-finite steps in a row"):
         train(tiny_params(prepared_dir, "train.max_bad_steps=3"))
-    state = torch.load(STATE_FILE, weights_only=False)
+    state = checkpoint.load(STATE_FILE)
     assert state["step"] == 3  # saved after the last good update, never after a bad one
     assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -63,10 +63,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configure(args: argparse.Namespace) -> int:
+    from hdmap_ad.files import write_json
+
+    params = _params(args)  # validates everything: a typo in method or any value stops here, before DVC trains
+    out = Path(args.out)
+    write_json(params.training_config(), out)
+    print(f"{out}: {params.method} seed {params.seed}, profile {params.profile}, training fingerprint "
+          f"{params.training_fingerprint()}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hdmap_ad.training import train
 
-    summary = train(_params(args))
+    summary = train(_params(args), expected_config=args.expect_config, params_file=args.params, overrides=args.set)
     print(f"trained: MLflow run {summary['run_id']}")
     return 0
 
@@ -79,20 +90,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import json
-
     from rich.console import Console
 
-    from hdmap_ad.evaluation import EVAL_FILE, metrics_table
+    from hdmap_ad.evaluation import EVAL_FILE, metrics_table, read_results
 
     path = Path(args.file or EVAL_FILE)
     if not path.is_file():
-        raise HdmapError(f"{path}: no evaluation yet (run `dvc repro`)")
-    result = json.loads(path.read_text())
+        raise HdmapError(f"{path}: no evaluation yet (run `dvc repro`)" if args.file is None else f"{path}: file not found")
+    metrics, details = read_results(path)
     out = Console()
     if not out.is_terminal:
         out = Console(width=140)
-    out.print(metrics_table({k: v for k, v in result.items() if isinstance(v, dict)}, f"{path} (%)"))
+    out.print(metrics_table(metrics, f"{path} (%)", details))
     return 0
 
 
@@ -101,6 +110,7 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
 
     params = _params(args)
     exp_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
+    tracking.ensure_experiment(tracking.compare_experiment_name(params.mlflow.experiment), params.mlflow.tracking_uri)
     print(f"MLflow experiment {params.mlflow.experiment!r} (id {exp_id}) at {tracking.tracking_uri(params.mlflow.tracking_uri)}")
     return 0
 
@@ -135,16 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="map width (columns)")
 
     add("prepare", cmd_prepare, "validate the raw maps and pack them for training",
-        "Read every map of the selected domains (data.source / data.root / data.domains), validate it\n"
+        "Read every map of the selected domains (data.root / data.domains), validate it\n"
         "(readable, finite, 2-D, one shape), and write data/prepared/: manifest.csv, per-domain packed\n"
         "float32 arrays, and summary.json. On any error nothing in data/prepared/ changes.")
-    add("train", cmd_train, "train one multi-class model over all selected domains",
-        "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
-        "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (train.resume).")
+    p = add("configure", cmd_configure, "validate params.yaml and write the resolved training config",
+            "Validate params.yaml, resolve the profile and the chosen method's section, and write what changes a\n"
+            "trained model (no run-time settings) to models/train_config.json. The DVC train stage depends on\n"
+            "that file, so DVC retrains exactly when it changes, and a bad value fails here with one line.")
+    p.add_argument("--out", default="models/train_config.json", help="output file (default: models/train_config.json)")
+    p = add("train", cmd_train, "train one multi-class model over all selected domains",
+            "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
+            "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (train.resume).")
+    p.add_argument("--expect-config", type=Path, metavar="FILE",
+                   help="refuse to train (or to finish) unless params still resolve to this training config\n"
+                        "(the DVC stage passes models/train_config.json: it catches a second `dvc exp run` that\n"
+                        "rewrote params.yaml in the same workspace while this one ran)")
     add("evaluate", cmd_evaluate, "score every test map per domain and write metrics and plots",
-        "Write metrics/eval.json, metrics/scores.csv and plots/, and log them to the training run in MLflow.")
+        "Write metrics/eval.json (headline metrics in %), metrics/eval_details.json (counts, thresholds,\n"
+        "validity), metrics/scores.csv and plots/, and log them to the training run in MLflow.")
     p = add("show", cmd_show, "print an evaluation's metrics table")
-    p.add_argument("file", nargs="?", help="eval.json to show (default: metrics/eval.json)")
+    p.add_argument("file", nargs="?", help="eval.json to show (default: metrics/eval.json; the "
+                                           "eval_details.json beside it adds validity and counts)")
     add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (run once before parallel workers)")
 
     from hdmap_ad import commands  # the larger commands (compare, grid, predict, bench) register themselves

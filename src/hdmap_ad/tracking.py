@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from hdmap_ad.config import Params
+    from hdmap_ad.data import PreparedData
 
 RUN_FILE = Path("models/run.json")
 
@@ -75,6 +76,11 @@ def ensure_experiment(name: str, configured_uri: str | None = None) -> str:
         raise HdmapError(f"MLflow store {uri}: {first}") from None
 
 
+def compare_experiment_name(training_experiment: str) -> str:
+    """Compare runs live in their own experiment, so the training experiment holds only training runs."""
+    return f"{training_experiment}-compare"
+
+
 def client(params: "Params") -> "MlflowClient":
     import mlflow
 
@@ -120,3 +126,21 @@ def run_exists(run_id: str) -> bool:
         return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
+
+
+def log_dataset_input(prepared: "PreparedData", name: str, context: str = "training") -> None:
+    """Record the prepared data as the active run's input (the MLflow UI's Dataset column): the
+    manifest's rows (one per map, with its statistics) as the dataset, named after the data root, with
+    the manifest hash as its digest, so runs on the same data show the same digest."""
+    import warnings
+
+    import mlflow
+    import mlflow.data
+
+    with warnings.catch_warnings():
+        # MLflow warns that a local path fits two source types, and (while logging, when it infers the
+        # schema) about integer columns in model signatures: neither applies to a record of the data used
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(prepared.manifest, source=str(prepared.out_dir), name=str(name),
+                                          digest=prepared.manifest_md5())
+        mlflow.log_input(dataset, context=context)

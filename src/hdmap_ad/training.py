@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ def load_train_set(prepared: PreparedData, params: Params) -> TrainSet:
     if missing:
         raise HdmapError(f"{params.data.prepared}: prepared data lacks {', '.join(missing)} (rerun `dvc repro prepare`)")
     maps = [np.asarray(prepared.maps(d, "train"), dtype=np.float32) for d in domains]
+    n_train = sum(len(m) for m in maps)
+    if params.train.batch_size > n_train:
+        raise HdmapError(f"train.batch_size {params.train.batch_size} is larger than the training set ({n_train} maps "
+                         f"in {', '.join(domains)}); use at most {n_train}")
     ids = [np.full(len(m), i, dtype=np.int64) for i, m in enumerate(maps)]
     rng = np.random.default_rng(params.seed)
     val = {}
@@ -74,15 +80,22 @@ def validate(model, method, train_set: TrainSet, params: Params, device: torch.d
         maps, labels = train_set.val[d]
         scored = score_maps(model, method, maps, params, device, params.evaluate.batch_size, domain_id=i, description=f"val {d}")
         m = image_metrics(labels, scored.scores)
-        metrics[f"val/{d}/auroc"] = m["auroc"] if m["valid"] else float("nan")
+        metrics[f"val_auroc/{d}"] = m["auroc"] if m["valid"] else float("nan")
         thresholds[d] = m["threshold"]
         all_labels.append(labels)
         all_scores.append(scored.scores)
     pooled = image_metrics(np.concatenate(all_labels), np.concatenate(all_scores))
     thresholds["pooled"] = pooled["threshold"]
     values = [v for v in metrics.values() if math.isfinite(v)]
-    metrics["val/mean/auroc"] = float(np.mean(values)) if len(values) == len(metrics) else float("nan")
+    metrics["val_auroc/mean"] = float(np.mean(values)) if len(values) == len(metrics) else float("nan")
     return metrics, thresholds
+
+
+def val_line(step: int, total: int, val_metrics: dict[str, float]) -> str:
+    """One log line per validation: `validation @ 50/150: AUROC domain_A 97.12% ... mean 96.40%`."""
+    cells = [f"{k.split('/', 1)[1]} {100 * v:.2f}%" if math.isfinite(v) else f"{k.split('/', 1)[1]} n/a"
+             for k, v in val_metrics.items()]
+    return f"validation @ {step}/{total}: AUROC " + "  ".join(cells)
 
 
 def _grad_health(parameters: list[torch.nn.Parameter]) -> int:
@@ -159,10 +172,38 @@ def run_fingerprint(params: Params, manifest_md5: str) -> str:
     return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
-def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
-    """Train one model over all selected domains; write models/ and metrics/train.json; return a summary."""
+def check_config_unchanged(params: Params, expected_config: Path | None, params_file: Path | str | None,
+                           overrides: list[str] | None = None) -> None:
+    """Under DVC: the params this run trains with must still be the ones the `configure` stage resolved,
+    and params.yaml must still say so. A second `dvc exp run` in the same workspace writes its `-S`
+    values into params.yaml before failing on DVC's lock; without this check the first run would finish
+    and DVC would record the other values beside a model trained with these."""
+    if expected_config is None:
+        return
+    from hdmap_ad.config import load_params
+
+    expected_path = Path(expected_config)
+    if not expected_path.is_file():
+        raise HdmapError(f"{expected_path}: not found (the DVC `configure` stage writes it; run `dvc repro`)")
+    expected = json.loads(expected_path.read_text())
+    now = load_params(params_file, overrides).training_config() if params_file is not None else params.training_config()
+    if params.training_config() != expected or now != expected:
+        raise HdmapError(
+            f"params.yaml changed while this run was in progress (it no longer matches {expected_path}); another "
+            "`dvc exp run` in this workspace? DVC runs one experiment per workspace at a time: queue them with "
+            "`dvc exp run --queue ...` + `dvc queue start`, or use `hdmap-ad grid`. This run was stopped so that "
+            "no result is recorded under settings it was not trained with")
+
+
+def train(params: Params, prepared_dir: Path | None = None, expected_config: Path | None = None,
+          params_file: Path | str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train one model over all selected domains; write models/ and metrics/train.json; return a summary.
+
+    `expected_config` (the DVC stage passes models/train_config.json): refuse to start, and to write the
+    model at the end, unless `params_file` still resolves to that training config."""
     import mlflow
 
+    check_config_unchanged(params, expected_config, params_file, overrides)
     t_params = params.train
     set_threads(t_params.num_threads)
     device = select_device(t_params.device)
@@ -173,8 +214,14 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
 
     state = None
     if t_params.resume == "auto" and STATE_FILE.is_file():
-        state = checkpoint.load(STATE_FILE)
-        if state.get("fingerprint") != fingerprint:
+        try:
+            state = checkpoint.load(STATE_FILE, checkpoint.STATE_KEYS)
+        except HdmapError as err:  # truncated, damaged, old format: it must not block every later run
+            aside = STATE_FILE.with_name(STATE_FILE.name + ".corrupt")
+            os.replace(STATE_FILE, aside)
+            console.print(f"[yellow]warning: {err}\n  moved it to {aside}; starting afresh[/]")
+            state = None
+        if state is not None and state.get("fingerprint") != fingerprint:
             console.print(f"[yellow]{STATE_FILE}: from a different configuration, code or data; starting afresh[/]")
             state = None
 
@@ -189,11 +236,16 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t_params.amp == "fp16")
     start_step, run_id, history = 0, None, {}
     if state is not None:
-        model.load_state_dict(state["model"], strict=False)  # before compiling: keys carry no `_orig_mod.`
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, run_id, history = state["step"], state.get("run_id"), state.get("history", {})
+        try:
+            model.load_state_dict(state["model"], strict=False)  # before compiling: keys carry no `_orig_mod.`
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise HdmapError(f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
+                             "delete it or set train.resume=never") from None
+        start_step, run_id, history = int(state["step"]), state.get("run_id"), dict(state.get("history") or {})
         console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
 
     if t_params.compile:
@@ -207,6 +259,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params, manifest_md5),
                           tags=tracking.run_tags(params, manifest_md5), log_system_metrics=False) as run:
         run_id = run.info.run_id
+        tracking.log_dataset_input(prepared, params.data_root)
         if start_step == 0:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
             mlflow.log_params({"n_train_maps": len(train_set.maps), "device": str(device),
@@ -258,6 +311,7 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                 if done % t_params.val_every == 0 and done != t_params.steps:
                     val_metrics, _ = validate(model, method, train_set, params, device)
                     mlflow.log_metrics(val_metrics, step=done)
+                    bar.note(val_line(done, t_params.steps, val_metrics))
                     history[f"val@{done}"] = val_metrics
                     model.train()
                     method.train()
@@ -267,21 +321,30 @@ def train(params: Params, prepared_dir: Path | None = None) -> dict[str, Any]:
                     save_state(done)
                 bar.update(1)
 
+        check_config_unchanged(params, expected_config, params_file, overrides)
         val_metrics, thresholds = validate(model, method, train_set, params, device)
         mlflow.log_metrics(val_metrics, step=t_params.steps)
+        bar.note(val_line(t_params.steps, t_params.steps, val_metrics))
+        # No run id in the model file: two machines training one config write the same bytes (dvc.lock
+        # records its hash). The run is found through models/run.json or the run's model_sha256 tag.
         final = {
             "model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": t_params.steps,
-            "config": params.resolved(), "fingerprint": fingerprint, "run_id": run_id, "domains": train_set.domains,
+            "config": params.resolved(), "fingerprint": fingerprint, "domains": train_set.domains,
             "thresholds": thresholds, "val": val_metrics, "map_shape": list(prepared.shape),
         }
-        checkpoint.save(final, MODEL_FILE)
+        model_sha256 = checkpoint.save(final, MODEL_FILE)
+        mlflow.set_tag("model_sha256", model_sha256)
         mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")
         from hdmap_ad.serving import log_pyfunc_model  # the servable model: runs:/<run id>/model
 
         log_pyfunc_model(MODEL_FILE)
-        summary = {"run_id": run_id, "experiment_id": experiment_id, "steps": t_params.steps, "bad_steps": bad_total,
-                   "thresholds": thresholds, **{k.replace("/", "_"): v for k, v in val_metrics.items()}}
+        write_json({"run_id": run_id, "model_sha256": model_sha256}, tracking.RUN_FILE)
+        # metrics/train.json (a DVC metric, hashed in dvc.lock) holds what people compare, in percent; the
+        # run's ids live in models/run.json, the thresholds in the model
+        val_auroc = {k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()}
+        summary = {"steps": t_params.steps, "bad_steps": bad_total, "val_auroc": val_auroc}
         write_json(summary, TRAIN_METRICS)
+        summary = {**summary, "run_id": run_id, "experiment_id": experiment_id, "thresholds": thresholds, "val": val_metrics}
         mlflow.set_tag("stage", "trained")
     return summary
 

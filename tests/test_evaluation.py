@@ -1,0 +1,167 @@
+"""The evaluate stage's outputs as people read them: eval.json (headline metrics in percent), the
+details beside it, the MLflow metric names and dataset input, the DVC plot data, `hdmap-ad show`, and
+outputs that survive a failed evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import shipped
+from hdmap_ad import evaluation, plots, training
+from hdmap_ad.cli import main
+from hdmap_ad.config import load_params
+from hdmap_ad.data import PreparedData
+from hdmap_ad.metrics import image_metrics, summarise
+
+DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
+HEADLINE = {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc"}
+TINY = ["method=baseline", "seed=3", "profile=quick",
+        "preprocess.resize=[32, 96]", "preprocess.crop=[28, 84]",
+        "model.encoder=small", "model.weights=random", "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
+        "train.steps=4", "train.batch_size=4", "train.log_every=2", "train.val_every=2", "train.checkpoint_every=4",
+        "train.warmup_steps=1", "train.device=cpu", "train.amp=off", "train.resume=never",
+        "evaluate.batch_size=16", "evaluate.n_examples=8", "mlflow.experiment=eval-test", "mlflow.tracking_uri=null"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, prepared_dir):
+    """One tiny model trained and evaluated over the four domains (masks present); tests read its outputs."""
+    root = tmp_path_factory.mktemp("evaluated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("DVC_ROOT", str(root))
+        params = load_params(shipped.params_file(), [*TINY, f"data.prepared={prepared_dir}", f"data.domains={DOMAINS}"])
+        summary = training.train(params)
+        evaluation.evaluate(params)
+    return root, params, summary
+
+
+@pytest.fixture()
+def inside(evaluated, monkeypatch):
+    root, params, summary = evaluated
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    return root, params, summary
+
+
+def _read(root: Path, name: str):
+    return json.loads((root / name).read_text())
+
+
+def test_eval_json_holds_only_the_headline_metrics_in_percent(inside):
+    root, _, _ = inside
+    headline, details = _read(root, "metrics/eval.json"), _read(root, "metrics/eval_details.json")
+    assert list(headline) == [*DOMAINS, "mean", "pooled"]
+    for scope, values in headline.items():
+        assert {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5"} <= set(values) <= HEADLINE, scope
+        for key, value in values.items():
+            assert isinstance(value, float) and 0.0 <= value <= 100.0 and round(value, 2) == value, (scope, key)
+            assert value == pytest.approx(100 * details[scope][key], abs=0.005 + 1e-9), (scope, key)
+    assert "pixel_auroc" in headline["domain_A"] and "pixel_auroc" not in headline["pooled"]
+
+
+def test_eval_details_hold_counts_thresholds_and_validity(inside):
+    root, _, _ = inside
+    details = _read(root, "metrics/eval_details.json")
+    for key in ("tp", "fp", "tn", "fn", "threshold", "valid", "n_good", "n_fault", "precision", "threshold_note"):
+        assert key in details["domain_A"], key
+    assert details["domain_A"]["n_good"] == 6 and details["domain_A"]["valid"] is True
+    assert 0.0 <= details["mean"]["auroc"] <= 1.0  # fractions here, like the numbers logged to MLflow
+
+
+def test_train_json_holds_steps_and_validation_auroc_only(inside):
+    root, _, summary = inside
+    train_json = _read(root, "metrics/train.json")
+    assert set(train_json) == {"steps", "bad_steps", "val_auroc"}
+    assert list(train_json["val_auroc"]) == [*DOMAINS, "mean"]
+    assert train_json["val_auroc"]["mean"] == pytest.approx(100 * summary["val"]["val_auroc/mean"], abs=0.005 + 1e-9)
+    assert summary["run_id"]  # the CLI prints it
+
+
+def test_mlflow_metrics_group_by_metric_and_the_run_records_its_dataset(inside, prepared_dir):
+    import mlflow
+
+    root, params, summary = inside
+    details = _read(root, "metrics/eval_details.json")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    run = mlflow.MlflowClient().get_run(summary["run_id"])
+    metrics = run.data.metrics
+    assert metrics["test_auroc/domain_A"] == pytest.approx(details["domain_A"]["auroc"], abs=1e-12)
+    assert metrics["test_tpr_at_fpr_1/mean"] == pytest.approx(details["mean"]["tpr_at_fpr_1"], abs=1e-12)
+    assert "test_pixel_auroc/domain_C" in metrics and "val_auroc/mean" in metrics and "val_auroc/domain_D" in metrics
+    tested = {k for k in metrics if k.startswith("test")}
+    assert all(k.split("/")[0][len("test_"):] in HEADLINE for k in tested), sorted(tested)
+    assert len(tested) == 6 * 4 + 6 + 5  # per domain, mean, pooled (no pixel AUROC pooled)
+    assert not [k for k in metrics if k.startswith(("test/", "val/"))]
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == PreparedData.load(prepared_dir).manifest_md5()
+    assert dataset_input.dataset.name == str(params.data_root)
+
+
+def test_dvc_roc_data_has_one_tpr_column_per_domain(inside):
+    root, _, _ = inside
+    roc = pd.read_csv(root / "plots/data/roc.csv")
+    assert list(roc.columns) == ["fpr", *DOMAINS]
+    assert roc["fpr"].is_monotonic_increasing and roc["fpr"].iloc[0] == 0 and roc["fpr"].iloc[-1] == 1
+    for d in DOMAINS:
+        assert roc[d].is_monotonic_increasing and roc[d].iloc[-1] == 1
+    points = pd.read_csv(root / "plots/data/roc_points.csv")
+    assert list(points.columns) == ["domain", "fpr", "tpr", "threshold"] and set(points["domain"]) == set(DOMAINS)
+    assert sorted(p.name for p in (root / "plots").iterdir()) == ["data", "examples.png", "roc.png", "score_distributions.png"]
+
+
+def test_a_failed_evaluate_leaves_the_previous_outputs(inside, monkeypatch):
+    root, params, _ = inside
+    files = ["metrics/eval.json", "metrics/eval_details.json", "metrics/scores.csv", "plots/examples.png", "plots/data/roc.csv"]
+    before = {f: (root / f).read_bytes() for f in files}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "plot_examples", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluation.evaluate(params)
+    assert {f: (root / f).read_bytes() for f in files} == before
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".plots")]
+
+
+def test_show_reads_eval_json_and_its_details(inside, capsys):
+    root, _, _ = inside
+    assert main(["show", str(root / "metrics/eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert "domain_D" in out and "pooled" in out and "6/6" in out  # the counts come from eval_details.json
+    headline = _read(root, "metrics/eval.json")
+    assert f"{headline['mean']['auroc']:.2f}" in out
+
+
+def test_show_names_a_missing_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", "missing.json"]) == 2
+    assert capsys.readouterr().err.strip() == "error: missing.json: file not found"
+    assert main(["show"]) == 2
+    assert capsys.readouterr().err.strip() == "error: metrics/eval.json: no evaluation yet (run `dvc repro`)"
+
+
+def test_invalid_domain_and_mean_are_null_in_eval_json_and_not_logged():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    good = image_metrics(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.25]))
+    bad = image_metrics(labels, np.array([0.1, np.nan, 0.3, 0.5, 0.6, 0.7]))
+    result = summarise({"domain_A": good, "domain_B": bad}, image_metrics(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7])))
+    headline = evaluation.headline(result)
+    assert headline["domain_A"]["auroc"] == round(100 * good["auroc"], 2)
+    assert all(v is None for v in headline["domain_B"].values())
+    assert all(v is None for v in headline["mean"].values())  # a mean over fewer domains is not comparable
+    logged = evaluation.metric_items(result)
+    assert "test_auroc/domain_A" in logged and "test_auroc/pooled" in logged
+    assert not [k for k in logged if k.endswith(("/domain_B", "/mean"))]
+    assert all(math.isfinite(v) for v in logged.values())
+    table = evaluation.metrics_table(headline, "t", result)
+    assert table.row_count == 4
