@@ -141,7 +141,8 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
     assert order[:4] == ["queue status", "exp run --queue", "queue status", "queue start -j"]
     assert fake.calls[1] == ["exp", "run", "--queue", "-S", "method=baseline,gem", "-S", "seed=42,43,44",
                              "-S", "train.steps=5", "-S", "compare.metrics=[auroc]"]
-    assert fake.store_at_start == ["Default", "hdmap-dinomaly"]  # created before `dvc queue start`
+    # the training and the compare experiment are created before `dvc queue start`
+    assert fake.store_at_start == ["Default", "hdmap-dinomaly", "hdmap-dinomaly-compare"]
     text = "\n".join(lines)
     assert "6/6 done (1 failed)" in text and "old-one" not in text.split("grid finished")[1]
     assert "FAILED exp-gem-43: see `dvc queue logs exp-gem-43`" in text
