@@ -17,7 +17,7 @@ TINY = dict(n_train=8, n_test_good=6, n_test_fault=6, height=31, width=95, seed=
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A tiny synthetic HDMAP folder: 4 domains × (8 train, 6 test good, 6 test fault) maps of 31×95, with masks."""
-    from hdmap_ad.synth import SynthConfig, generate
+    from hdmap_ad.pipeline.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("hdmap") / "synthetic"
     generate(root, SynthConfig(**TINY), progress=False)
@@ -27,7 +27,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_dir(synthetic_root, tmp_path_factory) -> Path:
     """`synthetic_root` after `prepare_dataset` over all four domains."""
-    from hdmap_ad.data import DEFAULT_DOMAINS, prepare_dataset
+    from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare_dataset(synthetic_root, DEFAULT_DOMAINS, out, progress=False)

@@ -80,11 +80,11 @@ def _inside(root: Path, env: dict[str, str]):
 def build_tiny_pipeline(root: Path) -> TinyPipeline:
     import mlflow
 
-    from hdmap_ad import evaluation, serving, training
-    from hdmap_ad.checkpoint import load
-    from hdmap_ad.config import load_params
-    from hdmap_ad.data import prepare_dataset
-    from hdmap_ad.synth import SynthConfig, generate
+    from hdmap_ad.pipeline import evaluation, serving, training
+    from hdmap_ad.core.checkpoint import load
+    from hdmap_ad.core.config import load_params
+    from hdmap_ad.pipeline.data import prepare_dataset
+    from hdmap_ad.pipeline.synth import SynthConfig, generate
 
     root = Path(root).resolve()
     uri = f"sqlite:///{root / 'mlflow.db'}"

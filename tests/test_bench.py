@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad import bench
-from hdmap_ad.cli import main
-from hdmap_ad.config import load_params
-from hdmap_ad.features import make_feature_source
+from hdmap_ad.apps import bench
+from hdmap_ad.apps.cli import main
+from hdmap_ad.core.config import load_params
+from hdmap_ad.core.features import make_feature_source
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +101,8 @@ def test_cache_with_a_ragged_tail_is_bitwise_exact():
 
 def test_features_depend_on_batch_size_only():
     """At a fixed batch size, a sample's features are the same whatever its batch mates and position."""
-    from hdmap_ad.model import Dinomaly, DinomalyConfig
-    from hdmap_ad.preprocess import preprocess
+    from hdmap_ad.core.model import Dinomaly, DinomalyConfig
+    from hdmap_ad.core.preprocess import preprocess
 
     torch.manual_seed(0)
     model = Dinomaly(DinomalyConfig(encoder="small", image_size=(56, 196))).eval()

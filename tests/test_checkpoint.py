@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad import checkpoint, runtime
-from hdmap_ad.cli import main
-from hdmap_ad.config import load_params
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.optim import StableAdamW
+from hdmap_ad.core import checkpoint, paths, runtime
+from hdmap_ad.apps.cli import main
+from hdmap_ad.core.config import load_params
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.optim import StableAdamW
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def workdir(tmp_path, monkeypatch, prepared_dir):
 
 
 def test_a_broken_train_state_is_moved_aside_and_training_starts_afresh(workdir, prepared_dir, capsys):
-    from hdmap_ad.training import STATE_FILE, train
+    from hdmap_ad.pipeline.training import STATE_FILE, train
 
     params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=auto")
     for broken in (b"\x00" * 100, "fake"):
@@ -285,8 +285,8 @@ def test_a_broken_train_state_is_moved_aside_and_training_starts_afresh(workdir,
 def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prepared_dir, monkeypatch):
     import mlflow
 
-    from hdmap_ad import evaluation, tracking
-    from hdmap_ad.training import MODEL_FILE, train
+    from hdmap_ad.pipeline import evaluation, tracking
+    from hdmap_ad.pipeline.training import MODEL_FILE, train
 
     params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=never")
     first = train(params)
@@ -295,13 +295,13 @@ def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prep
     assert MODEL_FILE.read_bytes() == first_bytes  # same config, same bytes: nothing run-specific inside
     payload, digest = checkpoint.read(MODEL_FILE)
     assert "run_id" not in payload and first["run_id"] != second["run_id"]
-    assert json.loads(tracking.RUN_FILE.read_text()) == {"run_id": second["run_id"], "model_sha256": digest}
+    assert json.loads(paths.RUN_FILE.read_text()) == {"run_id": second["run_id"], "model_sha256": digest}
     client = mlflow.MlflowClient()
     assert client.get_run(first["run_id"]).data.tags["model_sha256"] == digest
     assert "run_id" not in json.loads(Path("metrics/train.json").read_text())
 
     # without models/run.json: the newest run tagged with the model's hash
-    tracking.RUN_FILE.unlink()
+    paths.RUN_FILE.unlink()
     evaluation.evaluate(params)
     assert client.get_run(second["run_id"]).data.tags.get("evaluated") == "true"
 
@@ -320,8 +320,8 @@ def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prep
 
 
 def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepared_dir, monkeypatch, capsys):
-    from hdmap_ad import training
-    from hdmap_ad.training import MODEL_FILE, STATE_FILE, train
+    from hdmap_ad.pipeline import training
+    from hdmap_ad.pipeline.training import MODEL_FILE, STATE_FILE, train
 
     params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=auto",
                          "train.steps=5", "train.checkpoint_every=2")

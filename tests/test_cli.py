@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hdmap_ad.cli import build_parser, main
+from hdmap_ad.apps.cli import build_parser, main
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 Every store is a copy of one migrated template database, so a test pays no schema migration. The fake
 runs carry what training.py and evaluation.py log: tags (method, seed, profile, comparison_key,
-data_manifest_md5), a few flattened config params and metrics named test_<metric>/<scope>.
+data_digest), a few flattened config params and metrics named test_<metric>/<scope>.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_rel
 
-from hdmap_ad import compare
-from hdmap_ad.config import Params, flatten
-from hdmap_ad.stats import holm_adjust
+from hdmap_ad.apps import compare
+from hdmap_ad.core.config import Params, flatten
+from hdmap_ad.pipeline.stats import holm_adjust
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def log_run(experiment_id: str, method: str, seed: int, *, status: str = "FINISH
     import mlflow
 
     tags = {"method": method, "seed": str(seed), "profile": profile, "git_commit": "abc1234def", "stage": "trained",
-            "data_manifest_md5": manifest}
+            "data_digest": manifest}
     if key is not None:
         tags["comparison_key"] = key
     name = f"{method}-seed{seed}-{(key or 'old')[:6]}"
@@ -95,7 +95,7 @@ def store(template_db, tmp_path, monkeypatch):
     """A fresh store (copy of the template) with the experiment created as `hdmap-ad init-tracking` does."""
     import mlflow
 
-    from hdmap_ad import tracking
+    from hdmap_ad.pipeline import tracking
 
     shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -132,8 +132,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def fake_prepared(folder: Path, content: str = "one map") -> str:
-    """A prepared-data folder as `prepare` leaves it (PreparedData.load accepts it); returns its manifest md5."""
-    import hashlib
+    """A prepared-data folder as `prepare` leaves it (PreparedData.load accepts it); returns its data digest."""
+    from hdmap_ad.pipeline.data import PreparedData
 
     folder.mkdir(parents=True)
     manifest = f"path,mask_path,phase,domain,split,index\n{content},,train,domain_A,train,0\n"
@@ -142,8 +142,8 @@ def fake_prepared(folder: Path, content: str = "one map") -> str:
     for d in DOMAINS:
         (folder / d).mkdir()
         for name in ("train.npy", "test.npy", "test_labels.npy"):
-            (folder / d / name).write_bytes(b"")
-    return hashlib.md5(manifest.encode()).hexdigest()
+            (folder / d / name).write_bytes(content.encode())
+    return PreparedData.load(folder).data_digest()
 
 
 def workspace_params(tmp_path: Path, *extra: str) -> Path:
@@ -278,7 +278,7 @@ def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
 
 
 def test_fewer_than_two_pairs_and_a_single_method(store, tmp_path):
-    from hdmap_ad import cli
+    from hdmap_ad.apps import cli
 
     for seed in (42, 43):
         log_run(store, "baseline", seed)
@@ -322,7 +322,7 @@ def test_invalid_domain_is_left_out_of_that_domain_and_the_mean(store, tmp_path)
 
 
 def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, template_db):
-    from hdmap_ad.errors import HdmapError
+    from hdmap_ad.core.errors import HdmapError
 
     params = tmp_path / "params.yaml"
     params.write_text(shipped.text("params.yaml") + "\n")
@@ -331,9 +331,11 @@ def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, temp
     assert s.metrics == ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5") and s.domains[0] == "domain_A"
     with pytest.raises(HdmapError, match="unknown metric"):
         compare.load_settings(params, ["compare.metrics=[auroc,speed]"])
-    # compare reads data.domains only: data.source (leaving params) or other data keys do not matter to it
-    assert compare.load_settings(params, ["data.source=anything", "data.root=/elsewhere"]).domains == s.domains
-    assert compare.load_settings(params, ["data={domains: [domain_X]}"]).domains == ("domain_X",)
+    # the one params loader: the whole file is validated, and loading it imports no torch
+    with pytest.raises(HdmapError, match="data.source"):
+        compare.load_settings(params, ["data.source=anything"])
+    assert compare.load_settings(params, ["data.root=/elsewhere"]).domains == s.domains
+    assert compare.load_settings(params, ["data.domains=[domain_X]"]).domains == ("domain_X",)
     assert s.params_path == str(params) and compare.load_settings(params, ["seed=3"]).overrides == ("seed=3",)
     shutil.copy(template_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -365,7 +367,7 @@ def test_no_common_seed_prints_the_unpaired_delta_and_the_command_that_pairs(sto
 
 
 def test_only_runs_of_the_workspace_comparison_group_are_paired(store, tmp_path):
-    from hdmap_ad.config import load_params
+    from hdmap_ad.core.config import load_params
 
     manifest = fake_prepared(tmp_path / "prepared")
     params_path = workspace_params(tmp_path)
@@ -385,7 +387,7 @@ def test_only_runs_of_the_workspace_comparison_group_are_paired(store, tmp_path)
     assert {m: sorted(r) for m, r in saved["runs"].items()} == {"baseline": ["42", "43", "44"], "gem": ["42", "43", "44"]}
     reasons = {x["run_id"]: x["reason"] for x in saved["left_out"]}
     steps = CONFIG["train.steps"]
-    assert reasons[short].startswith(f"other settings: train.steps 20 ≠ {steps}, data (manifest 1a2b… ≠ {manifest[:4]}…)")
+    assert reasons[short].startswith(f"other settings: train.steps 20 ≠ {steps}, data (digest 1a2b… ≠ {manifest[:4]}…)")
     assert reasons[newest_base].startswith(f"other settings: model.encoder large ≠ {CONFIG['model.encoder']} (")
     assert "train.device" not in reasons[short] and "data.root" not in reasons[short]  # not part of the key
     assert reasons[old].startswith("no `comparison_key` tag")
@@ -403,8 +405,8 @@ def test_only_runs_of_the_workspace_comparison_group_are_paired(store, tmp_path)
 
 
 def test_unreadable_store_is_one_clear_line(store, tmp_path, capsys, monkeypatch):
-    from hdmap_ad import cli
-    from hdmap_ad.errors import HdmapError
+    from hdmap_ad.apps import cli
+    from hdmap_ad.core.errors import HdmapError
 
     for seed in (42, 43):
         log_run(store, "baseline", seed)
@@ -425,8 +427,8 @@ def test_unreadable_store_is_one_clear_line(store, tmp_path, capsys, monkeypatch
 
 
 def test_lost_store_or_no_valid_run_is_an_error_and_keeps_the_reports(store, tmp_path, monkeypatch):
-    from hdmap_ad import tracking
-    from hdmap_ad.errors import HdmapError
+    from hdmap_ad.pipeline import tracking
+    from hdmap_ad.core.errors import HdmapError
 
     for seed in (42, 43):
         log_run(store, "baseline", seed)
@@ -452,7 +454,7 @@ def test_lost_store_or_no_valid_run_is_an_error_and_keeps_the_reports(store, tmp
 def test_compare_run_has_its_own_experiment_also_inside_a_dvc_experiment(store, tmp_path, monkeypatch):
     import mlflow
 
-    from hdmap_ad import cli
+    from hdmap_ad.apps import cli
 
     for seed in (42, 43):
         log_run(store, "baseline", seed)
@@ -498,7 +500,7 @@ def test_metrics_file_is_machine_independent_and_deterministic(store, tmp_path):
 
 
 def test_seed_plot_range_is_honest():
-    from hdmap_ad import plots
+    from hdmap_ad.pipeline import plots
 
     lo, hi, zoomed = plots.comparison_y_range([96.50, 96.86])  # a 0.36-point gap between two means
     assert zoomed and hi - lo >= 10 and lo <= 96.5 - 2 and hi >= 100

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hdmap_ad.config import flatten, load_params, parse_params
-from hdmap_ad.errors import HdmapError
+from hdmap_ad.core.config import flatten, load_params, parse_params
+from hdmap_ad.core.errors import HdmapError
 import shipped
 
 REPO_PARAMS = shipped.params_file()

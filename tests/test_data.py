@@ -13,9 +13,9 @@ import tifffile
 from PIL import Image
 from rich.console import Console
 
-from hdmap_ad.data import (DEFAULT_DOMAINS, PreparedData, folder_phases, prepare_dataset, read_map, scan_root,
+from hdmap_ad.pipeline.data import (DEFAULT_DOMAINS, PreparedData, folder_phases, prepare_dataset, read_map, scan_root,
                            summary_table)
-from hdmap_ad.errors import HdmapError
+from hdmap_ad.core.errors import HdmapError
 
 SPLIT_DIRS = ("train/good", "test/good", "test/fault")
 
@@ -282,3 +282,26 @@ def test_load_errors_point_to_dvc_repro(tmp_path, prepared_dir):
     (partial / "domain_C" / "test_labels.npy").unlink()
     with pytest.raises(HdmapError, match=r"incomplete \(no domain_C/test_labels.npy\).*dvc repro prepare"):
         PreparedData.load(partial)
+
+
+def test_data_digest_is_content_not_location(synthetic_root, tmp_path):
+    """The same maps prepared from two places give one digest (runs on two machines compare); a changed
+    pixel that keeps a map's minimum, maximum and mean gives another."""
+    import shutil
+
+    import tifffile
+
+    from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, PreparedData, prepare_dataset
+
+    elsewhere = tmp_path / "elsewhere" / "hdmap"
+    shutil.copytree(synthetic_root, elsewhere)
+    prepare_dataset(synthetic_root, DEFAULT_DOMAINS, tmp_path / "a", progress=False)
+    prepare_dataset(elsewhere, DEFAULT_DOMAINS, tmp_path / "b", progress=False)
+    digest = PreparedData.load(tmp_path / "a").data_digest()
+    assert PreparedData.load(tmp_path / "b").data_digest() == digest
+    target = sorted((elsewhere / "domain_A/train/good").iterdir())[0]
+    arr = tifffile.imread(target)
+    arr[[3, 4]] = arr[[4, 3]]  # swap two rows: same min, max and mean
+    tifffile.imwrite(target, arr)
+    prepare_dataset(elsewhere, DEFAULT_DOMAINS, tmp_path / "c", progress=False)
+    assert PreparedData.load(tmp_path / "c").data_digest() != digest

@@ -1,4 +1,4 @@
-"""Frozen DINOv2-reg encoder (SPEC §2): which blocks run, token order, frozen state, and weights
+"""Frozen DINOv2-reg encoder (docs/design.md#model-encoder): which blocks run, token order, frozen state, and weights
 from the original DINOv2 layout / timm safetensors / the hub cache, loaded strictly, with clear
 errors offline. Tiny timm encoders only (embed_dim 32); nothing is downloaded."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hdmap_ad.encoder import (DEFAULT_TARGET_BLOCKS, ENCODER_NAMES, FrozenEncoder, create_vit,
+from hdmap_ad.core.encoder import (DEFAULT_TARGET_BLOCKS, ENCODER_NAMES, FrozenEncoder, create_vit,
                               default_target_blocks, load_weights)
-from hdmap_ad.errors import HdmapError
+from hdmap_ad.core.errors import HdmapError
 
 TINY = {"depth": 6, "embed_dim": 32, "num_heads": 2}
 SIZE = (28, 42)  # 2×3 patches: non-square on purpose
@@ -251,8 +251,8 @@ def test_hub_unreachable_fails_fast_in_a_fresh_process(tmp_path):
     for var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                 "ALL_PROXY", "all_proxy"):
         env.pop(var, None)
-    code = ("from hdmap_ad.encoder import create_vit\n"
-            "from hdmap_ad.errors import HdmapError\n"
+    code = ("from hdmap_ad.core.encoder import create_vit\n"
+            "from hdmap_ad.core.errors import HdmapError\n"
             "try:\n    create_vit('small', 'hub', (28, 42), {'depth': 2, 'embed_dim': 32, 'num_heads': 2})\n"
             "except HdmapError as e:\n    print('ERR', e)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 import shipped
-from hdmap_ad import evaluation, plots, training
-from hdmap_ad.cli import main
-from hdmap_ad.config import load_params
-from hdmap_ad.data import PreparedData
-from hdmap_ad.metrics import image_metrics, summarise
+from hdmap_ad.pipeline import evaluation, plots, training
+from hdmap_ad.apps.cli import main
+from hdmap_ad.core.config import load_params
+from hdmap_ad.pipeline.data import PreparedData
+from hdmap_ad.pipeline.metrics import image_metrics, summarise
 
 DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
 HEADLINE = {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc"}
@@ -102,7 +102,7 @@ def test_mlflow_metrics_group_by_metric_and_the_run_records_its_dataset(inside, 
     assert len(tested) == 6 * 4 + 6 + 5  # per domain, mean, pooled (no pixel AUROC pooled)
     assert not [k for k in metrics if k.startswith(("test/", "val/"))]
     (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.digest == PreparedData.load(prepared_dir).manifest_md5()
+    assert dataset_input.dataset.digest == PreparedData.load(prepared_dir).data_digest()
     assert dataset_input.dataset.name == str(params.data_root)
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad import features
-from hdmap_ad.checkpoint import build
-from hdmap_ad.config import load_params
-from hdmap_ad.features import cache_decision, make_feature_source
+from hdmap_ad.core import features
+from hdmap_ad.core.checkpoint import build
+from hdmap_ad.core.config import load_params
+from hdmap_ad.core.features import cache_decision, make_feature_source
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hdmap_ad import grid
+from hdmap_ad.apps import grid
+from hdmap_ad.core import devices
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def workspace(tmp_path, monkeypatch):
 
 
 def test_dry_run_prints_the_exact_dvc_commands(workspace, capsys):
-    from hdmap_ad import cli
+    from hdmap_ad.apps import cli
 
     assert cli.main(["grid", "--dry-run", "--methods", "baseline,gem", "--seeds", "42,43", "-j", "2",
                      "-S", "train.steps=50", "--set", "model.fuse_groups=[[0,1],[2,3]]"]) == 0
@@ -166,7 +167,7 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
 
 HOLDER = """
 import sys, time, pathlib
-from hdmap_ad.grid import claim_cuda_device
+from hdmap_ad.core.devices import claim_cuda_device
 lock_dir, mode, release = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
 print(claim_cuda_device("auto", device_count=3, lock_dir=lock_dir, wait=mode == "wait", poll_s=0.05), flush=True)
 while not release.exists():
@@ -206,23 +207,23 @@ def test_gpu_claim_gives_concurrent_processes_distinct_devices(tmp_path):
 
 
 def test_gpu_claim_only_for_auto_with_several_devices(tmp_path, monkeypatch):
-    assert grid.claim_cuda_device("cuda:1", device_count=4, lock_dir=tmp_path) is None
-    assert grid.claim_cuda_device("auto", device_count=1, lock_dir=tmp_path) is None
+    assert devices.claim_cuda_device("cuda:1", device_count=4, lock_dir=tmp_path) is None
+    assert devices.claim_cuda_device("auto", device_count=1, lock_dir=tmp_path) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     try:
-        assert grid.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"
-        assert grid.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"  # same process: same GPU
+        assert devices.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"
+        assert devices.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"  # same process: same GPU
         assert (tmp_path / "gpu-5.lock").read_text().startswith(f"pid {os.getpid()}")  # named after the physical GPU
     finally:
-        grid.release_cuda_device()
+        devices.release_cuda_device()
     # default location: <repo root>/.dvc/tmp/gpu-locks
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     try:
-        assert grid.claim_cuda_device("auto", device_count=2) == "cuda:0"
+        assert devices.claim_cuda_device("auto", device_count=2) == "cuda:0"
         assert (tmp_path / ".dvc/tmp/gpu-locks/gpu-0.lock").is_file()
     finally:
-        grid.release_cuda_device()
+        devices.release_cuda_device()
 
 
 WRITER = """
@@ -246,7 +247,9 @@ for seed in range(6):  # as training.py + evaluation.py log them
 def test_two_concurrent_writers_lose_no_run(tmp_path, monkeypatch):
     from test_compare import EXPERIMENT, settings
 
-    from hdmap_ad import compare, tracking
+    from hdmap_ad.pipeline import tracking
+
+    from hdmap_ad.apps import compare
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))

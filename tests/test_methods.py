@@ -1,4 +1,4 @@
-"""Training-method plug-ins (SPEC §3): degenerate cases reduce to known ones, schedules, param
+"""Training-method plug-ins (docs/design.md#5-methods): degenerate cases reduce to known ones, schedules, param
 validation, the aux head's gradient path, and a smoke test of every method on a tiny model."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from hdmap_ad.config import parse_params
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.methods import REGISTRY, MethodContext, build
-from hdmap_ad.methods.topk import k_at, q_at
-from hdmap_ad.model import Dinomaly, DinomalyConfig, Reconstruction, group_distances, point_distance
-from hdmap_ad.optim import StableAdamW
+from hdmap_ad.core.config import parse_params
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.methods import REGISTRY, MethodContext, build
+from hdmap_ad.core.methods.topk import k_at, q_at
+from hdmap_ad.core.model import Dinomaly, DinomalyConfig, Reconstruction, group_distances, point_distance
+from hdmap_ad.core.optim import StableAdamW
 import shipped
 
 REPO_PARAMS = shipped.params_file()
@@ -242,7 +242,7 @@ def test_aux_head_drops_prefix_tokens_and_predicts_per_sample():
     recon, _ = fake_recon()
     with torch.no_grad():
         recon.bottleneck_out[:, :PREFIX] = 1e6  # prefix tokens must not reach the head
-    from hdmap_ad.methods.aux import patch_token_mean
+    from hdmap_ad.core.methods.aux import patch_token_mean
     assert torch.allclose(patch_token_mean(recon), recon.bottleneck_out[:, PREFIX:].mean(1))
     out = method.eval_batch(recon, torch.zeros(B, dtype=torch.long))
     assert set(out) == {"domain_pred"} and out["domain_pred"].shape == (B,) and out["domain_pred"].dtype == torch.long

@@ -1,4 +1,4 @@
-"""Metrics (SPEC §4) against scikit-learn and hand-computed cases."""
+"""Metrics (docs/design.md#6-metrics) against scikit-learn and hand-computed cases."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from hdmap_ad.metrics import (METRIC_NAMES, f1_max, image_metrics, pixel_auroc, roc_points_table, summarise,
+from hdmap_ad.pipeline.metrics import (METRIC_NAMES, f1_max, image_metrics, pixel_auroc, roc_points_table, summarise,
                               tpr_at_fpr, youden_threshold)
 
 

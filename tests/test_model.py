@@ -1,4 +1,4 @@
-"""Dinomaly network and its functional pieces (SPEC §2): linear attention against the quadratic
+"""Dinomaly network and its functional pieces (docs/design.md#3-model): linear attention against the quadratic
 formula, fusion and decoder/encoder pairing, hard mining on gradients only, the loss, anomaly maps
 and the image score by hand, shapes for non-square inputs, the ViT-B parameter count, and a CPU
 training step. Tiny encoders (embed_dim 32) keep the file fast."""
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.model import (BottleneckMLP, DecoderBlock, Dinomaly, DinomalyConfig, EncoderFeatures, LinearAttention,
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.model import (BottleneckMLP, DecoderBlock, Dinomaly, DinomalyConfig, EncoderFeatures, LinearAttention,
                             Reconstruction, ScoreConfig, anomaly_map, build_trainable, gaussian_kernel,
                             global_cosine_hm_loss, group_distances, hard_mining_ratio, image_score,
                             point_distance, scale_easy_gradients)
-from hdmap_ad.optim import StableAdamW
+from hdmap_ad.core.optim import StableAdamW
 
 TINY = {"encoder": "small", "weights": "random", "image_size": (28, 42),
         "encoder_overrides": {"depth": 10, "embed_dim": 32, "num_heads": 2}}
@@ -389,7 +389,7 @@ def test_predict_is_deterministic_and_restores_the_mode(model):
 
 
 def _block_grads(block, x, plain: bool):
-    from hdmap_ad.model import gelu_linear
+    from hdmap_ad.core.model import gelu_linear
 
     block.zero_grad()
     x = x.clone().requires_grad_()
@@ -403,7 +403,7 @@ def _block_grads(block, x, plain: bool):
 
 
 def test_gelu_linear_gives_autograds_gradients_and_saves_less():
-    from hdmap_ad.model import DecoderBlock, gelu_linear
+    from hdmap_ad.core.model import DecoderBlock, gelu_linear
 
     torch.manual_seed(0)
     block = DecoderBlock(32, 4, 4.0, 1e-8)
@@ -431,7 +431,7 @@ def test_gelu_linear_gives_autograds_gradients_and_saves_less():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gelu_linear_under_cuda_autocast_matches_autograd():
-    from hdmap_ad.model import DecoderBlock, gelu_linear
+    from hdmap_ad.core.model import DecoderBlock, gelu_linear
 
     torch.manual_seed(0)
     block = DecoderBlock(64, 4, 4.0, 1e-8).cuda()

@@ -41,7 +41,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from hdmap_ad import tracking
+from hdmap_ad.pipeline import tracking
 
 p = yaml.safe_load(open("params.yaml"))
 method, seed = p["method"], int(p["seed"])
@@ -132,7 +132,7 @@ def mlflow_server(tmp_path):
 def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server):
     import mlflow
 
-    from hdmap_ad import tracking
+    from hdmap_ad.pipeline import tracking
 
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(REPO / "src"))

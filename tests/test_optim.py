@@ -1,5 +1,5 @@
 """StableAdamW (AMSGrad, update-RMS clip, decoupled weight decay) by hand, against torch's AdamW
-where they must agree, and the warm-cosine schedule at its landmarks (SPEC §2)."""
+where they must agree, and the warm-cosine schedule at its landmarks (docs/design.md#opt-schedule)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad.optim import StableAdamW, warm_cosine_lr
+from hdmap_ad.core.optim import StableAdamW, warm_cosine_lr
 
 
 def reference_steps(p, grads, lr, betas, eps, wd, clip, amsgrad=True):

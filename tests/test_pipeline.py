@@ -297,7 +297,7 @@ def test_other_methods_section_does_not_retrain(repo):
 def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     """Kill `train` after a checkpoint, rerun: it resumes and ends where an uninterrupted run does."""
     sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "method=baseline", "-S", "seed=7", "-S", "train.steps=12")
-    from hdmap_ad import checkpoint
+    from hdmap_ad.core import checkpoint
 
     reference = json.loads((repo / "metrics/train.json").read_text())
     reference_thresholds = checkpoint.load(repo / "models/model.pt")["thresholds"]
@@ -309,7 +309,7 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if state.is_file():
-            from hdmap_ad.checkpoint import load
+            from hdmap_ad.core.checkpoint import load
 
             if load(state)["step"] >= 4:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hdmap_ad import plots
+from hdmap_ad.pipeline import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

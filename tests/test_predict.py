@@ -41,7 +41,7 @@ def _tracking_env(monkeypatch, tiny_pipeline):
 
 
 def predict(args: list[str], pipeline: TinyPipeline) -> int:
-    from hdmap_ad.cli import main
+    from hdmap_ad.apps.cli import main
 
     return main(["predict", "--params", str(pipeline.params_file), "--device", "cpu", *map(str, args)])
 
@@ -145,7 +145,7 @@ def test_mlflow_run_id_and_registered_model(tiny_pipeline, tmp_path, capsys):
 
 def _sample(pipeline: TinyPipeline, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Four maps (good and faulty, two domains) and their scores from `hdmap-ad predict`."""
-    from hdmap_ad.data import read_map
+    from hdmap_ad.pipeline.data import read_map
 
     files = [sorted((pipeline.data_root / d / "test" / kind).glob("*.tif*"))[0]
              for d in pipeline.domains for kind in ("good", "fault")]
@@ -317,12 +317,12 @@ def test_pyfunc_stops_after_the_scoring_server_timeout(tiny_pipeline, monkeypatc
 
 @pytest.mark.parametrize("target", ["out_is_folder", "out_under_a_file", "maps_is_a_file"])
 def test_unwritable_outputs_fail_before_scoring(tiny_pipeline, tmp_path, monkeypatch, capsys, target):
-    from hdmap_ad import predict as predict_module
+    from hdmap_ad.core import inference
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored before checking the outputs")
 
-    monkeypatch.setattr(predict_module, "score_arrays", no_scoring)
+    monkeypatch.setattr(inference, "score_arrays", no_scoring)
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     extra = {"out_is_folder": ["--out", tmp_path],

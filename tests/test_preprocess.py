@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from hdmap_ad.data import DEFAULT_DOMAINS, PreparedData, read_map
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, PreparedData, read_map
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
 SIZES = [  # (resize, crop): the paper's square setting, the project's non-square defaults, odd margins (x.5 rounding)
     ((448, 448), (392, 392)),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_rel, wilcoxon
 
-from hdmap_ad.stats import (PairedResult, fill_holm, format_mean_std, holm_adjust, mean_std, paired_test,
+from hdmap_ad.pipeline.stats import (PairedResult, fill_holm, format_mean_std, holm_adjust, mean_std, paired_test,
                             significance_mark)
 
 BASE = {42: 0.971, 43: 0.965, 44: 0.980, 123: 0.958, 456: 0.975}
@@ -162,7 +162,7 @@ def test_paired_result_defaults():
 
 
 def test_unpaired_difference_of_means_without_common_seed():
-    from hdmap_ad.stats import unpaired_difference
+    from hdmap_ad.pipeline.stats import unpaired_difference
 
     r = unpaired_difference({42: 0.90, 43: 0.94}, {44: 0.95, 45: float("nan")})
     assert r.delta == pytest.approx(0.95 - 0.92) and r.baseline_seeds == [42, 43] and r.method_seeds == [44]

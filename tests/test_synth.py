@@ -1,4 +1,5 @@
-"""The synthetic HDMAP generator: layout, determinism, and the SPEC §1 properties it must reproduce."""
+"""The synthetic HDMAP generator: layout, determinism, and the properties it must reproduce
+(docs/design.md#data-synth)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 import tifffile
 from scipy import ndimage, stats
 
-from hdmap_ad.data import DEFAULT_DOMAINS, folder_phases, scan_root
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.synth import STYLES, SynthConfig, generate, make_domain
+from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases, scan_root
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.pipeline.synth import STYLES, SynthConfig, generate, make_domain
 
-SPEC_RAW_MAX = {"domain_A": 0.324670, "domain_B": 1.324418, "domain_C": 0.087341, "domain_D": 0.418999}
+REAL_RAW_MAX = {"domain_A": 0.324670, "domain_B": 1.324418, "domain_C": 0.087341, "domain_D": 0.418999}
 TINY = SynthConfig(n_train=8, n_test_good=6, n_test_fault=6)  # = the session fixture's config
 
 
@@ -85,18 +86,18 @@ def test_generate_is_atomic_and_validates(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # no temporary folders left
 
 
-# ------------------------------------------------------------------------------------------------ SPEC §1 properties
+# ------------------------------------------------------------------------------ docs/design.md#data-synth properties
 
 def test_raw_scales_and_minmax_by_train_max_without_clipping(synthetic_root, sets):
     summary = json.loads((synthetic_root / "synth.json").read_text())
     above_1 = 0
     for domain in DEFAULT_DOMAINS:
-        assert summary["domains"][domain]["raw_train_max"] == pytest.approx(SPEC_RAW_MAX[domain], rel=1e-9)
+        assert summary["domains"][domain]["raw_train_max"] == pytest.approx(REAL_RAW_MAX[domain], rel=1e-9)
         train = np.stack([tifffile.imread(p) for p in sorted((synthetic_root / domain / "train" / "good").iterdir())])
         assert train.max() == np.float32(1.0)   # divided by the train set's global max
         assert train.min() > 0.02               # min 0 in the scaling: the data's own minimum is not subtracted
         m = sets[domain]
-        assert m.train.max() == np.float32(1.0) and m.raw_train_max == pytest.approx(SPEC_RAW_MAX[domain], rel=1e-9)
+        assert m.train.max() == np.float32(1.0) and m.raw_train_max == pytest.approx(REAL_RAW_MAX[domain], rel=1e-9)
         test = np.concatenate([m.test_good, m.test_fault])
         above_1 += int((test.max(axis=(1, 2)) > 1).sum())
         # Test maps above 1 are warm or faulty: a cold normal map stays inside the train range.
@@ -132,7 +133,7 @@ def test_per_image_jitter_noise_skew_and_mean(sets):
         assert 0.05 < residual.std() < 0.4, domain                   # pixel noise, not dominating
         assert not np.array_equal(good[0], good[1])
         assert stats.skew(m.train.ravel()) > 0.3, domain           # right-skewed
-        assert 0.2 <= m.train.mean() <= 0.3, domain                 # scaled mean as in SPEC §1
+        assert 0.2 <= m.train.mean() <= 0.3, domain                 # scaled mean as in docs/design.md#data-layout
         assert 0.06 <= m.train.std() <= 0.12, domain
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hdmap_ad import tracking
+from hdmap_ad.pipeline import tracking
 import shipped
 
 
@@ -36,7 +36,7 @@ def test_experiment_created_once_with_artifacts_under_repo(monkeypatch, tmp_path
 
 
 def test_run_tags_carry_experiment_identity(monkeypatch):
-    from hdmap_ad.config import load_params
+    from hdmap_ad.core.config import load_params
 
     monkeypatch.setenv("DVC_EXP_NAME", "gruff-half")
     params = load_params(shipped.params_file(), ["method=focal", "seed=44"])
@@ -44,11 +44,11 @@ def test_run_tags_carry_experiment_identity(monkeypatch):
     assert tracking.run_name(params, "abc123") == f"focal-seed44-{tags['comparison_key'][:6]}"
     assert tags["comparison_key"] == params.comparison_key("abc123") != params.comparison_key("other data")
     assert tags["method"] == "focal" and tags["seed"] == "44"
-    assert tags["dvc_exp_name"] == "gruff-half" and tags["data_manifest_md5"] == "abc123"
+    assert tags["dvc_exp_name"] == "gruff-half" and tags["data_digest"] == "abc123"
 
 
 def test_unusable_store_is_one_clear_error(monkeypatch, tmp_path):
-    from hdmap_ad.errors import HdmapError
+    from hdmap_ad.core.errors import HdmapError
 
     (tmp_path / "a-file").write_text("not a folder")
     uri = f"sqlite:///{tmp_path}/a-file/mlflow.db"
@@ -58,7 +58,7 @@ def test_unusable_store_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
-    from hdmap_ad.config import load_params
+    from hdmap_ad.core.config import load_params
 
     path = shipped.params_file()
     base = load_params(path, ["method=baseline", "seed=42"])
@@ -72,7 +72,7 @@ def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
 def test_dataset_input_is_the_prepared_manifest_with_its_hash(monkeypatch, tmp_path, prepared_dir):
     import mlflow
 
-    from hdmap_ad.data import PreparedData
+    from hdmap_ad.pipeline.data import PreparedData
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -83,5 +83,5 @@ def test_dataset_input_is_the_prepared_manifest_with_its_hash(monkeypatch, tmp_p
         tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")  # a resumed run logs it again
     (logged,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     assert logged.dataset.name == "data/raw/1000_tiff_minmax"
-    assert logged.dataset.digest == prepared.manifest_md5()
+    assert logged.dataset.digest == prepared.data_digest()
     assert [t.value for t in logged.tags] == ["training"]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad import checkpoint
-from hdmap_ad.config import load_params
-from hdmap_ad.errors import HdmapError
-from hdmap_ad.methods.baseline import Baseline
-from hdmap_ad.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
+from hdmap_ad.core import checkpoint
+from hdmap_ad.core.config import load_params
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.methods.baseline import Baseline
+from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
 
 
 def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
-    from hdmap_ad import training
+    from hdmap_ad.pipeline import training
 
     train(tiny_params(prepared_dir, "train.resume=auto"))
     capsys.readouterr()
@@ -70,6 +70,26 @@ def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypa
     train(tiny_params(prepared_dir, "train.resume=auto"))
     err = capsys.readouterr().err
     assert "different configuration, code or data; starting afresh" in err and "resuming from" not in err
+
+
+def test_a_finished_state_with_other_score_settings_gets_a_run_of_its_own(workdir, prepared_dir, capsys):
+    """Changing score.* keeps the weights (the state resumes at its last step) but changes what the run
+    is compared by: the earlier run keeps its params and results, the new settings get a new run."""
+    import mlflow
+
+    first = train(tiny_params(prepared_dir, "train.resume=auto"))
+    again = train(tiny_params(prepared_dir, "train.resume=auto"))
+    assert again["run_id"] == first["run_id"]  # same settings: the same run
+    capsys.readouterr()
+    other = train(tiny_params(prepared_dir, "train.resume=auto", "score.top_ratio=0.05"))
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "into a new MLflow run" in err
+    assert other["run_id"] != first["run_id"]
+    client = mlflow.MlflowClient()
+    old, new = client.get_run(first["run_id"]), client.get_run(other["run_id"])
+    assert old.data.params["score.top_ratio"] == "0.01" and new.data.params["score.top_ratio"] == "0.05"
+    assert old.data.tags["comparison_key"] != new.data.tags["comparison_key"]
+    assert new.data.tags["resumed_from_run"] == first["run_id"]
 
 
 def _nan_at(steps: set[int], monkeypatch) -> None:
@@ -107,7 +127,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(workdir, prepared_dir, 
 
 
 def test_plain_progress_lines_give_rate_and_eta(monkeypatch, capsys):
-    from hdmap_ad import runtime
+    from hdmap_ad.core import runtime
 
     times = [100.0, 100.0, 110.0]  # created and entered at t=100; 5 steps done 10 s later
     monkeypatch.setattr(runtime.StepProgress, "clock", staticmethod(lambda: times.pop(0)))

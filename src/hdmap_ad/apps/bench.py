@@ -1,0 +1,754 @@
+"""`hdmap-ad bench`: our Dinomaly against anomalib's, same shapes, same device, side by side.
+
+    hdmap-ad bench                                  quick profile shapes + 392x392, ViT-S, batch 8
+    hdmap-ad bench --size 392x392 --batch 8 --steps 5
+    hdmap-ad bench --sweep-sizes 56x196,112x392,224x392 --sweep-batch 8 --no-anomalib
+
+For every case (input size H×W after the center crop, batch B, encoder) each *phase* runs in a
+fresh Python subprocess, so that its memory high-water mark is its own and phases cannot warm or
+pollute each other:
+
+  ours_train_cache_on    our real training step with the encoder-feature cache (features.Cached)
+  ours_train_cache_off   the same step encoding every batch on the fly (features.OnTheFly)
+  ours_infer             packed float32 maps -> image scores through inference.score_maps
+  anomalib_train         anomalib's DinomalyModel: its forward+loss (CosineHardMiningLoss), its
+                         StableAdamW + WarmCosineScheduler as its Lightning module configures them,
+                         gradient clip 0.1 (its trainer argument); preprocessing with its transforms
+  anomalib_infer         packed maps -> its transforms -> DinomalyModel.eval() under inference_mode
+                         (what Lightning's validate/predict loops use) -> pred_score
+  matmul                 a timed float32 matmul (n=2048 on CPU, 8192 on CUDA) with the same threads:
+                         the device's practical FLOP/s peak
+
+Measured per phase: seconds per step for `--warmup` untimed then `--steps` timed steps (images/s =
+B / median step time; the mean is kept too), peak memory (CPU: the subprocess's RSS high-water
+mark from getrusage, and the same minus the RSS right after imports, i.e. what the model, its
+data, activations, optimizer and cache took; CUDA: torch.cuda.max_memory_allocated), FLOPs per
+image from torch.utils.flop_counter.FlopCounterMode over one step (matmul-class ops only, the
+usual convention), and achieved FLOP/s = FLOPs per step / median step time.
+
+Both models get RANDOM encoder weights (speed does not depend on them): ours through
+`model.weights=random`, anomalib's by making its feature extractor call timm with
+`pretrained=False` inside the benchmark subprocess only. HF_HUB_OFFLINE=1 is set, nothing is
+downloaded. Numbers on a shared machine are noisy: `--repeat R` reruns every phase R times,
+interleaved, and reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hdmap_ad.core.config import HDMAP_DOMAINS
+from hdmap_ad.core.errors import HdmapError
+
+DEFAULT_OUT = Path("benchmarks/results/bench.json")
+PAPER_MAPS = 4 * 1000          # 4 domains × 1000 training maps (docs/design.md#data-layout)
+RAW_DOMAINS = list(HDMAP_DOMAINS)
+ANOMALIB_ENCODERS = {"small": "vit_small_patch14_reg4_dinov2", "base": "vit_base_patch14_reg4_dinov2",
+                     "large": "vit_large_patch14_reg4_dinov2"}
+HARD_MINING_STEP = 1000        # global step passed to both losses: hard mining at its final ratio (0.9)
+OURS_TRAIN = ("ours_train_cache_on", "ours_train_cache_off")
+PHASE_LABEL = {
+    "ours_train_cache_on": ("train", "ours, cache on"),
+    "ours_train_cache_off": ("train", "ours, cache off"),
+    "anomalib_train": ("train", "anomalib"),
+    "ours_infer": ("infer", "ours"),
+    "anomalib_infer": ("infer", "anomalib"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    crop: tuple[int, int]
+    resize: tuple[int, int]
+    batch: int
+    encoder: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.crop[0]}x{self.crop[1]} b{self.batch} {self.encoder}"
+
+    def tokens(self, prefix: int = 5, patch: int = 14) -> tuple[int, int]:
+        n = (self.crop[0] // patch) * (self.crop[1] // patch)
+        return prefix + n, n
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 392x392, got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 14 or w % 14:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be positive multiples of the patch size 14")
+    return h, w
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [_size(t) for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench", parents=[common], help="measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=["quick", "paper"], help="params profile whose shapes and encoder to use (default: params.yaml's)")
+    p.add_argument("--encoder", help="small | base | large (default: the profile's model.encoder)")
+    p.add_argument("--size", type=_size, help="input size HxW after the crop (default: the profile's crop and 392x392)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per phase (default: 4)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    p.add_argument("--repeat", type=int, default=1, help="run every phase this many times, interleaved; report the median")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every phase (default 0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall clock (default) or by this process's CPU time: with --threads 1 the "
+                        "latter is robust to other jobs on a shared machine")
+    p.add_argument("--sweep-sizes", type=_sizes, metavar="HxW,...", help="sizes to sweep (time per image vs tokens)")
+    p.add_argument("--sweep-batch", type=_ints, metavar="N,...", help="batch sizes to sweep")
+    p.add_argument("--no-anomalib", action="store_true", help="measure only our implementation")
+    p.add_argument("--no-cache-off", action="store_true", help="skip the cache-off training phase")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder (as train.compile does)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default: {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hdmap_ad.core.config import load_params
+    from hdmap_ad.core.files import write_json
+    from hdmap_ad.core.runtime import console
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the benchmark never downloads (random weights on both sides)
+    overrides = list(args.set)
+    if args.profile:
+        overrides.append(f"profile={args.profile}")
+    params = load_params(args.params, overrides)
+    if args.batch <= 0 or args.steps <= 0 or args.warmup < 0 or args.repeat <= 0:
+        raise HdmapError("--batch, --steps and --repeat must be positive, --warmup non-negative")
+    cases = plan_cases(params, args)
+    device = _resolve_device(args.device)
+    anomalib_version = None if args.no_anomalib else _anomalib_version()
+    use_anomalib = anomalib_version is not None and not params.model.encoder_overrides
+    if not args.no_anomalib and not use_anomalib:
+        why = "not importable" if anomalib_version is None else "model.encoder_overrides is set (anomalib builds the named architecture)"
+        console.print(f"[yellow]anomalib comparison skipped: {why}[/]")
+
+    phases = ["ours_train_cache_on"] + ([] if args.no_cache_off else ["ours_train_cache_off"]) + ["ours_infer"]
+    if use_anomalib:
+        phases += ["anomalib_train", "anomalib_infer"]
+    base = {"resolved": params.resolved(), "device": device, "threads": args.threads, "warmup": args.warmup,
+            "steps": args.steps, "compile": args.compile, "clock": args.clock,
+            "raw_size": [params.synth.height, params.synth.width], "anomalib": use_anomalib}
+
+    peak = _median_runs([_run_phase({**base, "phase": "matmul"}) for _ in range(args.repeat)])
+    console.print(f"matmul peak on {device} ({peak.get('threads')} threads): {peak['gflops']:.1f} GFLOP/s float32")
+    results: list[dict[str, Any]] = []
+    for case in cases:
+        runs: dict[str, list[dict[str, Any]]] = {ph: [] for ph in phases}
+        for r in range(args.repeat):
+            for ph in phases:
+                console.print(f"[dim]{case.name}: {ph} (run {r + 1}/{args.repeat})[/]")
+                runs[ph].append(_run_phase({**base, "phase": ph, "case": asdict(case)}))
+        measured = {ph: _median_runs(rs) for ph, rs in runs.items()}
+        for m in measured.values():
+            if m.get("flops_per_step") and m.get("step_s"):
+                m["gflops_achieved"] = m["flops_per_step"] / m["step_s"] / 1e9
+                m["pct_of_matmul_peak"] = 100 * m["gflops_achieved"] / peak["gflops"]
+        t, n = case.tokens()
+        results.append({"name": case.name, **asdict(case), "tokens_per_image": t, "patch_tokens": n,
+                        "phases": measured, "ratios": _ratios(measured),
+                        "runs": {ph: rs for ph, rs in runs.items()} if args.repeat > 1 else None})
+
+    cache = paper_cache_estimate(args.params)
+    result = {
+        "command": command_line(args),
+        "device": device, "cpu": _cpu_name(), "threads": peak.get("threads"), "torch": peak.get("torch"),
+        "anomalib": anomalib_version if use_anomalib else None, "profile": params.profile,
+        "settings": {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
+                     "clock": args.clock,
+                     "hard_mining_step": HARD_MINING_STEP},
+        "matmul_peak": peak, "cases": results, "paper_cache": cache,
+        "notes": {
+            "images_per_s": "batch / median step time over the timed steps (median over --repeat runs)",
+            "speedup": "ours images/s divided by anomalib images/s: > 1 means ours is faster",
+            "memory_ratio": "ours peak divided by anomalib peak: < 1 means ours needs less",
+            "peak_mb": "CPU: RSS high-water of the phase's own process minus its RSS after imports; CUDA: max_memory_allocated",
+            "flops": "FlopCounterMode over one step, matmul-class ops; cache-on training excludes the encoder (paid once, see cache_build_s)",
+        },
+    }
+    write_json(result, args.out)
+    console.print(results_table(result))
+    if len(cases) > 1:
+        console.print(sweep_table(result))
+    console.print(cache_text(cache))
+    console.print(f"written {args.out}")
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `hdmap-ad bench` call that reproduces this result (options as parsed)."""
+    parts = ["hdmap-ad", "bench"]
+    if str(args.params) != "params.yaml":
+        parts += ["--params", str(args.params)]
+    parts += [f"--set {s}" for s in args.set]
+    for name in ("profile", "encoder", "device", "threads", "clock", "batch", "steps", "warmup", "repeat"):
+        value = getattr(args, name)
+        if value is not None:
+            parts.append(f"--{name} {value}")
+    if args.size:
+        parts.append(f"--size {args.size[0]}x{args.size[1]}")
+    if args.sweep_sizes:
+        parts.append("--sweep-sizes " + ",".join(f"{h}x{w}" for h, w in args.sweep_sizes))
+    if args.sweep_batch:
+        parts.append("--sweep-batch " + ",".join(map(str, args.sweep_batch)))
+    parts += [f"--{flag}" for flag in ("no-anomalib", "no-cache-off", "compile") if getattr(args, flag.replace("-", "_"))]
+    parts.append(f"--out {args.out}")
+    return " ".join(parts)
+
+
+def plan_cases(params, args: argparse.Namespace) -> list[Case]:
+    encoder = args.encoder or params.model.encoder
+    crop, resize = tuple(params.preprocess.crop), tuple(params.preprocess.resize)
+
+    def make(size: tuple[int, int], batch: int) -> Case:
+        # The profile's own crop keeps its resize; other sizes resize by the paper's 448/392 = 8/7.
+        rs = resize if tuple(size) == crop else (round(size[0] * 8 / 7), round(size[1] * 8 / 7))
+        return Case(tuple(size), tuple(rs), batch, encoder)
+
+    if args.sweep_sizes or args.sweep_batch:
+        sizes = args.sweep_sizes or [args.size or crop]
+        batches = args.sweep_batch or [args.batch]
+        return [make(s, b) for s in sizes for b in batches]
+    if args.size:
+        return [make(args.size, args.batch)]
+    cases = [make(crop, args.batch)]
+    if crop != (392, 392):
+        cases.append(make((392, 392), args.batch))
+    return cases
+
+
+def _resolve_device(spec: str) -> str:
+    from hdmap_ad.core.runtime import select_device
+
+    return str(select_device(spec))
+
+
+def _anomalib_version() -> str | None:
+    try:
+        import importlib.metadata as md
+
+        import anomalib.models.image.dinomaly  # noqa: F401
+        return md.version("anomalib")
+    except Exception:  # not installed, or it fails to import: the comparison is optional
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------------
+# running phases in subprocesses
+
+
+def _run_phase(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter; return its measurement dict."""
+    with tempfile.TemporaryDirectory(prefix="hdmap-bench-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CI="1",
+                   PYTHONWARNINGS="ignore")
+        proc = subprocess.run([sys.executable, "-m", "hdmap_ad.apps.bench", str(spec_file), str(out_file)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_file.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise HdmapError(f"benchmark phase {spec['phase']} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out_file.read_text())
+
+
+def _median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric field over repeated runs (lists and strings from the first run)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            out[key] = statistics.median(vals)
+    if out.get("step_s") and out.get("batch"):
+        out["images_per_s"] = out["batch"] / out["step_s"]
+        out["ms_per_image"] = 1000 * out["step_s"] / out["batch"]
+    return out
+
+
+def _ratios(m: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    def div(a: str, b: str, key: str) -> float | None:
+        x, y = m.get(a, {}).get(key), m.get(b, {}).get(key)
+        return x / y if x and y else None
+
+    return {
+        "train_speedup_cache_on": div("ours_train_cache_on", "anomalib_train", "images_per_s"),
+        "train_speedup_cache_off": div("ours_train_cache_off", "anomalib_train", "images_per_s"),
+        "infer_speedup": div("ours_infer", "anomalib_infer", "images_per_s"),
+        "train_memory_ratio_cache_on": div("ours_train_cache_on", "anomalib_train", "peak_mb"),
+        "train_memory_ratio_cache_off": div("ours_train_cache_off", "anomalib_train", "peak_mb"),
+        "infer_memory_ratio": div("ours_infer", "anomalib_infer", "peak_mb"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the phases (run inside the subprocess)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _params_for(spec: dict[str, Any], feature_cache: str = "off"):
+    from hdmap_ad.core.checkpoint import params_from_resolved
+
+    case = spec["case"]
+    raw = json.loads(json.dumps(spec["resolved"]))
+    raw["preprocess"] = {"resize": list(case["resize"]), "crop": list(case["crop"])}
+    raw["model"].update(encoder=case["encoder"], weights="random")
+    raw["train"].update(batch_size=case["batch"], device=spec["device"], feature_cache=feature_cache,
+                        feature_cache_max_gb=1e6, compile=bool(spec["compile"]), num_threads=spec["threads"])
+    raw["evaluate"]["batch_size"] = case["batch"]
+    return params_from_resolved(raw)
+
+
+def _maps(n: int, spec: dict[str, Any], seed: int = 0):
+    """n raw maps of the HDMAP geometry (synth.height × synth.width), float32, HDMAP-like range."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.gamma(8.0, 0.03, size=(n, *spec["raw_size"])).astype(np.float32)
+
+
+def _timed(fn, warmup: int, steps: int, device, clock: str = "wall") -> tuple[list[float], float, list[float]]:
+    """Run fn(i) warmup+steps times. Returns the timed steps' seconds on `clock` (wall: elapsed;
+    cpu: this process's CPU time, robust to other load when --threads 1), the first call's wall
+    seconds (compile / first-touch cost), and the timed steps' other-clock seconds."""
+    first, times, other = 0.0, [], []
+    for i in range(warmup + steps):
+        _sync(device)
+        w, c = time.perf_counter(), time.process_time()
+        fn(i)
+        _sync(device)
+        dw, dc = time.perf_counter() - w, time.process_time() - c
+        if i == 0:
+            first = dw
+        if i >= warmup:
+            times.append(dc if clock == "cpu" else dw)
+            other.append(dw if clock == "cpu" else dc)
+    return times, first, other
+
+
+def _summary(times: list[float], first: float, other: list[float], flops: int, batch: int, clock: str) -> dict[str, Any]:
+    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
+            "clock": clock, ("wall_s" if clock == "cpu" else "cpu_s"): statistics.median(other),
+            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / batch, "batch": batch}
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
+    import torch
+
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times, _, _ = _timed(lambda i: a @ b, 3, 10, device, spec.get("clock", "wall"))
+    return {"n": n, "dtype": "float32", "step_s": None, "matmul_s": statistics.median(times),
+            "gflops": 2 * n**3 / statistics.median(times) / 1e9, "gflops_best": 2 * n**3 / min(times) / 1e9}
+
+
+def ours_train_step(model, method, optimizer, features, params, device, n_maps: int, scaler=None):
+    """A closure `step(i) -> loss` running training.train_step, the training loop's own step, with
+    its lr schedule and batch draw; steps count from HARD_MINING_STEP (hard mining at full ratio)."""
+    import numpy as np
+    import torch
+
+    from hdmap_ad.core.optim import warm_cosine_lr
+    from hdmap_ad.pipeline.training import batch_indices, build_optimizer, set_lr, train_step
+
+    t = params.train
+    domain_ids = np.zeros(n_maps, dtype=np.int64)
+    scaler = scaler or build_optimizer(model, method, params, device)[1]
+
+    def step(i: int) -> float:
+        gstep = HARD_MINING_STEP + i
+        set_lr(optimizer, warm_cosine_lr(gstep, t.lr, t.final_lr, max(t.steps, gstep + 1), t.warmup_steps))
+        idx = batch_indices(n_maps, t.batch_size, i, params.seed)
+        return train_step(model, method, optimizer, scaler, features, idx, domain_ids[idx], gstep, params, device).loss
+
+    return step
+
+
+def _build_ours(params, device):
+    import torch
+
+    from hdmap_ad.core import checkpoint
+    from hdmap_ad.core.runtime import seed_everything
+    from hdmap_ad.pipeline.training import build_optimizer
+
+    t = params.train
+    seed_everything(params.seed)
+    model, method = checkpoint.build(params, RAW_DOMAINS, device)
+    optimizer, _ = build_optimizer(model, method, params, device)
+    if t.compile:
+        model.decoder = torch.compile(model.decoder)
+    return model, method, optimizer
+
+
+def _phase_ours_train(spec: dict[str, Any], device, cache: str) -> dict[str, Any]:
+    import torch
+
+    from hdmap_ad.core.features import cache_bytes, make_feature_source
+
+    params = _params_for(spec, feature_cache=cache)
+    b, warmup, steps = params.train.batch_size, spec["warmup"], spec["steps"]
+    n_maps = b * (warmup + steps + 1)  # every step (and the FLOP-counted one) draws maps not seen before
+    maps = _maps(n_maps, spec)
+    model, method, optimizer = _build_ours(params, device)
+    model.train()
+    method.train()
+    _sync(device)
+    t0 = time.perf_counter()
+    features = make_feature_source(model, maps, params, device)
+    _sync(device)
+    cache_build_s = time.perf_counter() - t0 if cache == "on" else 0.0
+    step = ours_train_step(model, method, optimizer, features, params, device, n_maps)
+    times, first, other = _timed(step, warmup, steps, device, spec.get("clock", "wall"))
+    flops = _flops(lambda: step(warmup + steps))
+    out = {**_summary(times, first, other, flops, b, spec.get("clock", "wall")),
+           "feature_cache": features.describe(), "n_maps": n_maps}
+    if cache == "on":
+        encode_flops = _flops(lambda: features_for_flops(model, maps[:b], params, device))
+        out.update(cache_build_s=cache_build_s, cache_mb=cache_bytes(model, n_maps, params, device) / 2**20,
+                   encoder_flops_per_image=encode_flops / b)
+    return out
+
+
+def features_for_flops(model, maps, params, device):
+    from hdmap_ad.core.features import OnTheFly
+    import numpy as np
+
+    import torch
+
+    with torch.no_grad():
+        return OnTheFly(model, maps, params, device).batch(np.arange(len(maps)))
+
+
+def _phase_ours_infer(spec: dict[str, Any], device) -> dict[str, Any]:
+    import torch
+
+    from hdmap_ad.core.inference import score_maps
+
+    params = _params_for(spec)
+    b, warmup, steps = params.train.batch_size, spec["warmup"], spec["steps"]
+    maps = _maps(b * (warmup + steps + 1), spec, seed=1)
+    model, method, _ = _build_ours(params, device)
+    model.eval()
+    method.eval()
+
+    def run(i: int):
+        return score_maps(model, method, maps[i * b:(i + 1) * b], params, device, b).scores
+
+    times, first, other = _timed(run, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: run(warmup + steps)), b, spec.get("clock", "wall"))
+
+
+def _anomalib_model(case: dict[str, Any]):
+    """anomalib's DinomalyModel with random encoder weights, trainable part initialised as its
+    Lightning module does. Its feature extractor asks timm for pretrained weights: only here, and
+    only in this subprocess, that call is redirected to pretrained=False."""
+    import timm
+    import torch
+
+    import anomalib.models.components.feature_extractors.timm as fe
+    from anomalib.models.image.dinomaly.lightning_model import Dinomaly
+    from anomalib.models.image.dinomaly.torch_model import DinomalyModel
+
+    class _OfflineTimm:
+        def __getattr__(self, name: str):
+            return getattr(timm, name)
+
+        @staticmethod
+        def create_model(*args, **kwargs):
+            kwargs["pretrained"] = False
+            return timm.create_model(*args, **kwargs)
+
+    fe.timm = _OfflineTimm()
+    torch.manual_seed(0)
+    model = DinomalyModel(encoder_name=ANOMALIB_ENCODERS.get(case["encoder"], case["encoder"])).float()
+    for p in model.parameters():
+        p.requires_grad = False
+    trainable = torch.nn.ModuleList([model.bottleneck, model.decoder])
+    for p in trainable.parameters():
+        p.requires_grad = True
+    Dinomaly._initialize_trainable_modules(trainable)
+    return model, trainable
+
+
+def _anomalib_preprocess(case: dict[str, Any], device):
+    """anomalib's Dinomaly pre-processor (Resize, CenterCrop, ImageNet Normalize) for our sizes,
+    applied to a batch of grayscale maps repeated to 3 channels."""
+    import torch
+    from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
+
+    transform = Compose([Resize(tuple(case["resize"])), CenterCrop(tuple(case["crop"])),
+                         Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+    def run(maps) -> torch.Tensor:
+        x = torch.from_numpy(maps).to(device).unsqueeze(1).expand(-1, 3, -1, -1)
+        return transform(x)
+
+    return run
+
+
+def _phase_anomalib_train(spec: dict[str, Any], device) -> dict[str, Any]:
+    import torch
+
+    from anomalib.models.image.dinomaly.components import StableAdamW, WarmCosineScheduler
+    from anomalib.models.image.dinomaly.lightning_model import TRAINING_CONFIG
+
+    case = spec["case"]
+    b, warmup, steps = case["batch"], spec["warmup"], spec["steps"]
+    maps = _maps(b * (warmup + steps + 1), spec)
+    model, trainable = _anomalib_model(case)
+    model = model.to(device).train()
+    optimizer = StableAdamW([{"params": trainable.parameters()}], **TRAINING_CONFIG["optimizer"])
+    scheduler = WarmCosineScheduler(optimizer, **{**TRAINING_CONFIG["scheduler"], "total_iters": 3000})
+    clip = TRAINING_CONFIG["trainer"]["gradient_clip_val"]
+    preprocess = _anomalib_preprocess(case, device)
+    trainable_params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(i: int) -> float:  # Lightning's automatic optimisation, without the trainer around it
+        images = preprocess(maps[i * b:(i + 1) * b])
+        optimizer.zero_grad()
+        loss = model(images, global_step=HARD_MINING_STEP + i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_params, clip)
+        optimizer.step()
+        scheduler.step()
+        return float(loss)
+
+    times, first, other = _timed(step, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: step(warmup + steps)), b, spec.get("clock", "wall"))
+
+
+def _phase_anomalib_infer(spec: dict[str, Any], device) -> dict[str, Any]:
+    import torch
+
+    case = spec["case"]
+    b, warmup, steps = case["batch"], spec["warmup"], spec["steps"]
+    maps = _maps(b * (warmup + steps + 1), spec, seed=1)
+    model, _ = _anomalib_model(case)
+    model = model.to(device).eval()
+    preprocess = _anomalib_preprocess(case, device)
+
+    def run(i: int):
+        with torch.inference_mode():
+            out = model(preprocess(maps[i * b:(i + 1) * b]))
+        return out.pred_score.double().cpu().numpy()
+
+    times, first, other = _timed(run, warmup, steps, device, spec.get("clock", "wall"))
+    return _summary(times, first, other, _flops(lambda: run(warmup + steps)), b, spec.get("clock", "wall"))
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one phase in this process (called in a fresh subprocess by `_run_phase`)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    phase = spec["phase"]
+    # Both stacks are imported in every model phase (when anomalib is compared), so all phases
+    # start from the same interpreter state and RSS baseline; import costs are nobody's memory.
+    if phase.startswith("anomalib") or (phase.startswith("ours") and spec.get("anomalib")):
+        import anomalib.models.image.dinomaly  # noqa: F401
+        import torchvision.transforms.v2  # noqa: F401
+    if phase.startswith("ours") or (phase.startswith("anomalib")):
+        import timm  # noqa: F401  (imported lazily by both models' constructors)
+        import timm.models.vision_transformer  # noqa: F401
+
+        import hdmap_ad.core.features  # noqa: F401
+        import hdmap_ad.core.inference  # noqa: F401
+        import hdmap_ad.pipeline.training  # noqa: F401
+    rss0 = _rss_mb()
+    load0 = os.getloadavg()[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = {
+        "matmul": _phase_matmul,
+        "ours_train_cache_on": lambda s, d: _phase_ours_train(s, d, "on"),
+        "ours_train_cache_off": lambda s, d: _phase_ours_train(s, d, "off"),
+        "ours_infer": _phase_ours_infer,
+        "anomalib_train": _phase_anomalib_train,
+        "anomalib_infer": _phase_anomalib_infer,
+    }[phase]
+    out = run(spec, device)
+    peak_rss = _maxrss_mb()
+    out.update(phase=phase, threads=torch.get_num_threads(), torch=torch.__version__, rss_after_imports_mb=rss0,
+               peak_rss_mb=peak_rss, loadavg_start=load0, loadavg_end=os.getloadavg()[0])
+    if device.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_mb"] = peak_rss - rss0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper setting's cache and the tables
+
+
+def paper_cache_estimate(params_file: Path | str) -> dict[str, Any]:
+    """features.cache_bytes for the paper setting: 4 domains × 1000 maps, ViT-B/14, 392×392 crop."""
+    import torch
+
+    from hdmap_ad.core.checkpoint import dinomaly_config
+    from hdmap_ad.core.config import load_params
+    from hdmap_ad.core.features import cache_bytes
+    from hdmap_ad.core.model import Dinomaly
+
+    random = ["model.weights=random", "model.encoder_overrides={}"]
+    try:  # the paper profile, with random weights: only shapes matter here, nothing is loaded
+        paper = load_params(params_file, ["profile=paper", *random, "profiles.paper.model.weights=random"])
+    except HdmapError:  # a params file without the paper profile: its values from docs/design.md#paper-setting
+        paper = load_params(params_file, [*random, "model.encoder=base", "preprocess.resize=[448,448]",
+                                          "preprocess.crop=[392,392]"])
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = Dinomaly(dinomaly_config(paper))
+    out = {"n_maps": PAPER_MAPS, "encoder": paper.model.encoder, "crop": list(paper.preprocess.crop),
+           "amp": paper.train.amp, "feature_cache_max_gb": paper.train.feature_cache_max_gb}
+    for dev in ("cuda", "cpu"):
+        out[f"{dev}_gib"] = cache_bytes(model, PAPER_MAPS, paper, torch.device(dev)) / 2**30
+    out["per_map_mib_cuda"] = out["cuda_gib"] * 1024 / PAPER_MAPS
+    return out
+
+
+def cache_text(c: dict[str, Any]) -> str:
+    fits = "fits" if c["cuda_gib"] <= c["feature_cache_max_gb"] else "does NOT fit"
+    return (f"feature cache, paper setting ({c['n_maps']} maps, ViT-{c['encoder'][0].upper()}/14, "
+            f"{c['crop'][0]}x{c['crop'][1]}): {c['cuda_gib']:.1f} GiB on CUDA with amp={c['amp']} "
+            f"({c['per_map_mib_cuda']:.2f} MiB/map; {fits} under feature_cache_max_gb={c['feature_cache_max_gb']:g}), "
+            f"{c['cpu_gib']:.1f} GiB in float32 on CPU. feature_cache=auto caches only under feature_cache_max_gb "
+            f"and half the free memory, and encodes per batch otherwise.")
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def results_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    peak = result["matmul_peak"]["gflops"]
+    table = Table(title=f"hdmap-ad bench on {result['device']} ({result['cpu']}, {result['threads']} threads); "
+                        f"matmul peak {peak:.0f} GFLOP/s; median over {result['settings']['steps']} steps "
+                        f"x {result['settings']['repeat']} run(s)")
+    for col in ("case", "phase", "impl", "img/s", "ms/img", "peak MB", "GFLOP/img", "GFLOP/s", "% peak",
+                "speed-up\nours/anomalib", "memory\nours/anomalib"):
+        table.add_column(col, justify="left" if col in ("case", "phase", "impl") else "right")
+    for case in result["cases"]:
+        ph, r = case["phases"], case["ratios"]
+        for key, (kind, impl) in PHASE_LABEL.items():
+            m = ph.get(key)
+            if m is None:
+                continue
+            speed = mem = None
+            if key == "ours_train_cache_on":
+                speed, mem = r["train_speedup_cache_on"], r["train_memory_ratio_cache_on"]
+            elif key == "ours_train_cache_off":
+                speed, mem = r["train_speedup_cache_off"], r["train_memory_ratio_cache_off"]
+            elif key == "ours_infer":
+                speed, mem = r["infer_speedup"], r["infer_memory_ratio"]
+            table.add_row(case["name"], kind, impl, _fmt(m["images_per_s"]), _fmt(m["ms_per_image"], 1),
+                          _fmt(m["peak_mb"], 0), _fmt(m["flops_per_image"] / 1e9, 2),
+                          _fmt(m.get("gflops_achieved"), 1), _fmt(m.get("pct_of_matmul_peak"), 0),
+                          _fmt(speed) + ("x" if speed else ""), _fmt(mem) + ("x" if mem else ""))
+        table.add_section()
+    table.caption = ("speed-up = ours img/s / anomalib img/s (>1: ours faster); memory = ours peak / anomalib peak "
+                     "(<1: ours leaner); peak MB on CPU = RSS high-water of the phase's process above its RSS after "
+                     "imports; cache-on GFLOP/img excludes the once-per-map encoder pass")
+    return table
+
+
+def sweep_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    cols = ["ours_train_cache_on", "ours_train_cache_off", "anomalib_train", "ours_infer", "anomalib_infer"]
+    table = Table(title="time per image vs tokens per image (ms/img)")
+    for col in ("size", "batch", "tokens/img", *cols):
+        table.add_column(col, justify="right")
+    for case in sorted(result["cases"], key=lambda c: (c["tokens_per_image"], c["batch"])):
+        ph = case["phases"]
+        table.add_row(f"{case['crop'][0]}x{case['crop'][1]}", str(case["batch"]), str(case["tokens_per_image"]),
+                      *[_fmt(ph[c]["ms_per_image"], 1) if c in ph else "-" for c in cols])
+    return table
+
+
+if __name__ == "__main__":
+    spec_path, out_path = Path(sys.argv[1]), Path(sys.argv[2])
+    from hdmap_ad.core.files import write_json as _write_json
+
+    _write_json(run_worker(json.loads(spec_path.read_text())), out_path)

@@ -1,0 +1,2 @@
+"""The model core: pure PyTorch model, methods, optimiser, preprocessing, inference, checkpoints,
+params, devices. Imports nothing from `hdmap_ad.pipeline` or `hdmap_ad.apps`."""

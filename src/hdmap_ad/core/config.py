@@ -1,0 +1,338 @@
+"""params.yaml: load, apply the profile, validate, and hand out typed sections.
+
+`params.yaml` is the single source of tunable settings. Loading resolves the active profile
+(`profiles.<profile>` is deep-merged over the base sections), picks the active method's own
+section, and validates everything; any problem is one HdmapError naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.method_params import METHOD_PARAMS
+
+DEFAULT_PARAMS = Path("params.yaml")
+# The four HDMAP domains (the default of data.domains; the synthetic generator models these four).
+HDMAP_DOMAINS: tuple[str, ...] = ("domain_A", "domain_B", "domain_C", "domain_D")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    # The folder `prepare` reads; dvc.yaml lists it as the prepare stage's dependency, so an edit of any
+    # map in it (inside or outside the repository) reruns prepare.
+    root: str = "data/raw/synthetic"
+    domains: list[str] = Field(default_factory=lambda: list(HDMAP_DOMAINS), min_length=1)
+    prepared: str = "data/prepared"
+    val_ratio: float = Field(0.1, gt=0, lt=1)
+
+    @field_validator("domains")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"domains listed twice: {v}")
+        return v
+
+
+class SynthParams(Section):
+    out: str = "data/raw/synthetic"
+    n_train: int = Field(200, gt=0)
+    n_test_good: int = Field(100, gt=1)
+    n_test_fault: int = Field(100, gt=1)
+    height: int = Field(31, ge=8)
+    width: int = Field(95, ge=8)
+    seed: int = 0
+
+
+class PreprocessParams(Section):
+    resize: tuple[int, int] = (448, 448)
+    crop: tuple[int, int] = (392, 392)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "PreprocessParams":
+        if any(s <= 0 for s in (*self.resize, *self.crop)):
+            raise ValueError(f"sizes must be positive, got resize={self.resize} crop={self.crop}")
+        if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+        if self.crop[0] % 14 or self.crop[1] % 14:
+            raise ValueError(f"crop {self.crop} must be a multiple of the patch size 14")
+        return self
+
+
+class ModelParams(Section):
+    encoder: str = "base"
+    weights: str = "random"
+    target_blocks: list[int] | None = None
+    fuse_groups: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    decoder_depth: int = Field(8, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    bottleneck_dropout: float = Field(0.2, ge=0, lt=1)
+    ln_eps: float = Field(1e-8, gt=0)
+    init_std: float = Field(0.01, gt=0)
+    init_cutoff: float = Field(0.03, gt=0)
+    encoder_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoreParams(Section):
+    size: tuple[int, int] = (256, 256)
+    blur_kernel: int = Field(5, gt=0)
+    blur_sigma: float = Field(4.0, gt=0)
+    top_ratio: float = Field(0.01, gt=0, le=1)
+
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError(f"blur kernel size must be odd, got {v}")
+        return v
+
+
+class HardMiningParams(Section):
+    factor: float = Field(0.1, ge=0, le=1)
+    max_ratio: float = Field(0.9, ge=0, lt=1)
+    ramp_steps: int = Field(1000, gt=0)
+
+
+class TrainParams(Section):
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    final_lr: float = Field(2e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    eps: float = Field(1e-10, gt=0)
+    grad_clip: float = Field(0.1, gt=0)
+    hard_mining: HardMiningParams = HardMiningParams()
+    device: str = "auto"
+    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    compile: bool = False
+    num_threads: int = Field(0, ge=0)
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+    feature_cache_max_gb: float = Field(4.0, ge=0)
+    log_every: int = Field(10, gt=0)
+    val_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    max_bad_steps: int = Field(5, gt=0)
+    resume: Literal["auto", "never"] = "auto"
+
+    @field_validator("amp", "feature_cache", mode="before")
+    @classmethod
+    def _yaml_bools(cls, v: Any) -> Any:
+        # `dvc exp run -S train.amp=off` writes an unquoted off, which YAML reads back as False.
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(32, gt=0)
+    n_examples: int = Field(8, ge=0)
+
+
+class MlflowParams(Section):
+    experiment: str = "hdmap-dinomaly"
+    tracking_uri: str | None = None
+
+
+class CompareParams(Section):
+    baseline: str = "baseline"
+    methods: list[str] | None = None   # None: every method found in MLflow
+    metrics: list[str] = Field(default_factory=lambda: ["auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"])
+
+
+class Params(Section):
+    method: str = "baseline"
+    seed: int = Field(42, ge=0, lt=2**32)   # numpy's generators take 0 <= seed < 2**32
+    profile: str = "quick"
+    data: DataParams = DataParams()
+    synth: SynthParams = SynthParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    model: ModelParams = ModelParams()
+    score: ScoreParams = ScoreParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+    compare: CompareParams = CompareParams()
+    # The chosen method's own section, validated by that method's schema (hdmap_ad.core.method_params).
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    # All methods' sections as written, so `compare` and docs can show them; never used for training.
+    source: str = "params.yaml"
+
+    @property
+    def data_root(self) -> Path:
+        """The raw HDMAP folder that `prepare` reads."""
+        return Path(self.data.root)
+
+    @property
+    def synthetic_data(self) -> bool:
+        """Whether `prepare` reads the synth stage's output."""
+        return Path(self.data.root) == Path(self.synth.out)
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what MLflow and checkpoints record)."""
+        out = self.model_dump(mode="json", exclude={"source", "method_params"})
+        out[self.method] = self.method_params
+        return out
+
+    def training_config(self) -> dict[str, Any]:
+        """Everything that changes what training writes (weights, thresholds, validation metrics).
+
+        Run-time settings (RUNTIME_TRAIN_KEYS: device, threads, logging and checkpoint cadence,
+        resume, feature cache) and the sections of other stages are left out. The DVC `configure`
+        stage writes exactly this to models/train_config.json and the train stage depends on that
+        file, so DVC reruns training when, and only when, this changes.
+        """
+        keep = self.resolved()
+        for key in ("evaluate", "mlflow", "compare", "synth", "profile"):
+            keep.pop(key, None)
+        keep["train"] = {k: v for k, v in keep["train"].items() if k not in RUNTIME_TRAIN_KEYS}
+        return keep
+
+    def training_fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights; a checkpoint resumes only on a match.
+        Score settings are left out: they change thresholds, not weights, so a finished state can be
+        "resumed" at its last step to recompute the thresholds."""
+        keep = self.training_config()
+        keep.pop("score", None)
+        return _digest(keep)
+
+    def comparable_config(self) -> dict[str, Any]:
+        """What two runs must share to be compared: the model config without the method, its own
+        section, the seed and the data paths (the data's identity is its content digest)."""
+        keep = self.training_config()
+        for key in ("method", "seed", self.method):
+            keep.pop(key, None)
+        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("root", "prepared")}
+        return keep
+
+    def comparison_key(self, data_digest: str | None) -> str:
+        """Runs with equal keys differ only in method and seed: the only runs paired by `compare`."""
+        return _digest({"config": self.comparable_config(), "data": data_digest})
+
+
+DVC_TEMPLATED_KEYS = (("data", "root"),)
+
+RUNTIME_TRAIN_KEYS = ("device", "num_threads", "log_every", "resume", "feature_cache", "feature_cache_max_gb",
+                      "checkpoint_every")
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `override` merged in recursively (override wins)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (MLflow params are strings anyway)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {item['msg']}{shown}")
+    return f"{source}: invalid parameter " + "; ".join(parts)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Resolve the profile and method section of raw params and validate them."""
+    if not isinstance(raw, dict):
+        raise HdmapError(f"{source}: expected a mapping at the top level")
+
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    profile = raw.get("profile", "quick")
+    if profile not in profiles:
+        raise HdmapError(f"{source}: profile {profile!r} is not defined under `profiles` (known: {', '.join(profiles) or 'none'})")
+    chosen = profiles[profile] or {}
+    # dvc.yaml names these keys in stage paths/params (e.g. the prepare stage depends on ${data.root}); DVC
+    # reads them from the top level and cannot see a profile's value, so a profile must not set them.
+    for section, key in DVC_TEMPLATED_KEYS:
+        if isinstance(chosen.get(section), dict) and key in chosen[section]:
+            raise HdmapError(f"{source}: profiles.{profile}.{section}.{key}: not allowed inside a profile (DVC tracks "
+                             f"{section}.{key} itself); set it at the top level, e.g. "
+                             f"`dvc exp run -S profile={profile} -S {section}.{key}=...`")
+    merged = deep_merge(raw, chosen)
+
+    method = merged.get("method", "baseline")
+    if method not in METHOD_PARAMS:
+        raise HdmapError(f"{source}: unknown method {method!r} (known: {', '.join(METHOD_PARAMS)})")
+    method_section = merged.get(method) or {}
+    for name in METHOD_PARAMS:  # method sections live at the top level; only the chosen one is kept
+        merged.pop(name, None)
+    try:
+        method_params = METHOD_PARAMS[method].model_validate(method_section)
+        return Params.model_validate({**merged, "method_params": method_params.model_dump(mode="json"), "source": source})
+    except ValidationError as err:
+        if err.title != "Params":
+            err_source = f"{source}: section `{method}`"
+            raise HdmapError(_format_validation_error(err, err_source)) from None
+        raise HdmapError(_format_validation_error(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML), like `dvc exp run -S` does to the file."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HdmapError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=500")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise HdmapError(f"--set {item!r}: value is not valid YAML") from None
+    return raw
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read and validate `params.yaml` (or another file), with optional `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise HdmapError(f"{path}: parameter file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise HdmapError(f"{path}: not valid YAML{where}") from None
+    return parse_params(apply_overrides(raw, overrides or []), str(path))

@@ -1,0 +1,12 @@
+"""Training methods as plug-ins: one model, one loop, a method changes loss / map aggregation / extra head.
+
+To add a method: write one module with a `Method` subclass decorated by `@register`, and import it
+below so it registers.
+"""
+
+from hdmap_ad.core.methods.base import REGISTRY, Method, MethodContext, NoParams, build, register
+
+from hdmap_ad.core.methods import baseline  # noqa: F401,E402  (imports register the methods)
+from hdmap_ad.core.methods import gem, focal, aux, scale, topk  # noqa: F401,E402  (order of docs/design.md#5-methods; error messages list them so)
+
+__all__ = ["REGISTRY", "Method", "MethodContext", "NoParams", "build", "register"]

@@ -1,0 +1,135 @@
+"""MLflow: where the store lives, the experiment, and the run of one training + evaluation.
+
+Traps this module exists to avoid (see docs/design.md#pipe-mlflow): a relative sqlite path inside a queued DVC
+experiment writes to a throw-away copy; an experiment first created inside a temp copy puts its
+artifacts there; parallel workers creating the store or experiment at once lose runs. So the store
+is resolved from `DVC_ROOT`, and `ensure_experiment` is called once before workers start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.paths import repo_root
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from hdmap_ad.core.config import Params
+    from hdmap_ad.pipeline.data import PreparedData
+
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` > params `mlflow.tracking_uri` > sqlite `mlflow.db` at the repo root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def ensure_experiment(name: str, configured_uri: str | None = None) -> str:
+    """Create the store and experiment if missing (artifacts under the repo root); return its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(configured_uri)
+    try:
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise HdmapError(f"MLflow experiment {name!r} is deleted in {uri}; restore it or set mlflow.experiment")
+            return found.experiment_id
+        location = (repo_root() / "mlartifacts").as_uri() if _is_local(uri) else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it between our get and create
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+    except HdmapError:
+        raise
+    except Exception as err:  # MlflowException, sqlalchemy and connection errors all mean "unusable store"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise HdmapError(f"MLflow store {uri}: {first}") from None
+
+
+def compare_experiment_name(training_experiment: str) -> str:
+    """Compare runs live in their own experiment, so the training experiment holds only training runs."""
+    return f"{training_experiment}-compare"
+
+
+def client(params: "Params") -> "MlflowClient":
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params.mlflow.tracking_uri))
+    return mlflow.MlflowClient()
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """Commit of the code that ran (inside a DVC experiment: the baseline commit)."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_name(params: "Params", data_digest: str | None = None) -> str:
+    """`<method>-seed<seed>-<6 hex of the comparison key>`: two runs of one method and seed with other
+    settings or data get different names."""
+    return f"{params.method}-seed{params.seed}-{params.comparison_key(data_digest)[:6]}"
+
+
+def run_tags(params: "Params", data_digest: str | None) -> dict[str, str]:
+    tags = {"method": params.method, "seed": str(params.seed), "profile": params.profile,
+            "comparison_key": params.comparison_key(data_digest)}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if data_digest:
+        tags["data_digest"] = data_digest
+    return tags
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def log_dataset_input(prepared: "PreparedData", name: str, context: str = "training") -> None:
+    """Record the prepared data as the active run's input (the MLflow UI's Dataset column): the
+    manifest's rows (one per map, with its statistics) as the dataset, named after the data root, with
+    the prepared data's content digest, so runs on the same data show the same digest."""
+    import warnings
+
+    import mlflow
+    import mlflow.data
+
+    with warnings.catch_warnings():
+        # MLflow warns that a local path fits two source types, and (while logging, when it infers the
+        # schema) about integer columns in model signatures: neither applies to a record of the data used
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(prepared.manifest, source=str(prepared.out_dir), name=str(name),
+                                          digest=prepared.data_digest())
+        mlflow.log_input(dataset, context=context)

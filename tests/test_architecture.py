@@ -1,0 +1,93 @@
+"""The package's shape: layers whose imports run one way, and DVC stages that depend on all the code
+they run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+import yaml
+
+import shipped
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "hdmap_ad"
+# Each DVC stage and the module its command runs (the CLI only dispatches to it). Modules that are
+# loaded by path rather than imported (the MLflow model code) are listed with the stage that logs them.
+STAGE_ENTRY = {
+    "synth": ["hdmap_ad.pipeline.synth"],
+    "prepare": ["hdmap_ad.pipeline.data"],
+    "configure": ["hdmap_ad.core.config"],
+    "train": ["hdmap_ad.pipeline.training", "hdmap_ad.pipeline.pyfunc_model"],
+    "evaluate": ["hdmap_ad.pipeline.evaluation"],
+    "compare": ["hdmap_ad.apps.compare"],
+}
+
+
+def test_import_contracts_hold():
+    """apps -> pipeline -> core, never upwards, and no cycles inside a layer (pyproject's
+    [tool.importlinter] contracts, checked by import-linter)."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    out = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout
+
+
+def _module_file(module: str) -> Path:
+    path = PACKAGE.parent.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
+def test_stage_deps_cover_every_module_the_stage_runs(stage):
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_ENTRY), "a stage was added or renamed: list its entry module here"
+    deps = [REPO / d for d in stages[stage].get("deps", []) if not str(d).startswith("${")]
+    graph = grimp.build_graph("hdmap_ad")
+    runs = set()
+    for entry in STAGE_ENTRY[stage]:
+        runs |= {entry} | {m for m in graph.find_upstream_modules(entry) if m.startswith("hdmap_ad.")}
+    runs.discard("hdmap_ad")
+    missing = []
+    for module in sorted(runs):
+        f = _module_file(module)
+        if not any(f == d or d in f.parents for d in deps):
+            missing.append(str(f.relative_to(REPO)))
+    assert not missing, f"dvc.yaml stage {stage!r} runs code it does not depend on: {missing}"
+
+
+def test_params_load_without_torch_and_method_schemas_come_from_one_place():
+    """One params loader for every command, torch-free (compare and grid run where torch is absent);
+    each method plug-in takes its schema from the same table the loader validates with."""
+    code = ("import sys; from hdmap_ad.core.config import load_params; "
+            f"load_params({str(shipped.params_file())!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+    from hdmap_ad.core import methods
+    from hdmap_ad.core.method_params import METHOD_PARAMS
+
+    assert list(methods.REGISTRY) == list(METHOD_PARAMS)
+    assert all(methods.REGISTRY[name].Params is schema for name, schema in METHOD_PARAMS.items())
+
+
+def test_output_paths_are_named_once_and_match_dvc_yaml():
+    """Stages write where dvc.yaml says: every DVC output of the pipeline is a path of
+    hdmap_ad.core.paths, and the code's paths that DVC tracks appear in dvc.yaml."""
+    from hdmap_ad.core import paths
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = set()
+    for stage in stages.values():
+        for section in ("outs", "metrics"):
+            for out in stage.get(section, []):
+                declared.add(next(iter(out)) if isinstance(out, dict) else out)
+    declared = {d for d in declared if not d.startswith("${")}
+    named = {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, Path)}
+    assert declared <= named, f"dvc.yaml outputs not named in hdmap_ad.core.paths: {declared - named}"
+    untracked = {str(paths.STATE_FILE), str(paths.RUN_FILE), str(paths.REPORT_FILE), str(paths.REPORT_PLOTS_DIR)}
+    assert named - untracked == declared
