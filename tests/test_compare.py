@@ -24,7 +24,7 @@ import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
-METRICS = ["auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1", "accuracy", "threshold"]
+METRICS = ["auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5"]  # what runs log to MLflow (headline metrics)
 SEEDS = [42, 43, 44, 123, 456]
 EXPERIMENT = "hdmap-compare-test"
 LEVEL = {"baseline": 0.90, "gem": 0.92, "focal": 0.89, "topk": 0.93}
@@ -331,6 +331,9 @@ def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, temp
     assert s.metrics == ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5") and s.domains[0] == "domain_A"
     with pytest.raises(HdmapError, match="unknown metric"):
         compare.load_settings(params, ["compare.metrics=[auroc,speed]"])
+    # runs log only the headline metrics to MLflow: comparing another one could only give "no data"
+    with pytest.raises(HdmapError, match=r"unknown metric\(s\) \['precision'\] \(known: auroc, ap, f1_max"):
+        compare.load_settings(params, ["compare.metrics=[precision]"])
     # the one params loader: the whole file is validated, and loading it imports no torch
     with pytest.raises(HdmapError, match="data.source"):
         compare.load_settings(params, ["data.source=anything"])

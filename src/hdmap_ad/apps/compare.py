@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
-from hdmap_ad.core.config import HDMAP_DOMAINS
+from hdmap_ad.core.config import HDMAP_DOMAINS, HEADLINE_METRICS
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
 from hdmap_ad.core.paths import REPORT_FILE
@@ -40,8 +40,8 @@ from hdmap_ad.core.files import atomic_dir, write_json, write_text
 COMPARE_KIND = "compare"
 
 # What evaluation.py logs as test_<metric>/<scope> (fractions in [0, 1] except threshold).
-KNOWN_METRICS = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1",
-                 "accuracy", "threshold", "pixel_auroc", "aux_domain_accuracy")
+# The metrics each run logs to MLflow (the rest of an evaluation is in its eval_details.json artifact)
+KNOWN_METRICS = HEADLINE_METRICS
 NOT_PERCENT = {"threshold"}
 METRIC_LABELS = {"auroc": "AUROC", "ap": "AP", "f1_max": "F1-max", "tpr_at_fpr_1": "TPR@FPR=1%",
                  "tpr_at_fpr_5": "TPR@FPR=5%", "precision": "Precision", "recall": "Recall", "f1": "F1",

@@ -21,6 +21,8 @@ from hdmap_ad.core.method_params import METHOD_PARAMS
 DEFAULT_PARAMS = Path("params.yaml")
 # The four HDMAP domains (the default of data.domains; the synthetic generator models these four).
 HDMAP_DOMAINS: tuple[str, ...] = ("domain_A", "domain_B", "domain_C", "domain_D")
+# What people compare across runs: eval.json and each run's MLflow metrics hold these and nothing else.
+HEADLINE_METRICS: tuple[str, ...] = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc")
 
 
 class Section(BaseModel):

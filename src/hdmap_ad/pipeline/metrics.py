@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from hdmap_ad.core.config import HEADLINE_METRICS  # noqa: F401  (the metrics runs are compared by)
+
 METRIC_NAMES = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1",
                 "accuracy", "threshold")
 COUNT_NAMES = ("tn", "fp", "fn", "tp")
