@@ -54,8 +54,8 @@ def tiny_params(root: Path) -> dict:
     raw["preprocess"] = {"resize": [28, 84], "crop": [28, 84]}
     raw["model"].update(encoder="small", weights="random", target_blocks=None,
                         encoder_overrides={"depth": 10, "embed_dim": 32, "num_heads": 2})
-    raw["train"].update(steps=5, batch_size=4, warmup_steps=2, log_every=5, val_every=1000, checkpoint_every=5,
-                        device="cpu", amp="off", resume="never", feature_cache="auto")
+    raw["train"].update(steps=5, batch_size=4, warmup_steps=2, val_every=1000, amp="off")
+    raw["runtime"].update(log_every=5, checkpoint_every=5, device="cpu", resume="never", feature_cache="auto")
     raw["evaluate"].update(batch_size=8, n_examples=2)
     raw["mlflow"].update(experiment=EXPERIMENT, tracking_uri=None)
     return raw

@@ -1,7 +1,7 @@
 """`hdmap-ad bench` and the exactness of the encoder-feature cache.
 
 The smoke test runs the real command (each phase in its own subprocess) on a tiny encoder. The
-cache tests train the same seed with `train.feature_cache` on and off through
+cache tests train the same seed with `runtime.feature_cache` on and off through
 `training.train_step` (the step the training loop and the benchmark run) and compare loss
 trajectories and weights; tests/test_training.py does the same through `train()` and its metrics.
 

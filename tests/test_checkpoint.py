@@ -23,8 +23,8 @@ import shipped
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
         "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}", "model.weights=random",
-        "train.steps=4", "train.batch_size=4", "train.log_every=2", "train.val_every=1000",
-        "train.checkpoint_every=2", "train.warmup_steps=1", "evaluate.batch_size=16", "evaluate.n_examples=2"]
+        "train.steps=4", "train.batch_size=4", "runtime.log_every=2", "train.val_every=1000",
+        "runtime.checkpoint_every=2", "train.warmup_steps=1", "evaluate.batch_size=16", "evaluate.n_examples=2"]
 DOMAINS = ["domain_A", "domain_C"]
 
 
@@ -266,7 +266,7 @@ def workdir(tmp_path, monkeypatch, prepared_dir):
 def test_a_broken_train_state_is_moved_aside_and_training_starts_afresh(workdir, prepared_dir, capsys):
     from hdmap_ad.pipeline.training import STATE_FILE, train
 
-    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=auto")
+    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=auto")
     for broken in (b"\x00" * 100, "fake"):
         STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
         if broken == "fake":  # a readable file of the right format without the keys resuming needs
@@ -288,7 +288,7 @@ def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prep
     from hdmap_ad.pipeline import evaluation, tracking
     from hdmap_ad.pipeline.training import MODEL_FILE, train
 
-    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=never")
+    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=never")
     first = train(params)
     first_bytes = MODEL_FILE.read_bytes()
     second = train(params)
@@ -323,8 +323,8 @@ def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepare
     from hdmap_ad.pipeline import training
     from hdmap_ad.pipeline.training import MODEL_FILE, STATE_FILE, train
 
-    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "train.resume=auto",
-                         "train.steps=5", "train.checkpoint_every=2")
+    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=auto",
+                         "train.steps=5", "runtime.checkpoint_every=2")
     train(params)
     reference = MODEL_FILE.read_bytes()
     STATE_FILE.unlink()

@@ -1,5 +1,6 @@
 """params.yaml loading: profiles, method sections, validation errors, overrides."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_changing_another_methods_section_keeps_the_fingerprint():
 @pytest.mark.parametrize("edit, needle", [
     (lambda r: r["train"].update(steps=-1), "train.steps"),
     (lambda r: r["train"].update(stpes=5), "train.stpes"),
-    (lambda r: r["train"].update(device="gpu"), "train.device"),
+    (lambda r: r["runtime"].update(device="gpu"), "runtime.device"),
     (lambda r: r["preprocess"].update(crop=[500, 500]), "preprocess"),
     (lambda r: r["preprocess"].update(crop=[28, 50]), "multiple of the patch size"),
     (lambda r: r.update(method="magic"), "unknown method 'magic'"),
@@ -99,9 +100,10 @@ def test_flatten():
 
 def test_unquoted_off_from_dvc_set_is_understood():
     raw = raw_params()
-    raw["train"].update(amp=False, feature_cache=False)  # what `-S train.amp=off` writes back
+    raw["train"].update(amp=False)  # what `-S train.amp=off` writes back
+    raw["runtime"].update(feature_cache=False)
     params = parse_params(raw)
-    assert params.train.amp == "off" and params.train.feature_cache == "off"
+    assert params.train.amp == "off" and params.runtime.feature_cache == "off"
 
 
 def test_runtime_settings_do_not_change_the_training_config():
@@ -110,7 +112,7 @@ def test_runtime_settings_do_not_change_the_training_config():
     for key, value in (("device", "cpu"), ("num_threads", 1), ("log_every", 3), ("resume", "never"),
                        ("feature_cache", "off"), ("checkpoint_every", 7)):
         changed = raw_params()
-        changed["train"][key] = value
+        changed["runtime"][key] = value
         assert parse_params(changed).training_config() == base, key
     for edit in (lambda r: r["train"].update(steps=151), lambda r: r.update(seed=43), lambda r: r["score"].update(top_ratio=0.02),
                  lambda r: r["profiles"]["quick"].update(train={"lr": 0.001})):  # a change inside the active profile
@@ -135,3 +137,29 @@ def test_params_yaml_is_written_as_dvc_writes_it_back():
     assert len(before) == len(after)
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert [b.split("#")[0].split() for _, b in changed] == [["method:", "focal"], ["seed:", "44"], ["steps:", "20"]]
+
+
+@pytest.mark.parametrize("where", ["top", "profile"])
+def test_a_run_time_key_left_under_train_names_its_new_place(where):
+    raw = raw_params()
+    if where == "top":
+        raw["train"]["device"] = "cpu"
+    else:
+        raw["profiles"]["quick"] = {"train": {"checkpoint_every": 5}}
+    with pytest.raises(HdmapError) as err:
+        parse_params(raw)
+    key = "device" if where == "top" else "checkpoint_every"
+    prefix = "" if where == "top" else "profiles.quick."
+    assert f"{prefix}train.{key} moved to {prefix}runtime.{key}" in str(err.value)
+
+
+def test_configs_recorded_before_the_runtime_section_still_load():
+    from hdmap_ad.core.checkpoint import params_from_resolved
+
+    resolved = parse_params(raw_params()).resolved()
+    old = json.loads(json.dumps(resolved))
+    old["train"].update(old.pop("runtime"))  # the layout model files and MLflow runs had before
+    old["train"]["device"] = "cpu"
+    params = params_from_resolved(old)
+    assert params.runtime.device == "cpu"
+    assert params.training_config() == parse_params(raw_params()).training_config()

@@ -24,8 +24,8 @@ HEADLINE = {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auro
 TINY = ["method=baseline", "seed=3", "profile=quick",
         "preprocess.resize=[32, 96]", "preprocess.crop=[28, 84]",
         "model.encoder=small", "model.weights=random", "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-        "train.steps=4", "train.batch_size=4", "train.log_every=2", "train.val_every=2", "train.checkpoint_every=4",
-        "train.warmup_steps=1", "train.device=cpu", "train.amp=off", "train.resume=never",
+        "train.steps=4", "train.batch_size=4", "runtime.log_every=2", "train.val_every=2", "runtime.checkpoint_every=4",
+        "train.warmup_steps=1", "runtime.device=cpu", "train.amp=off", "runtime.resume=never",
         "evaluate.batch_size=16", "evaluate.n_examples=8", "mlflow.experiment=eval-test", "mlflow.tracking_uri=null"]
 
 

@@ -19,7 +19,7 @@ GIB = 2**30
 
 
 @pytest.mark.parametrize(("mode", "need", "max_gb", "free", "use", "says"), [
-    ("off", 1, 4.0, 100 * GIB, False, "train.feature_cache=off"),
+    ("off", 1, 4.0, 100 * GIB, False, "runtime.feature_cache=off"),
     ("auto", 1 * GIB, 4.0, 100 * GIB, True, "on"),
     ("auto", 5 * GIB, 4.0, 100 * GIB, False, "feature_cache_max_gb=4"),
     ("auto", 3 * GIB, 4.0, 5 * GIB, False, "50% of the 5.00 GiB free"),   # under max_gb, over half the free memory
@@ -34,7 +34,7 @@ def test_cache_decision(mode, need, max_gb, free, use, says):
 def test_a_cache_that_does_not_fit_falls_back_to_per_batch_encoding(monkeypatch, capsys):
     params = load_params(shipped.params_file(), ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
                                                  "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-                                                 "train.feature_cache=on", "train.batch_size=2"])
+                                                 "runtime.feature_cache=on", "train.batch_size=2"])
     model, _ = build(params, ["domain_A"], torch.device("cpu"))
     maps = np.random.default_rng(0).random((4, 31, 95), dtype=np.float32)
     cached = make_feature_source(model, maps, params, torch.device("cpu"))

@@ -30,7 +30,8 @@ TINY = {
     "synth": {"n_train": 16, "n_test_good": 10, "n_test_fault": 10},
     "preprocess": {"resize": [28, 84], "crop": [28, 84]},
     "model": {"encoder_overrides": {"depth": 10, "embed_dim": 32, "num_heads": 2}},
-    "train": {"steps": 8, "batch_size": 4, "val_every": 4, "log_every": 2, "checkpoint_every": 2, "warmup_steps": 2},
+    "train": {"steps": 8, "batch_size": 4, "val_every": 4, "warmup_steps": 2},
+    "runtime": {"log_every": 2, "checkpoint_every": 2},
     "evaluate": {"batch_size": 16, "n_examples": 4},
 }
 
@@ -225,7 +226,7 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
 
 
 def test_runtime_settings_never_retrain(repo):
-    out = dvc(repo, "exp", "run", "-S", "train.log_every=3", "-S", "train.num_threads=1", "-S", "train.device=cpu")
+    out = dvc(repo, "exp", "run", "-S", "runtime.log_every=3", "-S", "runtime.num_threads=1", "-S", "runtime.device=cpu")
     assert "Running stage 'configure'" in out.stdout
     assert "Running stage 'train'" not in out.stdout and "Running stage 'evaluate'" not in out.stdout
     restore_params(repo)

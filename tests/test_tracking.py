@@ -62,7 +62,7 @@ def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
 
     path = shipped.params_file()
     base = load_params(path, ["method=baseline", "seed=42"])
-    focal = load_params(path, ["method=focal", "seed=44", "focal.gamma=3.0", "train.device=cpu", "train.log_every=3"])
+    focal = load_params(path, ["method=focal", "seed=44", "focal.gamma=3.0", "runtime.device=cpu", "runtime.log_every=3"])
     longer = load_params(path, ["method=focal", "seed=44", "train.steps=20"])
     assert base.comparison_key("m") == focal.comparison_key("m")
     assert base.comparison_key("m") != longer.comparison_key("m")

@@ -19,8 +19,8 @@ import shipped
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
         "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-        "train.steps=6", "train.batch_size=4", "train.log_every=1", "train.val_every=3",
-        "train.checkpoint_every=1", "train.warmup_steps=2", "evaluate.batch_size=16"]
+        "train.steps=6", "train.batch_size=4", "runtime.log_every=1", "train.val_every=3",
+        "runtime.checkpoint_every=1", "train.warmup_steps=2", "evaluate.batch_size=16"]
 
 
 @pytest.fixture()
@@ -44,16 +44,16 @@ def test_batches_are_shuffled_epochs_and_a_function_of_the_step():
 
 
 def test_same_seed_same_metrics(workdir, prepared_dir):
-    a = train(tiny_params(prepared_dir, "train.resume=never"))
-    b = train(tiny_params(prepared_dir, "train.resume=never"))
+    a = train(tiny_params(prepared_dir, "runtime.resume=never"))
+    b = train(tiny_params(prepared_dir, "runtime.resume=never"))
     assert a["val"] == b["val"] and a["thresholds"] == b["thresholds"]
 
 
 def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
     # batch 3 does not divide the training maps: the cache's last chunk is a padded one
-    on = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=on", "train.batch_size=3"))
+    on = train(tiny_params(prepared_dir, "runtime.resume=never", "runtime.feature_cache=on", "train.batch_size=3"))
     state_on = checkpoint.load(workdir / "models/model.pt")["model"]
-    off = train(tiny_params(prepared_dir, "train.resume=never", "train.feature_cache=off", "train.batch_size=3"))
+    off = train(tiny_params(prepared_dir, "runtime.resume=never", "runtime.feature_cache=off", "train.batch_size=3"))
     state_off = checkpoint.load(workdir / "models/model.pt")["model"]
     assert on["val"] == off["val"] and on["thresholds"] == off["thresholds"]
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
@@ -62,12 +62,12 @@ def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
 def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
     from hdmap_ad.pipeline import training
 
-    train(tiny_params(prepared_dir, "train.resume=auto"))
+    train(tiny_params(prepared_dir, "runtime.resume=auto"))
     capsys.readouterr()
-    train(tiny_params(prepared_dir, "train.resume=auto"))
+    train(tiny_params(prepared_dir, "runtime.resume=auto"))
     assert "resuming from" in capsys.readouterr().err
     monkeypatch.setattr(training, "code_digest", lambda: "edited-code")
-    train(tiny_params(prepared_dir, "train.resume=auto"))
+    train(tiny_params(prepared_dir, "runtime.resume=auto"))
     err = capsys.readouterr().err
     assert "different configuration, code or data; starting afresh" in err and "resuming from" not in err
 
@@ -77,11 +77,11 @@ def test_a_finished_state_with_other_score_settings_gets_a_run_of_its_own(workdi
     is compared by: the earlier run keeps its params and results, the new settings get a new run."""
     import mlflow
 
-    first = train(tiny_params(prepared_dir, "train.resume=auto"))
-    again = train(tiny_params(prepared_dir, "train.resume=auto"))
+    first = train(tiny_params(prepared_dir, "runtime.resume=auto"))
+    again = train(tiny_params(prepared_dir, "runtime.resume=auto"))
     assert again["run_id"] == first["run_id"]  # same settings: the same run
     capsys.readouterr()
-    other = train(tiny_params(prepared_dir, "train.resume=auto", "score.top_ratio=0.05"))
+    other = train(tiny_params(prepared_dir, "runtime.resume=auto", "score.top_ratio=0.05"))
     err = capsys.readouterr().err
     assert "resuming from" in err and "into a new MLflow run" in err
     assert other["run_id"] != first["run_id"]

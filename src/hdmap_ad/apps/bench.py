@@ -355,8 +355,9 @@ def _params_for(spec: dict[str, Any], feature_cache: str = "off"):
     raw = json.loads(json.dumps(spec["resolved"]))
     raw["preprocess"] = {"resize": list(case["resize"]), "crop": list(case["crop"])}
     raw["model"].update(encoder=case["encoder"], weights="random")
-    raw["train"].update(batch_size=case["batch"], device=spec["device"], feature_cache=feature_cache,
-                        feature_cache_max_gb=1e6, compile=bool(spec["compile"]), num_threads=spec["threads"])
+    raw["train"].update(batch_size=case["batch"], compile=bool(spec["compile"]))
+    raw["runtime"].update(device=spec["device"], feature_cache=feature_cache, feature_cache_max_gb=1e6,
+                          num_threads=spec["threads"])
     raw["evaluate"]["batch_size"] = case["batch"]
     return params_from_resolved(raw)
 
@@ -675,7 +676,7 @@ def paper_cache_estimate(params_file: Path | str) -> dict[str, Any]:
     with torch.device("meta"):  # shapes only: no memory, no weights
         model = Dinomaly(dinomaly_config(paper))
     out = {"n_maps": PAPER_MAPS, "encoder": paper.model.encoder, "crop": list(paper.preprocess.crop),
-           "amp": paper.train.amp, "feature_cache_max_gb": paper.train.feature_cache_max_gb}
+           "amp": paper.train.amp, "feature_cache_max_gb": paper.runtime.feature_cache_max_gb}
     for dev in ("cuda", "cpu"):
         out[f"{dev}_gib"] = cache_bytes(model, PAPER_MAPS, paper, torch.device(dev)) / 2**30
     out["per_map_mib_cuda"] = out["cuda_gib"] * 1024 / PAPER_MAPS

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(TRAIN_CONFIG_FILE), help=f"output file (default: {TRAIN_CONFIG_FILE})")
     p = add("train", cmd_train, "train one multi-class model over all selected domains",
             "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
-            "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (train.resume).")
+            "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (runtime.resume).")
     p.add_argument("--expect-config", type=Path, metavar="FILE",
                    help="refuse to train (or to finish) unless params still resolve to this training config\n"
                         "(the DVC stage passes models/train_config.json: it catches a second `dvc exp run` that\n"

@@ -213,7 +213,7 @@ def run_grid(params_path: Path | str, methods: Sequence[str], seeds: Sequence[in
     tracking.ensure_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
     out(f"MLflow experiment {settings.experiment!r} (id {exp_id}) ready at {uri}")
     if jobs > 1 and (gpus := cuda_device_count()) > 1:
-        out(f"{gpus} GPUs: each worker claims its own (train.device=auto)"
+        out(f"{gpus} GPUs: each worker claims its own (runtime.device=auto)"
             + (f"; {jobs - gpus} worker(s) wait for a free GPU" if jobs > gpus else ""))
 
     status_cmd = _dvc(["dvc", "queue", "status"])
@@ -316,7 +316,7 @@ Queue the methods x seeds grid as DVC experiments and run it with --jobs paralle
   6. hdmap-ad compare
 
 Untracked files are not copied into queued experiments: commit (or git add) your changes first.
-On a machine with several GPUs each training claims a GPU of its own (train.device=auto).
+On a machine with several GPUs each training claims a GPU of its own (runtime.device=auto).
 Ctrl-C stops waiting; the queue keeps running (`dvc queue status`).
 """
 

@@ -362,7 +362,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         device = select_device(args.device)
     except HdmapError as err:
-        raise HdmapError(str(err).replace("train.device=", "--device ")) from None
+        raise HdmapError(str(err).replace("runtime.device=", "--device ")) from None
     except RuntimeError:
         raise HdmapError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
     uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.register) else ""

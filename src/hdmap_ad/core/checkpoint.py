@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hdmap_ad.core import methods
-from hdmap_ad.core.config import Params, parse_params
+from hdmap_ad.core.config import Params, move_legacy_runtime_keys, parse_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import Dinomaly, DinomalyConfig, ScoreConfig
 
@@ -302,7 +302,7 @@ def migrate(old: Path, new: Path) -> str:
 
 def params_from_resolved(resolved: dict[str, Any]) -> Params:
     """Rebuild Params from the resolved config a checkpoint or MLflow run recorded."""
-    raw = dict(resolved)
+    raw = move_legacy_runtime_keys(dict(resolved))  # recorded before the `runtime` section existed
     raw["profiles"] = {raw.get("profile", "quick"): {}}
     if isinstance(raw.get("data"), dict) and "source" in raw["data"]:
         # Checkpoints written before `data.source` was folded into `data.root` (the folder prepare reads)

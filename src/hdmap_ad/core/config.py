@@ -115,23 +115,37 @@ class TrainParams(Section):
     eps: float = Field(1e-10, gt=0)
     grad_clip: float = Field(0.1, gt=0)
     hard_mining: HardMiningParams = HardMiningParams()
-    device: str = "auto"
     amp: Literal["bf16", "fp16", "off"] = "bf16"
     compile: bool = False
+    val_every: int = Field(100, gt=0)
+    max_bad_steps: int = Field(5, gt=0)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_bools(cls, v: Any) -> Any:
+        return _yaml_switch(v)
+
+
+def _yaml_switch(v: Any) -> Any:
+    # `dvc exp run -S train.amp=off` writes an unquoted off, which YAML reads back as False.
+    return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
+
+class RuntimeParams(Section):
+    """How and where a stage runs: never part of what a trained model is, so a change never retrains."""
+
+    device: str = "auto"
     num_threads: int = Field(0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = "auto"
     feature_cache_max_gb: float = Field(4.0, ge=0)
     log_every: int = Field(10, gt=0)
-    val_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
-    max_bad_steps: int = Field(5, gt=0)
     resume: Literal["auto", "never"] = "auto"
 
-    @field_validator("amp", "feature_cache", mode="before")
+    @field_validator("feature_cache", mode="before")
     @classmethod
     def _yaml_bools(cls, v: Any) -> Any:
-        # `dvc exp run -S train.amp=off` writes an unquoted off, which YAML reads back as False.
-        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+        return _yaml_switch(v)
 
     @field_validator("device")
     @classmethod
@@ -167,6 +181,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     score: ScoreParams = ScoreParams()
     train: TrainParams = TrainParams()
+    runtime: RuntimeParams = RuntimeParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     compare: CompareParams = CompareParams()
@@ -194,15 +209,14 @@ class Params(Section):
     def training_config(self) -> dict[str, Any]:
         """Everything that changes what training writes (weights, thresholds, validation metrics).
 
-        Run-time settings (RUNTIME_TRAIN_KEYS: device, threads, logging and checkpoint cadence,
-        resume, feature cache) and the sections of other stages are left out. The DVC `configure`
-        stage writes exactly this to models/train_config.json and the train stage depends on that
-        file, so DVC reruns training when, and only when, this changes.
+        The `runtime` section (device, threads, logging and checkpoint cadence, resume, feature cache)
+        and the sections of other stages are left out. The DVC `configure` stage writes exactly this to
+        models/train_config.json and the train stage depends on that file, so DVC reruns training when,
+        and only when, this changes.
         """
         keep = self.resolved()
-        for key in ("evaluate", "mlflow", "compare", "synth", "profile"):
+        for key in ("runtime", "evaluate", "mlflow", "compare", "synth", "profile"):
             keep.pop(key, None)
-        keep["train"] = {k: v for k, v in keep["train"].items() if k not in RUNTIME_TRAIN_KEYS}
         return keep
 
     def training_fingerprint(self) -> str:
@@ -229,8 +243,28 @@ class Params(Section):
 
 DVC_TEMPLATED_KEYS = (("data", "root"),)
 
-RUNTIME_TRAIN_KEYS = ("device", "num_threads", "log_every", "resume", "feature_cache", "feature_cache_max_gb",
-                      "checkpoint_every")
+# Run-time keys that lived under `train` before the `runtime` section existed: configs recorded then
+# (checkpoints, MLflow runs) are read by moving them; a params file that still has them gets an error.
+RUNTIME_TRAIN_KEYS: tuple[str, ...] = tuple(RuntimeParams.model_fields)
+
+
+def move_legacy_runtime_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with run-time keys under `train` (the layout before `runtime`), moved there."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not any(k in train for k in RUNTIME_TRAIN_KEYS):
+        return raw
+    raw = dict(raw)
+    raw["train"] = {k: v for k, v in train.items() if k not in RUNTIME_TRAIN_KEYS}
+    raw["runtime"] = {**{k: v for k, v in train.items() if k in RUNTIME_TRAIN_KEYS}, **(raw.get("runtime") or {})}
+    return raw
+
+
+def _check_no_legacy_runtime_keys(tree: dict[str, Any], where: str, source: str) -> None:
+    train = tree.get("train")
+    stale = [k for k in RUNTIME_TRAIN_KEYS if isinstance(train, dict) and k in train]
+    if stale:
+        raise HdmapError(f"{source}: {where}train.{stale[0]} moved to {where}runtime.{stale[0]} (run-time settings "
+                         f"have their own section; move {', '.join(stale)} there)")
 
 
 def _digest(tree: Any) -> str:
@@ -288,6 +322,8 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             raise HdmapError(f"{source}: profiles.{profile}.{section}.{key}: not allowed inside a profile (DVC tracks "
                              f"{section}.{key} itself); set it at the top level, e.g. "
                              f"`dvc exp run -S profile={profile} -S {section}.{key}=...`")
+    _check_no_legacy_runtime_keys(raw, "", source)
+    _check_no_legacy_runtime_keys(chosen, f"profiles.{profile}.", source)
     merged = deep_merge(raw, chosen)
 
     method = merged.get("method", "baseline")

@@ -37,9 +37,9 @@ def select_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise HdmapError(f"train.device={spec!r} but CUDA is not available on this machine (use auto or cpu)")
+            raise HdmapError(f"runtime.device={spec!r} but CUDA is not available on this machine (use auto or cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise HdmapError(f"train.device={spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise HdmapError(f"runtime.device={spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 

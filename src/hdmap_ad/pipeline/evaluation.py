@@ -136,8 +136,8 @@ def crop_region(shape: tuple[int, int], params: Params) -> tuple[float, float, f
 
 
 def evaluate(params: Params) -> dict[str, Any]:
-    set_threads(params.train.num_threads)
-    device = select_device(params.train.device)
+    set_threads(params.runtime.num_threads)
+    device = select_device(params.runtime.device)
     trained = load_model_and_run(params, device)  # the MLflow run is found before any scoring
     prepared = PreparedData.load(Path(params.data.prepared))
     missing = [d for d in trained.domains if d not in prepared.domains]

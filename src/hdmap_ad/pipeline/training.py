@@ -217,16 +217,16 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
     import mlflow
 
     check_config_unchanged(params, expected_config, params_file, overrides)
-    t_params = params.train
-    set_threads(t_params.num_threads)
-    device = select_device(t_params.device)
+    t_params, run_params = params.train, params.runtime
+    set_threads(run_params.num_threads)
+    device = select_device(run_params.device)
     prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
     train_set = load_train_set(prepared, params)
     data_digest = prepared.data_digest()
     fingerprint = run_fingerprint(params, data_digest)
 
     state = None
-    if t_params.resume == "auto" and STATE_FILE.is_file():
+    if run_params.resume == "auto" and STATE_FILE.is_file():
         try:
             state = checkpoint.load(STATE_FILE, checkpoint.STATE_KEYS)
         except HdmapError as err:  # truncated, damaged, old format: it must not block every later run
@@ -251,7 +251,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise HdmapError(f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
-                             "delete it or set train.resume=never") from None
+                             "delete it or set runtime.resume=never") from None
         start_step, run_id, history = int(state["step"]), state.get("run_id"), dict(state.get("history") or {})
         console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
 
@@ -294,7 +294,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
         bad_in_row, bad_total, window_loss, window_n, t_last = 0, history.get("bad_total", 0), 0.0, 0, time.perf_counter()
         model.train()
         method.train()
-        with StepProgress(t_params.steps, f"train {params.method} seed {params.seed}", every=t_params.log_every, start=start_step) as bar:
+        with StepProgress(t_params.steps, f"train {params.method} seed {params.seed}", every=run_params.log_every, start=start_step) as bar:
             for step in range(start_step, t_params.steps):
                 lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
                 set_lr(optimizer, lr)
@@ -317,7 +317,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
                             f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
                             f"the last good checkpoint is kept at {STATE_FILE}")
                 done = step + 1
-                if done % t_params.log_every == 0 or done == t_params.steps:
+                if done % run_params.log_every == 0 or done == t_params.steps:
                     now = time.perf_counter()
                     logs = {"train/loss": window_loss / window_n if window_n else float("nan"), "train/lr": lr, "grad/total_norm": total_norm,
                             "grad/nan_count": nan_count, "train/bad_steps": bad_total,
@@ -336,7 +336,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
                     method.train()
                 history["bad_total"] = bad_total
                 # Only after a good update: a checkpoint must never sit on the far side of a divergence.
-                if bad_in_row == 0 and (done % t_params.checkpoint_every == 0 or done == t_params.steps):
+                if bad_in_row == 0 and (done % run_params.checkpoint_every == 0 or done == t_params.steps):
                     save_state(done)
                 bar.update(1)
 
