@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad.apps import bench
+from hdmap_ad.apps.bench import ours
 from hdmap_ad.apps.cli import main
 from hdmap_ad.core.config import load_params
 from hdmap_ad.core.features import make_feature_source
@@ -70,13 +70,13 @@ def _spec(crop: tuple[int, int], batch: int, overrides: dict | None = None) -> d
 
 
 def _trajectory(spec: dict, cache: str, n_maps: int, steps: int) -> tuple[list[float], list[torch.Tensor]]:
-    params = bench._params_for(spec, feature_cache=cache)
-    model, method, optimizer = bench._build_ours(params, CPU)
+    params = ours.params_for(spec, feature_cache=cache)
+    model, method, optimizer = ours.build_ours(params, CPU)
     model.train()
     method.train()
-    features = make_feature_source(model, bench._maps(n_maps, spec), params, CPU)
+    features = make_feature_source(model, ours.synthetic_maps(n_maps, spec), params, CPU)
     assert features.describe() == cache
-    step = bench.ours_train_step(model, method, optimizer, features, params, CPU, n_maps)
+    step = ours.ours_train_step(model, method, optimizer, features, params, CPU, n_maps)
     losses = [step(i) for i in range(steps)]
     return losses, [p.detach().clone() for p in model.trainable_parameters()]
 
