@@ -15,21 +15,17 @@ import torch
 
 from hdmap_ad.core import checkpoint, paths, runtime
 from hdmap_ad.apps.cli import main
-from hdmap_ad.core.config import load_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.optim import StableAdamW
 import shipped
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
-        "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}", "model.weights=random",
-        "train.steps=4", "train.batch_size=4", "runtime.log_every=2", "train.val_every=1000",
-        "runtime.checkpoint_every=2", "train.warmup_steps=1", "evaluate.batch_size=16", "evaluate.n_examples=2"]
 DOMAINS = ["domain_A", "domain_C"]
 
 
 def tiny_params(*extra: str):
-    return load_params(shipped.params_file(), [*TINY, *extra])
+    return tiny.params("runtime.device=auto", *extra)
 
 
 def model_payload() -> dict:

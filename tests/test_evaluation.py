@@ -12,21 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import shipped
+import tiny
 from hdmap_ad.pipeline import evaluation, plots, training
 from hdmap_ad.apps.cli import main
-from hdmap_ad.core.config import load_params
 from hdmap_ad.pipeline.data import PreparedData
 from hdmap_ad.pipeline.metrics import image_metrics, summarise
 
 DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
 HEADLINE = {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc"}
-TINY = ["method=baseline", "seed=3", "profile=quick",
-        "preprocess.resize=[32, 96]", "preprocess.crop=[28, 84]",
-        "model.encoder=small", "model.weights=random", "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-        "train.steps=4", "train.batch_size=4", "runtime.log_every=2", "train.val_every=2", "runtime.checkpoint_every=4",
-        "train.warmup_steps=1", "runtime.device=cpu", "train.amp=off", "runtime.resume=never",
-        "evaluate.batch_size=16", "evaluate.n_examples=8", "mlflow.experiment=eval-test", "mlflow.tracking_uri=null"]
+SETTINGS = ["method=baseline", "seed=3", "profile=quick", "preprocess.resize=[32, 96]", "train.val_every=2",
+            "runtime.checkpoint_every=4", "train.amp=off", "runtime.resume=never", "evaluate.n_examples=8",
+            "mlflow.experiment=eval-test", "mlflow.tracking_uri=null"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def evaluated(tmp_path_factory, prepared_dir):
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DVC_ROOT", str(root))
-        params = load_params(shipped.params_file(), [*TINY, f"data.prepared={prepared_dir}", f"data.domains={DOMAINS}"])
+        params = tiny.params(*SETTINGS, f"data.domains={DOMAINS}", prepared=prepared_dir)
         summary = training.train(params)
         evaluation.evaluate(params)
     return root, params, summary

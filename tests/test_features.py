@@ -10,9 +10,8 @@ import torch
 
 from hdmap_ad.core import features
 from hdmap_ad.core.checkpoint import build
-from hdmap_ad.core.config import load_params
 from hdmap_ad.core.features import cache_decision, make_feature_source
-import shipped
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -32,9 +31,7 @@ def test_cache_decision(mode, need, max_gb, free, use, says):
 
 
 def test_a_cache_that_does_not_fit_falls_back_to_per_batch_encoding(monkeypatch, capsys):
-    params = load_params(shipped.params_file(), ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
-                                                 "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-                                                 "runtime.feature_cache=on", "train.batch_size=2"])
+    params = tiny.params("runtime.feature_cache=on", "train.batch_size=2")
     model, _ = build(params, ["domain_A"], torch.device("cpu"))
     maps = np.random.default_rng(0).random((4, 31, 95), dtype=np.float32)
     cached = make_feature_source(model, maps, params, torch.device("cpu"))

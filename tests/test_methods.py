@@ -15,9 +15,10 @@ from hdmap_ad.core.config import parse_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods import REGISTRY, MethodContext, build
 from hdmap_ad.core.methods.topk import k_at, q_at
-from hdmap_ad.core.model import Dinomaly, DinomalyConfig, Reconstruction, group_distances, point_distance
+from hdmap_ad.core.model import Dinomaly, Reconstruction, group_distances, point_distance
 from hdmap_ad.core.optim import StableAdamW
 import shipped
+import tiny
 
 REPO_PARAMS = shipped.params_file()
 DOMAINS = ("domain_A", "domain_B", "domain_C", "domain_D")
@@ -267,21 +268,19 @@ def test_aux_loss_is_baseline_plus_weighted_ce_and_logs_accuracy():
 
 # --- tiny model ------------------------------------------------------------------------------------
 
-TINY = {"encoder": "small", "weights": "random", "image_size": (28, 42),
-        "encoder_overrides": {"depth": 10, "embed_dim": 32, "num_heads": 2}}
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Dinomaly:
     torch.manual_seed(0)
-    model = Dinomaly(DinomalyConfig(**TINY))
+    model = Dinomaly(tiny.model_config())
     model.init_trainable()
     return model
 
 
 def tiny_recon(model: Dinomaly) -> Reconstruction:
     torch.manual_seed(1)
-    return model(torch.randn(4, 3, *TINY["image_size"]))
+    return model(torch.randn(4, 3, *tiny.model_config().image_size))
 
 
 def test_aux_gradient_reaches_the_bottleneck_and_not_the_encoder(tiny_model):

@@ -18,15 +18,14 @@ from hdmap_ad.core.model import (BottleneckMLP, DecoderBlock, Dinomaly, Dinomaly
                             global_cosine_hm_loss, group_distances, hard_mining_ratio, image_score,
                             point_distance, scale_easy_gradients)
 from hdmap_ad.core.optim import StableAdamW
+from tiny import model_config as tiny_model_config
 
-TINY = {"encoder": "small", "weights": "random", "image_size": (28, 42),
-        "encoder_overrides": {"depth": 10, "embed_dim": 32, "num_heads": 2}}
 PREFIX = 5
 
 
 def tiny(**kw) -> Dinomaly:
     torch.manual_seed(0)
-    return Dinomaly(DinomalyConfig(**{**TINY, **kw}))
+    return Dinomaly(tiny_model_config(**kw))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +113,7 @@ def test_large_defaults_to_its_target_blocks():
 
 def test_init_follows_the_spec():
     torch.manual_seed(0)
-    model = Dinomaly(DinomalyConfig(**{**TINY, "encoder_overrides": {"depth": 10, "embed_dim": 64, "num_heads": 2}}))
+    model = Dinomaly(tiny_model_config(encoder_overrides={"depth": 10, "embed_dim": 64, "num_heads": 2}))
     weights = []
     for m in [*model.bottleneck.modules(), *model.decoder.modules()]:
         if isinstance(m, torch.nn.Linear):

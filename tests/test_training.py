@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from hdmap_ad.core import checkpoint
-from hdmap_ad.core.config import load_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods.baseline import Baseline
 from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
-import shipped
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
-        "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-        "train.steps=6", "train.batch_size=4", "runtime.log_every=1", "train.val_every=3",
-        "runtime.checkpoint_every=1", "train.warmup_steps=2", "evaluate.batch_size=16"]
+TRAINING = ["train.steps=6", "runtime.log_every=1", "train.val_every=3", "runtime.checkpoint_every=1",
+            "train.warmup_steps=2", "runtime.device=auto"]
 
 
 @pytest.fixture()
@@ -31,7 +28,7 @@ def workdir(tmp_path, monkeypatch, prepared_dir):
 
 
 def tiny_params(prepared_dir: Path, *extra: str):
-    return load_params(shipped.params_file(), [*TINY, f"data.prepared={prepared_dir}", *extra])
+    return tiny.params(*TRAINING, *extra, prepared=prepared_dir)
 
 
 def test_batches_are_shuffled_epochs_and_a_function_of_the_step():
