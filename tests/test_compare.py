@@ -512,3 +512,54 @@ def test_seed_plot_range_is_honest():
     mean, half = plots.seed_interval([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
     assert plots.seed_interval([0.5]) == (0.5, None)
+
+
+def test_the_typed_result_is_what_the_outputs_show(store, tmp_path):
+    """run_compare returns a ComparisonResult: the details file is its to_json(), metrics/compare.json its
+    metrics_json(), and each comparison holds the stats module's PairedResult."""
+    from dataclasses import dataclass, replace
+
+    from rich.console import Console
+
+    from hdmap_ad.pipeline.stats import PairedResult
+
+    for seed in (42, 43, 44):
+        log_run(store, "baseline", seed)
+        log_run(store, "gem", seed)
+    with open(tmp_path / "console.txt", "w") as f:
+        result = compare.run_compare(settings(), console=Console(file=f), plots_dir=None, log_run=False)
+    assert isinstance(result, compare.ComparisonResult)
+    saved = json.loads((tmp_path / "reports/comparison.json").read_text())
+    assert json.loads(json.dumps(result.to_json())) == saved
+    assert json.loads((tmp_path / "metrics/compare.json").read_text()) == result.metrics_json()
+    assert (tmp_path / "reports/comparison.md").read_text() == compare.render_markdown(result)
+
+    c = result.comparison("gem", "domain_A", "auroc")
+    assert isinstance(c.paired, PairedResult) and c.pairing == "paired" and c.paired.seeds == [42, 43, 44]
+    assert c.to_json() == comparison(saved, "gem", "domain_A", "auroc")
+    assert result.comparison("baseline", "domain_A", "auroc") is None  # the baseline is not tested against itself
+    summary = result.summary["gem"]["domain_A"]["auroc"]
+    assert summary.n == 3 and summary.seeds == (42, 43, 44) and summary.mean == pytest.approx(c.paired.method_mean)
+    assert list(result.runs) == ["baseline", "gem"] and set(result.runs["gem"]) == {42, 43, 44}
+
+    # a statistic added as a field after `notes` reaches the details JSON under its own name
+    @dataclass(frozen=True)
+    class WithInterval(compare.Comparison):
+        interval: tuple[float, float] | None = None
+
+    extended = WithInterval(**{f: getattr(c, f) for f in ("method", "scope", "metric", "holm_family", "paired",
+                                                          "unpaired", "notes")}, interval=(0.1, 0.2))
+    assert extended.to_json() == {**c.to_json(), "interval": (0.1, 0.2)}
+    assert replace(c, notes=()).to_json()["notes"] == []
+
+
+def test_a_baseline_without_runs_is_said_in_the_significance_section(store, tmp_path):
+    for seed in (42, 43):
+        log_run(store, "gem", seed)
+        log_run(store, "topk", seed, invalid=("domain_B",) if seed == 43 else ())
+    saved, md = run(tmp_path, log_run=False)
+    significance = md.split("## Statistical significance (vs Baseline)", 1)[1]
+    assert significance.lstrip().startswith("The baseline `baseline` has no valid run: no paired statistics.")
+    assert "the baseline `baseline` has no valid run" in " ".join(saved["notes"])
+    # the blanks of a run with an invalid domain are listed in a fixed order: its domains, then mean and pooled
+    assert list(saved["blanks"]["topk"]["43"]) == ["domain_B", "mean", "pooled"]

@@ -266,7 +266,7 @@ def test_two_concurrent_writers_lose_no_run(tmp_path, monkeypatch):
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert not any("locked" in e for e in errs)
-    result = compare.run_compare(settings(), plots_dir=None, log_run=False)
+    result = compare.run_compare(settings(), plots_dir=None, log_run=False).to_json()
     assert result["n_runs_found"] == 12 and result["left_out"] == []
     assert {m: len(r) for m, r in result["runs"].items()} == {"baseline": 6, "gem": 6}
     assert {c["n"] for c in result["comparisons"]} == {6}

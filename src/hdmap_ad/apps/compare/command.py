@@ -1,0 +1,164 @@
+"""`hdmap-ad compare`: select the runs, analyse them, write the outputs and log them to MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.files import write_json, write_text
+from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
+from hdmap_ad.core.paths import REPORT_FILE
+from hdmap_ad.core.paths import REPORT_PLOTS_DIR as PLOTS_DIR
+
+from hdmap_ad.apps.compare.analysis import ComparisonResult, analyse
+from hdmap_ad.apps.compare.report import print_found, print_summary, render_markdown, write_plots
+from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_methods
+from hdmap_ad.apps.compare.settings import Settings, load_settings
+
+
+def details_path_for(report_path: Path) -> Path:
+    """reports/comparison.json beside reports/comparison.md."""
+    return Path(report_path).with_suffix(".json")
+
+
+def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, profile: str | None = "",
+                json_path: Path = JSON_FILE, report_path: Path = REPORT_FILE, plots_dir: Path | None = PLOTS_DIR,
+                log_run: bool = True, console=None, reference: Reference | None = None) -> ComparisonResult:
+    """The whole compare stage. `profile=""` means the params' profile, None any profile.
+
+    Raises HdmapError, writing nothing, when the store is missing or unreadable or has no valid run."""
+    from rich.console import Console
+
+    console = console or Console()
+    methods = list(methods) if methods else (list(settings.methods) if settings.methods else None)
+    selection, experiment_id, uri = collect(settings, methods, profile, reference=reference)
+    baseline = settings.baseline
+    # The baseline is always listed (its tables say so when it has no runs); then the asked-for or found methods.
+    method_list = order_methods(list(methods or selection.used) + [baseline], baseline)
+    print_found(console, selection, method_list, baseline)
+    if not selection.used:
+        ref = selection.reference
+        group = f" in comparison group {ref.key[:6]} ({ref.source})" if ref is not None and ref.key else ""
+        raise HdmapError(f"MLflow experiment {settings.experiment!r} at {uri}: no valid run to compare{group}; "
+                         f"{selection.n_found} run(s) found, {len(selection.left_out)} left out (listed above); "
+                         f"{json_path} and {report_path} left as they were")
+    result = analyse(selection, settings, method_list, profile=settings.profile if profile == "" else profile,
+                     experiment_id=experiment_id, tracking_uri=uri)
+
+    details_path = details_path_for(Path(report_path))
+    if plots_dir is not None:
+        result.plots = write_plots(result, Path(plots_dir), Path(report_path))
+    write_json(result.to_json(), details_path)
+    write_json(result.metrics_json(), Path(json_path))
+    write_text(render_markdown(result), Path(report_path))
+    print_summary(console, result)
+    console.print(f"wrote {json_path}, {report_path}, {details_path}"
+                  + (f", {len(result.plots)} plots under {plots_dir}" if plots_dir else ""))
+    if log_run:
+        run_id, exp_name = log_compare_run(settings, result, Path(json_path), Path(report_path), details_path,
+                                           Path(plots_dir) if plots_dir is not None else None)
+        result.compare_run_id = run_id
+        console.print(f"MLflow run `compare` {run_id} (experiment {exp_name!r})")
+    return result
+
+
+def compare_experiment(settings: Settings) -> str:
+    from hdmap_ad.pipeline import tracking
+
+    return tracking.compare_experiment_name(settings.experiment)
+
+
+def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Path, report_path: Path,
+                    details_path: Path, plots_dir: Path | None) -> tuple[str, str]:
+    """One MLflow run `compare` (tag kind=compare) in `<experiment>-compare`, with the outputs as artifacts
+    and Δ / Holm p as metrics; returns (run id, experiment name). Inside a DVC experiment it is tagged
+    with its name, so every experiment's comparison stays findable."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from hdmap_ad.pipeline import tracking
+
+    name = compare_experiment(settings)
+    experiment_id = tracking.ensure_experiment(name, settings.tracking_uri)
+    client = mlflow.MlflowClient()
+    tags = {"kind": COMPARE_KIND, "baseline": result.baseline, "methods": ",".join(result.methods),
+            "training_experiment": settings.experiment}
+    if result.reference is not None and result.reference.key:
+        tags["comparison_key"] = result.reference.key
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    run = client.create_run(experiment_id, run_name="compare", tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(_dt.datetime.now().timestamp() * 1000)
+        metrics = []
+        for c in result.comparisons:
+            if c.metric not in result.report_metrics:
+                continue
+            for key, value in (("delta", c.paired.delta), ("delta_unpaired", c.unpaired_delta), ("p_holm", c.paired.p_holm)):
+                if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
+                    metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
+        params = [Param("baseline", result.baseline), Param("methods", ",".join(result.methods)),
+                  Param("n_runs_used", str(sum(len(v) for v in result.runs.values()))),
+                  Param("n_left_out", str(len(result.selection.left_out))), Param("profile", str(result.profile))]
+        for i in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
+        if not metrics:
+            client.log_batch(run_id, params=params)
+        for path in (json_path, report_path, details_path):
+            client.log_artifact(run_id, str(path))
+        if plots_dir is not None and plots_dir.is_dir():
+            client.log_artifacts(run_id, str(plots_dir), artifact_path="plots")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id, name
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    settings = load_settings(args.params, args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    profile = "" if args.profile is None else (None if args.profile == "all" else args.profile)
+    run_compare(settings, methods=methods, profile=profile, json_path=Path(args.json), report_path=Path(args.report),
+                plots_dir=None if args.no_plots else Path(args.plots), log_run=not args.no_log)
+    return 0
+
+
+DESCRIPTION = """\
+Read every run of the MLflow experiment (mlflow.experiment), keep the FINISHED and evaluated ones of
+one comparison group (tag comparison_key: same settings and data, any method and seed; the group the
+workspace's params and prepared data describe), the latest per method and seed, pair them by seed
+with compare.baseline and test each method x domain (and the mean) x metric: paired t-test,
+Wilcoxon, d_z, Holm within each metric's table. A method with no seed in common with the baseline
+gets the unpaired difference of means (no p-value) and the command that would pair it.
+
+Writes metrics/compare.json (means, Δ and Holm p only: what `dvc metrics diff` compares),
+reports/comparison.md and reports/comparison.json (runs, left-out runs, every statistic) and
+reports/plots/*.png, prints a summary, and logs a `compare` MLflow run (tag kind=compare) with them
+into the experiment <mlflow.experiment>-compare. Runs that failed, are unfinished, are not
+evaluated, belong to another comparison group or have invalid (NaN/Inf) domains are listed with
+the reason they were left out. A missing or unreadable store, or no valid run, is an error and
+leaves the existing outputs as they were. MLFLOW_TRACKING_URI points it at another store or a server.
+"""
+
+
+def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser("compare", parents=[common], help="compare methods against the baseline over seeds (paired statistics)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help="comma list of methods to compare (default: compare.methods, or every method found)")
+    p.add_argument("--profile", help="only runs of this profile; 'all' mixes profiles (default: the params' profile)")
+    p.add_argument("--json", default=str(JSON_FILE), help=f"metrics JSON for DVC (default: {JSON_FILE})")
+    p.add_argument("--report", default=str(REPORT_FILE),
+                   help=f"Markdown report; the details go to the .json beside it (default: {REPORT_FILE})")
+    p.add_argument("--plots", default=str(PLOTS_DIR), help=f"folder for the PNG plots (default: {PLOTS_DIR})")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--no-log", action="store_true", help="do not log a `compare` run to MLflow")
+    p.set_defaults(func=cmd_compare)
+    return p

@@ -1,0 +1,56 @@
+"""What compare reads from the params: a small view of what the one params loader returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hdmap_ad.core.config import HDMAP_DOMAINS, HEADLINE_METRICS
+from hdmap_ad.core.errors import HdmapError
+
+if TYPE_CHECKING:
+    from hdmap_ad.core.config import Params
+
+# The metrics each run logs to MLflow as test_<metric>/<scope> (the rest of an evaluation is in its
+# eval_details.json artifact): the only ones compare can read.
+KNOWN_METRICS = HEADLINE_METRICS
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The few parameters compare reads (params.yaml sections `compare`, `mlflow`, `data`, `profile`)."""
+
+    baseline: str = "baseline"
+    metrics: tuple[str, ...] = ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5")
+    methods: tuple[str, ...] | None = None       # None: every method found
+    experiment: str = "hdmap-dinomaly"
+    tracking_uri: str | None = None
+    domains: tuple[str, ...] = HDMAP_DOMAINS
+    profile: str | None = "quick"                # only runs tagged with this profile; None: any
+    # The params file (and --set overrides) whose comparison group is compared; None: the newest baseline run's.
+    params_path: str | None = None
+    overrides: tuple[str, ...] = ()
+    # The params loaded from params_path (so the workspace's comparison group needs no second load).
+    params: Params | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_params(cls, params: Params, path: Path | str, overrides: Sequence[str] = ()) -> Settings:
+        """The view of params loaded by `load_params(path, overrides)`; refuses metrics runs do not log."""
+        cp = params.compare
+        unknown = [m for m in cp.metrics if m not in KNOWN_METRICS]
+        if unknown:
+            raise HdmapError(f"{path}: compare.metrics: unknown metric(s) {unknown} (known: {', '.join(KNOWN_METRICS)})")
+        return cls(baseline=cp.baseline, metrics=tuple(cp.metrics), methods=tuple(cp.methods) if cp.methods else None,
+                   experiment=params.mlflow.experiment, tracking_uri=params.mlflow.tracking_uri,
+                   domains=tuple(params.data.domains), profile=params.profile, params_path=str(path),
+                   overrides=tuple(overrides), params=params)
+
+
+def load_settings(path: Path | str = "params.yaml", overrides: Sequence[str] = ()) -> Settings:
+    """What compare needs from params.yaml, through the one params loader (`load_params`: profile
+    merged, `--set` applied, everything validated; no torch is imported)."""
+    from hdmap_ad.core.config import load_params
+
+    return Settings.from_params(load_params(path, list(overrides)), path, overrides)
