@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ from hdmap_ad.apps import compare
 from hdmap_ad.core.config import Params, flatten
 from hdmap_ad.pipeline.stats import holm_adjust
 import shipped
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
@@ -53,11 +57,41 @@ def fake_metrics(method: str, seed: int, invalid: tuple[str, ...] = ()) -> dict[
     return out
 
 
+def fake_scores(method: str, seed: int, n_good: int = 20, n_fault: int = 20) -> pd.DataFrame:
+    """metrics/scores.csv as evaluation.py writes it (path, domain, label, score), every domain, in file
+    order. One seed's two methods share most of their noise (same initialisation and batches), as real
+    paired runs do; the method adds a little of its own and its level."""
+    import pandas as pd
+
+    frames = []
+    for k, d in enumerate(DOMAINS):
+        labels = np.r_[np.zeros(n_good, int), np.ones(n_fault, int)]
+        paths = [f"data/raw/{d}/test/{'fault' if y else 'good'}/{i:04d}.png" for i, y in enumerate(labels)]
+        shared = np.random.default_rng([seed, k]).normal(size=labels.size)
+        own = np.random.default_rng([seed, k, sum(map(ord, method))]).normal(size=labels.size)
+        score = shared + 0.5 * own + (1.0 + 10 * (LEVEL.get(method, 0.9) - 0.9)) * labels
+        frames.append(pd.DataFrame({"path": paths, "domain": d, "label": labels, "score": score}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def metrics_from_scores(method: str, seed: int, scores: pd.DataFrame) -> dict[str, float]:
+    """fake_metrics with the AUROCs of the given per-map scores (as evaluate computes them from the same file)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = fake_metrics(method, seed)
+    aucs = [roc_auc_score(g["label"], g["score"]) for _, g in scores.groupby("domain", sort=False)]
+    out.update({f"test_auroc/{d}": float(a) for d, a in zip(DOMAINS, aucs)})
+    out["test_auroc/mean"] = float(np.mean(aucs))
+    return out
+
+
 def log_run(experiment_id: str, method: str, seed: int, *, status: str = "FINISHED", evaluated: bool = True,
             invalid: tuple[str, ...] = (), profile: str = "quick", metrics: dict | None = None,
-            key: str | None = KEY, manifest: str = MANIFEST, params: dict | None = None) -> str:
+            key: str | None = KEY, manifest: str = MANIFEST, params: dict | None = None,
+            scores: pd.DataFrame | None = None) -> str:
     """One training+evaluation run, logged as training.py/evaluation.py do (fluent API). `key` None: a
-    run of an older version (no comparison_key tag)."""
+    run of an older version (no comparison_key tag). `scores`: logged as the artifact eval/scores.csv."""
+    import tempfile
     import mlflow
 
     tags = {"method": method, "seed": str(seed), "profile": profile, "git_commit": "abc1234def", "stage": "trained",
@@ -77,6 +111,10 @@ def log_run(experiment_id: str, method: str, seed: int, *, status: str = "FINISH
     if evaluated:
         mlflow.log_metrics(metrics or fake_metrics(method, seed, invalid))
         mlflow.set_tags({"evaluated": "true", "invalid_domains": ",".join(invalid)})
+        if scores is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                scores.to_csv(Path(tmp) / "scores.csv", index=False)
+                mlflow.log_artifact(str(Path(tmp) / "scores.csv"), artifact_path="eval")
     mlflow.end_run(status=status)
     return run.info.run_id
 
@@ -110,7 +148,8 @@ def store(template_db, tmp_path, monkeypatch):
 
 
 def settings(**kw) -> compare.Settings:
-    return compare.Settings(experiment=EXPERIMENT, **kw)
+    """The test experiment, with few bootstrap resamples (fast; the numbers are checked against direct calls)."""
+    return compare.Settings(experiment=EXPERIMENT, **{"bootstrap_resamples": 200, **kw})
 
 
 def run(tmp_path: Path, plots: bool = False, settings_: compare.Settings | None = None, **kw) -> tuple[dict, str]:
@@ -334,6 +373,17 @@ def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, temp
     # runs log only the headline metrics to MLflow: comparing another one could only give "no data"
     with pytest.raises(HdmapError, match=r"unknown metric\(s\) \['precision'\] \(known: auroc, ap, f1_max"):
         compare.load_settings(params, ["compare.metrics=[precision]"])
+    # ... refused by the params schema itself (every command that loads the params), naming the key
+    from hdmap_ad.core.config import load_params
+    with pytest.raises(HdmapError, match=r"compare\.metrics: .*unknown metric\(s\) \['speed'\]"):
+        load_params(params, ["compare.metrics=[auroc,speed]"])
+    # the uncertainty settings: shipped values, overridable, validated
+    assert (s.confidence, s.bootstrap_resamples, s.bootstrap_seed, s.alpha, s.power) == (0.95, 10000, 0, 0.05, 0.8)
+    o = compare.load_settings(params, ["compare.confidence=0.9", "compare.bootstrap_resamples=500", "compare.power=0.9"])
+    assert (o.confidence, o.bootstrap_resamples, o.power) == (0.9, 500, 0.9)
+    for bad in ("compare.confidence=1.5", "compare.bootstrap_resamples=0", "compare.alpha=0", "compare.power=1"):
+        with pytest.raises(HdmapError, match=re.escape(bad.split("=")[0])):
+            compare.load_settings(params, [bad])
     # the one params loader: the whole file is validated, and loading it imports no torch
     with pytest.raises(HdmapError, match="data.source"):
         compare.load_settings(params, ["data.source=anything"])
@@ -517,7 +567,7 @@ def test_seed_plot_range_is_honest():
 def test_the_typed_result_is_what_the_outputs_show(store, tmp_path):
     """run_compare returns a ComparisonResult: the details file is its to_json(), metrics/compare.json its
     metrics_json(), and each comparison holds the stats module's PairedResult."""
-    from dataclasses import dataclass, replace
+    from dataclasses import asdict, dataclass, fields, replace
 
     from rich.console import Console
 
@@ -544,12 +594,15 @@ def test_the_typed_result_is_what_the_outputs_show(store, tmp_path):
 
     # a statistic added as a field after `notes` reaches the details JSON under its own name
     @dataclass(frozen=True)
-    class WithInterval(compare.Comparison):
-        interval: tuple[float, float] | None = None
+    class WithExtra(compare.Comparison):
+        extra: tuple[float, float] | None = None
 
-    extended = WithInterval(**{f: getattr(c, f) for f in ("method", "scope", "metric", "holm_family", "paired",
-                                                          "unpaired", "notes")}, interval=(0.1, 0.2))
-    assert extended.to_json() == {**c.to_json(), "interval": (0.1, 0.2)}
+    extended = WithExtra(**{f.name: getattr(c, f.name) for f in fields(c)}, extra=(0.1, 0.2))
+    assert extended.to_json() == {**c.to_json(), "extra": (0.1, 0.2)}
+    # the uncertainty fields are such fields: each reaches the JSON, as the dataclass it holds
+    for name in ("interval", "improvement", "seeds_needed"):
+        assert c.to_json()[name] == asdict(getattr(c, name))
+    assert c.to_json()["seeds_needed_text"] == c.seeds_needed_text and "seeds" in c.seeds_needed_text
     assert replace(c, notes=()).to_json()["notes"] == []
 
 
@@ -563,3 +616,219 @@ def test_a_baseline_without_runs_is_said_in_the_significance_section(store, tmp_
     assert "the baseline `baseline` has no valid run" in " ".join(saved["notes"])
     # the blanks of a run with an invalid domain are listed in a fixed order: its domains, then mean and pooled
     assert list(saved["blanks"]["topk"]["43"]) == ["domain_B", "mean", "pooled"]
+
+
+# ------------------------------------------------------------------ uncertainty of Δ (docs/design.md#stats-intervals)
+
+def no_nan(text: str) -> dict:
+    """JSON text parsed, failing on NaN/Infinity (the outputs must be NaN-free)."""
+    def bad(const):
+        raise AssertionError(f"{const} in the JSON")
+    return json.loads(text, parse_constant=bad)
+
+
+def pts(v: float) -> str:
+    """A Δ as the report writes it (points, sign, 2 decimals), escaped for a regular expression."""
+    return re.escape(f"{100 * v:+.2f}")
+
+
+def per_map_arrays(frames: dict, method: str, baseline: str, seeds: list[int], domain: str):
+    """labels, method (S, N) and baseline (S, N) scores in the first baseline seed's file order, matched by path
+    (independently of compare's own matching)."""
+    def rows_of(frame):
+        return frame[frame["domain"] == domain]
+
+    ref = rows_of(frames[baseline, seeds[0]]).reset_index(drop=True)
+    rows = {who: np.stack([rows_of(frames[who, s]).set_index("path").loc[ref["path"], "score"].to_numpy()
+                           for s in seeds]) for who in (method, baseline)}
+    return ref["label"].to_numpy(), rows[method], rows[baseline]
+
+
+def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp_path, monkeypatch):
+    import mlflow
+
+    from hdmap_ad.apps import cli
+    from hdmap_ad.apps.compare.scores import ScoresCache
+    from hdmap_ad.pipeline import uncertainty as U
+
+    seeds, frames, ids = [42, 43, 44], {}, {}
+    for method in ("baseline", "gem"):
+        for seed in seeds:
+            frame = fake_scores(method, seed)
+            if method == "gem":  # another row order: maps are matched by their path, not their row
+                frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+            frames[method, seed] = frame
+            ids[method, seed] = log_run(store, method, seed, scores=frame, metrics=metrics_from_scores(method, seed, frame))
+    fetched: list[str] = []
+    original = ScoresCache._fetch
+    monkeypatch.setattr(ScoresCache, "_fetch", lambda self, run_id: (fetched.append(run_id), original(self, run_id))[1])
+    params = workspace_params(tmp_path, "compare: {bootstrap_resamples: 300, bootstrap_seed: 7, confidence: 0.9}")
+    assert cli.main(["compare", "--params", str(params), "--no-plots"]) == 0
+    text = (tmp_path / "reports/comparison.json").read_text()
+    saved, md = no_nan(text), (tmp_path / "reports/comparison.md").read_text()
+    assert sorted(fetched) == sorted(ids.values())  # one download per run
+
+    # the seed-level numbers equal direct calls on the per-seed values MLflow holds, for every scope and metric
+    back = read_back()
+    for scope in DOMAINS + ["mean", "pooled"]:
+        for metric in METRICS:
+            key = f"test_{metric}/{scope}"
+            c = comparison(saved, "gem", scope, metric)
+            diffs = [back["gem"][key][s] - back["baseline"][key][s] for s in seeds]
+            from dataclasses import asdict
+            assert c["interval"] == asdict(U.paired_delta_interval(diffs, 0.9, 300, 7))
+            assert c["interval"]["t_low"] < c["delta"] < c["interval"]["t_high"] and c["interval"]["confidence"] == 0.9
+            assert c["improvement"] == asdict(U.probability_of_improvement(diffs))
+            need = U.seeds_needed(diffs)
+            assert c["seeds_needed"] == asdict(need)
+            label = compare.report.METRIC_LABELS[metric]
+            assert c["seeds_needed_text"] == U.describe_seeds_needed(
+                need, "the mean over domains" if scope == "mean" else scope, unit=f"pt {label}")
+            assert c["seeds_needed_text"].startswith(f"to confirm a {100 * c['delta']:+.2f} pt {label} ")
+    # DeLong per seed and pooled, and the hierarchical bootstrap: direct calls on the same per-map scores
+    arrays = {d: per_map_arrays(frames, "gem", "baseline", seeds, d) for d in DOMAINS}
+    boot = U.hierarchical_bootstrap_auroc({d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300,
+                                          confidence=0.9, seed=7)
+    for d in DOMAINS:
+        c = comparison(saved, "gem", d, "auroc")
+        pooled = U.delong_pooled(*arrays[d], seeds=seeds, confidence=0.9)
+        assert c["delong"] == asdict(pooled)
+        assert c["delong"]["per_seed"][1]["auc_a"] == pytest.approx(back["gem"][f"test_auroc/{d}"][43], rel=1e-12)
+        assert c["bootstrap"] == asdict(boot.domains[d])
+        assert c["bootstrap"]["low"] < c["bootstrap"]["high"] and c["per_map_notes"] == []
+    mean = comparison(saved, "gem", "mean", "auroc")
+    assert mean["bootstrap"] == asdict(boot.mean)
+    pooled = [comparison(saved, "gem", d, "auroc")["delong"] for d in DOMAINS]
+    se = np.sqrt(sum(p["se"] ** 2 for p in pooled)) / 4
+    assert mean["delong"]["delta"] == pytest.approx(np.mean([p["delta"] for p in pooled]))
+    assert mean["delong"]["se"] == pytest.approx(se) and mean["delong"]["seeds"] == seeds
+    assert comparison(saved, "gem", "mean", "ap")["delong"] is None  # AUROC only
+    assert saved["uncertainty"]["bootstrap_resamples"] == 300 and saved["uncertainty"]["per_map"]["gem"]["seeds"] == {
+        d: seeds for d in DOMAINS}
+
+    # the report: every piece for every method x domain x metric
+    assert "90 % intervals" in md and "paired t interval" in md and "300 resamples, seed 7" in md
+    for metric, label in (("auroc", "AUROC"), ("tpr_at_fpr_1", "TPR@FPR=1%"), ("tpr_at_fpr_5", "TPR@FPR=5%")):
+        table = md.split(f"#### {label}: Δ with 90 % intervals", 1)[1].split("####", 1)[0]
+        for scope in DOMAINS + ["mean"]:
+            c = comparison(saved, "gem", scope, metric)
+            iv = c["interval"]
+            row = (rf"\| {re.escape(compare.report.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
+                   rf"\[{pts(iv['t_low'])}, {pts(iv['t_high'])}\] \| \[{pts(iv['boot_low'])}, {pts(iv['boot_high'])}\] \| "
+                   rf"[\d.e-]+ \| [\d.e-]+ \| [\d.e-]+ \| [-\d.]+ \| \S+ \| {c['improvement']['n_better']}/3")
+            assert re.search(row, table), (row, table)
+            assert f"- {c['seeds_needed_text']}" in md
+    dl = md.split("#### AUROC per map: DeLong and hierarchical bootstrap", 1)[1].split("##", 1)[0]
+    for d in DOMAINS + ["mean"]:
+        c = comparison(saved, "gem", d, "auroc")
+        b = c["bootstrap"]
+        assert re.search(rf"\| {re.escape(compare.report.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
+                         rf"{100 * c['delong']['se']:.2f} \(p=[\d.e-]+\) \| .* \| \[{pts(b['low'])}, "
+                         rf"{pts(b['high'])}\] \| {100 * b['p_improvement']:.0f} % \|", dl), d
+    first = comparison(saved, "gem", "domain_A", "auroc")["delong"]["per_seed"][0]
+    assert f"{100 * first['delta']:+.2f} ± {100 * first['se']:.2f} (p=" in dl and "seed 44: Δ ± SE (p)" in dl
+    assert "## How many seeds" in md and "paired seeds" in md and "not computable" not in md
+
+    # metrics/compare.json: the headline mean AUROC Δ gains its intervals, nothing else does
+    metrics = no_nan((tmp_path / "metrics/compare.json").read_text())
+    head = metrics["gem"]["mean"]["auroc"]
+    c = comparison(saved, "gem", "mean", "auroc")
+    assert head["delta_pts_t_low"] == pytest.approx(round(100 * c["interval"]["t_low"], 4))
+    assert head["delta_pts_hboot_high"] == pytest.approx(round(100 * c["bootstrap"]["high"], 4))
+    assert not [k for k in metrics["gem"]["domain_A"]["auroc"] if "low" in k or "high" in k]
+    # the compare run logs them as metrics, the settings as params
+    client = mlflow.MlflowClient()
+    (crun,) = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-compare").experiment_id])
+    m = crun.data.metrics
+    assert m["delong_p_auroc/gem/domain_B"] == pytest.approx(comparison(saved, "gem", "domain_B", "auroc")["delong"]["p"])
+    assert m["hboot_low_auroc/gem/mean"] == pytest.approx(c["bootstrap"]["low"])
+    assert m["delta_t_high_tpr_at_fpr_5/gem/domain_C"] == pytest.approx(
+        comparison(saved, "gem", "domain_C", "tpr_at_fpr_5")["interval"]["t_high"])
+    assert crun.data.params["bootstrap_resamples"] == "300" and crun.data.params["confidence"] == "0.9"
+
+
+def test_runs_without_scores_or_with_other_maps_are_said_and_the_rest_works(store, tmp_path):
+    seeds = [42, 43, 44]
+    for seed in seeds:
+        log_run(store, "baseline", seed, scores=fake_scores("baseline", seed))
+    log_run(store, "gem", 42, scores=fake_scores("gem", 42))
+    log_run(store, "gem", 43)  # evaluated by an older version: no scores artifact
+    other = fake_scores("gem", 44)
+    log_run(store, "gem", 44, scores=other.drop(index=other.index[other["domain"] == "domain_B"][0]))  # a map less
+    saved, md = run(tmp_path, settings_=settings(bootstrap_resamples=100))
+
+    assert comparison(saved, "gem", "domain_A", "auroc")["seeds"] == seeds  # the seed-level tests keep every seed
+    a = comparison(saved, "gem", "domain_A", "auroc")
+    assert a["delong"]["seeds"] == [42, 44] and a["bootstrap"]["low"] is not None
+    assert any("seed 43 left out of DeLong/bootstrap: gem has no per-map scores" in n for n in a["per_map_notes"])
+    b = comparison(saved, "gem", "domain_B", "auroc")
+    assert b["delong"] is None and b["bootstrap"] is None
+    assert any(n.startswith("not computable: different test maps on domain_B: gem seed 44") for n in b["per_map_notes"])
+    mean = comparison(saved, "gem", "mean", "auroc")
+    assert mean["delong"]["delta"] is None and "not computable" in mean["delong"]["note"] and mean["bootstrap"] is None
+    notes = " ".join(saved["notes"])
+    assert "no per-map scores (`eval/scores.csv` artifact) for gem seed 43" in notes
+    assert "**gem vs baseline, domain_B: DeLong/bootstrap not computable: different test maps" in notes
+    assert "not computable: different test maps on domain_B" in md and "gem seed 43" in md
+    assert re.search(r"\| Domain B \| (no per-map scores \| ){5}", md)  # its row says so, the others are filled
+    assert "## How many seeds" in md  # the rest of the report is there
+
+
+def test_one_seed_says_not_computable_and_writes_no_nan(store, tmp_path):
+    for method in ("baseline", "gem"):
+        log_run(store, method, 42, scores=fake_scores(method, 42))
+    saved, md = run(tmp_path, settings_=settings(bootstrap_resamples=50))
+    for path in ("reports/comparison.json", "metrics/compare.json"):
+        no_nan((tmp_path / path).read_text())
+    c = comparison(saved, "gem", "domain_C", "auroc")
+    assert c["interval"]["t_low"] is None and c["interval"]["note"].startswith("not computable: 1 paired seed")
+    assert c["seeds_needed"]["n_needed"] is None and "not computable" in c["seeds_needed_text"]
+    assert c["bootstrap"]["low"] is None and "not computable" in c["bootstrap"]["note"]
+    assert c["delong"]["se"] is not None  # one seed's DeLong test needs no second seed
+    assert "| Domain C | 1 |" in md and "| not computable | not computable |" in md
+    assert "seeds needed on domain_C (AUROC): not computable" in md
+
+
+def test_maps_are_matched_by_path_or_by_position_on_the_same_data():
+    from hdmap_ad.apps.compare.scores import DomainScores, align
+
+    ref = DomainScores(np.array(["a/1", "a/2", "a/3"]), np.array([0, 1, 1]), np.array([0.1, 0.9, 0.8]))
+    shuffled = DomainScores(np.array(["a/3", "a/1", "a/2"]), np.array([1, 0, 1]), np.array([0.7, 0.2, 0.6]))
+    idx, how = align(ref, shuffled, same_data=False)
+    assert list(shuffled.scores[idx]) == [0.2, 0.6, 0.7] and how == ""
+    moved = DomainScores(np.array(["/mnt/b/1", "/mnt/b/2", "/mnt/b/3"]), ref.labels, ref.scores)
+    idx, how = align(ref, moved, same_data=True)  # the same prepared data read from another folder
+    assert list(idx) == [0, 1, 2] and "paired by position" in how
+    assert align(ref, moved, same_data=False) == (None, "3 vs 3 maps, 3 map id(s) differ")
+    relabelled = DomainScores(ref.paths, np.array([0, 0, 1]), ref.scores)
+    assert align(ref, relabelled, same_data=True) == (None, "1 map(s) with another label")
+
+
+def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(store, tmp_path):
+    from dataclasses import asdict
+
+    from hdmap_ad.pipeline import uncertainty as U
+
+    seeds, frames = [42, 43, 44], {}
+    for method in ("baseline", "topk"):
+        for seed in seeds:
+            frame = fake_scores(method, seed)
+            invalid = ("domain_C",) if (method, seed) == ("topk", 43) else ()
+            if invalid:
+                frame.loc[frame["domain"] == "domain_C", "score"] = np.nan
+            frames[method, seed] = frame
+            log_run(store, method, seed, scores=frame, invalid=invalid)
+    saved, md = run(tmp_path, settings_=settings(bootstrap_resamples=100))
+
+    c = comparison(saved, "topk", "domain_C", "auroc")
+    assert c["delong"]["seeds"] == [42, 44] and c["seeds"] == [42, 44]
+    assert any("seed 43 left out of DeLong/bootstrap: topk invalid (NaN/Inf scores)" in n for n in c["per_map_notes"])
+    assert comparison(saved, "topk", "domain_A", "auroc")["delong"]["seeds"] == seeds
+    # the mean over domains: on the seeds every domain has, like the seed-level mean
+    mean = comparison(saved, "topk", "mean", "auroc")
+    sub = {d: U.AurocScores(*per_map_arrays(frames, "topk", "baseline", [42, 44], d)) for d in DOMAINS}
+    assert mean["bootstrap"] == asdict(U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0).mean)
+    assert any("seeds all domains share: 42, 44" in n for n in mean["per_map_notes"])
+    assert mean["delong"]["delta"] is None and "different seeds" in mean["delong"]["note"]
+    assert "**topk seed 43**" in md and "NaN/Inf scores in domain_C" in md
+    no_nan((tmp_path / "reports/comparison.json").read_text())

@@ -169,6 +169,22 @@ class CompareParams(Section):
     baseline: str = "baseline"
     methods: list[str] | None = None   # None: every method found in MLflow
     metrics: list[str] = Field(default_factory=lambda: ["auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"])
+    # Uncertainty of each Δ (docs/design.md#stats-intervals): interval level, bootstrap size and seed
+    # (seeded: the same runs give the same intervals), and the α and power behind "seeds needed".
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_resamples: int = Field(10000, ge=1)
+    bootstrap_seed: int = Field(0, ge=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    power: float = Field(0.8, gt=0, lt=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        # runs log only the headline metrics to MLflow: any other could only be "no data"
+        unknown = [m for m in v if m not in HEADLINE_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(HEADLINE_METRICS)})")
+        return v
 
 
 class Params(Section):

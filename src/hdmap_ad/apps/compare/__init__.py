@@ -9,8 +9,10 @@ under `reports/plots/`, a summary on the terminal, and one MLflow run named `com
 `kind=compare`) in the experiment `<mlflow.experiment>-compare`, apart from the training runs.
 
 The flow, one module each: `settings` (the params view) -> `runs` (fetch from MLflow, select and
-pair) -> `analysis` (the typed `ComparisonResult`, and its JSON) -> `report` (Markdown, terminal,
-plots) -> `command` (the CLI, writing the outputs, logging the compare run).
+pair) -> `scores` (each paired run's per-map scores, downloaded once) and `permap` (DeLong and the
+hierarchical bootstrap of Δ AUROC from them) -> `analysis` (the typed `ComparisonResult`, and its
+JSON) -> `report` (Markdown, terminal, plots) -> `command` (the CLI, writing the outputs, logging the
+compare run).
 """
 
 from hdmap_ad.apps.compare.analysis import Comparison, ComparisonResult, SeedSummary, analyse

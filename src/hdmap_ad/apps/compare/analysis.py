@@ -4,6 +4,11 @@ metric, and every method tested against the baseline (docs/design.md#7-statistic
 A run whose evaluation found NaN/Inf scores in a domain (`invalid_domains` tag) is left out of that
 domain's comparisons and of the mean and pooled ones (a mean over fewer domains is not comparable).
 
+Each Δ also gets its uncertainty (docs/design.md#stats-intervals to #stats-power): the t and bootstrap
+intervals over the paired seeds, P(improvement) over seeds and the seeds needed, for every metric; and
+for AUROC, from the runs' per-map scores (`permap`), DeLong per seed and pooled and the hierarchical
+bootstrap over seeds × maps.
+
 `ComparisonResult.to_json()` is reports/comparison.json and `ComparisonResult.metrics_json()` is
 metrics/compare.json; the report renders from the same object.
 """
@@ -20,9 +25,19 @@ from hdmap_ad.apps.compare.runs import PairingHint, Reference, RunRecord, Select
 from hdmap_ad.apps.compare.settings import KNOWN_METRICS, Settings
 
 if TYPE_CHECKING:  # (scipy is imported only when statistics are computed: the CLI starts faster)
+    from collections.abc import Callable
+
+    from hdmap_ad.apps.compare.permap import DomainMeanDeLong, PerMap
+    from hdmap_ad.apps.compare.scores import RunScores
     from hdmap_ad.pipeline.stats import PairedResult, UnpairedResult
+    from hdmap_ad.pipeline.uncertainty import (BootstrapDelta, DeltaInterval, Improvement, PooledDeLongResult,
+                                               SeedsNeeded)
 
 NOT_PERCENT = {"threshold"}   # metrics that are not fractions (shown and summarised as they are)
+METRIC_LABELS = {"auroc": "AUROC", "ap": "AP", "f1_max": "F1-max", "tpr_at_fpr_1": "TPR@FPR=1%",
+                 "tpr_at_fpr_5": "TPR@FPR=5%", "precision": "Precision", "recall": "Recall", "f1": "F1",
+                 "accuracy": "Accuracy", "threshold": "Threshold", "pixel_auroc": "pixel AUROC",
+                 "aux_domain_accuracy": "aux domain accuracy"}
 SUMMARY_SCOPES = ("mean", "pooled")
 MARK_LEGEND = "*** p<0.001, ** p<0.01, * p<0.05, n.s. not significant (marks use the Holm-adjusted p)"
 STD_NOTE = "std over seeds with ddof=1 (sample standard deviation)"
@@ -31,6 +46,8 @@ TESTS_NOTE = ("paired t-test scipy.stats.ttest_rel(method, baseline); Wilcoxon s
               "unpaired difference of means (unpaired_delta), no p-value")
 HOLM_NOTE = ("Holm over one family per metric: all methods x (domains + mean) ('<metric>:table'); the pooled "
              "comparisons form a second family per metric ('<metric>:pooled')")
+PER_MAP_METRIC = "auroc"   # the one metric DeLong and the hierarchical bootstrap cover
+PER_MAP_SCOPES_NOTE = "DeLong and the hierarchical bootstrap: AUROC, per domain and the mean over domains"
 
 # method -> scope -> metric -> seed -> value (finite numbers only)
 Values = dict[str, dict[str, dict[str, dict[int, float]]]]
@@ -67,6 +84,15 @@ class Comparison:
     paired: PairedResult
     unpaired: UnpairedResult | None = None
     notes: tuple[str, ...] = ()
+    # over the paired seeds (every metric): t and bootstrap intervals of Δ, P(improvement), seeds needed
+    interval: DeltaInterval | None = None
+    improvement: Improvement | None = None
+    seeds_needed: SeedsNeeded | None = None
+    seeds_needed_text: str = ""
+    # from the per-map scores (AUROC; domains and the mean): DeLong and the hierarchical bootstrap
+    delong: PooledDeLongResult | DomainMeanDeLong | None = None
+    bootstrap: BootstrapDelta | None = None
+    per_map_notes: list[str] = field(default_factory=list)
 
     @property
     def pairing(self) -> str:
@@ -139,6 +165,7 @@ class ComparisonResult:
     notes: list[str]
     plots: list[PlotFile] = field(default_factory=list)
     compare_run_id: str | None = None   # the MLflow run it was logged to (not in the JSON files)
+    uncertainty: dict[str, Any] = field(default_factory=dict)   # settings and per-method per-map inputs
 
     def __post_init__(self) -> None:
         self._index = {(c.method, c.scope, c.metric): c for c in self.comparisons}
@@ -187,7 +214,7 @@ class ComparisonResult:
             "summary": {m: {s: {mt: e.to_json() for mt, e in by_metric.items()} for s, by_metric in by_scope.items()}
                         for m, by_scope in self.summary.items()},
             "comparisons": [c.to_json() for c in self.comparisons], "notes": self.notes,
-            "plots": [asdict(p) for p in self.plots],
+            "plots": [asdict(p) for p in self.plots], "uncertainty": self.uncertainty,
         }
 
     def metrics_json(self) -> dict[str, Any]:
@@ -217,6 +244,12 @@ class ComparisonResult:
                 e[f"{delta_key}_unpaired"] = _round(scale * c.unpaired_delta)
             if c.paired.p_holm is not None:
                 e["p_holm"] = float(f"{c.paired.p_holm:.4g}")
+            if metric == PER_MAP_METRIC and scope == "mean":  # the headline Δ's intervals, and only its
+                for key, v in (("t_low", c.interval and c.interval.t_low), ("t_high", c.interval and c.interval.t_high),
+                               ("hboot_low", c.bootstrap and c.bootstrap.low),
+                               ("hboot_high", c.bootstrap and c.bootstrap.high)):
+                    if v is not None:
+                        e[f"{delta_key}_{key}"] = _round(scale * v)
         return e
 
 
@@ -272,10 +305,13 @@ def per_seed_values(selection: Selection) -> tuple[Values, Blanks, list[str], li
 
 
 def compare_methods(values: Values, why: Blanks, baseline: str, methods: Sequence[str], scopes: Sequence[str],
-                    metrics: Sequence[str], selection: Selection) -> list[Comparison]:
+                    metrics: Sequence[str], selection: Selection, settings: Settings | None = None) -> list[Comparison]:
     """paired_test for each method x scope x metric vs the baseline; Holm within each metric's table
-    (all methods x domains + mean) and, separately, within each metric's pooled comparisons."""
+    (all methods x domains + mean) and, separately, within each metric's pooled comparisons; and the
+    seed-level uncertainty of each Δ (`seed_uncertainty`)."""
     from hdmap_ad.pipeline.stats import fill_holm, paired_test, unpaired_difference
+
+    settings = settings or Settings()
 
     out: list[Comparison] = []
     base_vals = values.get(baseline, {})
@@ -295,11 +331,44 @@ def compare_methods(values: Values, why: Blanks, baseline: str, methods: Sequenc
                 if unpaired is not None and unpaired.note:
                     notes.append(unpaired.note)
                 family = f"{metric}:pooled" if scope == "pooled" else f"{metric}:table"
+                diffs = [m[s] - b[s] for s in res.seeds]
                 families.setdefault(family, []).append(Comparison(method, scope, metric, family, res, unpaired,
-                                                                  tuple(notes)))
+                                                                  tuple(notes), **seed_uncertainty(diffs, scope, metric,
+                                                                                                   settings)))
         for items in families.values():
             fill_holm([c.paired for c in items], which="p_ttest")
             out += items
+    return out
+
+
+def seed_uncertainty(diffs: Sequence[float], scope: str, metric: str, settings: Settings) -> dict[str, Any]:
+    """The Comparison fields computed from the per-seed differences (method − baseline) alone."""
+    from hdmap_ad.pipeline.uncertainty import (describe_seeds_needed, paired_delta_interval,
+                                               probability_of_improvement, seeds_needed)
+
+    need = seeds_needed(diffs, alpha=settings.alpha, power=settings.power)
+    pct, label = metric not in NOT_PERCENT, METRIC_LABELS.get(metric, metric)
+    where = "the mean over domains" if scope == "mean" else scope
+    return {"interval": paired_delta_interval(diffs, settings.confidence, settings.bootstrap_resamples,
+                                              settings.bootstrap_seed),
+            "improvement": probability_of_improvement(diffs), "seeds_needed": need,
+            # "to confirm a +0.40 pt AUROC gain on domain_C at α=0.05 (80 % power) you need ~N paired seeds"
+            "seeds_needed_text": describe_seeds_needed(
+                need, where if need.n_needed or need.more_than else f"{where} ({label})",  # (its unit names it)
+                100.0 if pct else 1.0, f"pt {label}" if pct else label)}
+
+
+def attach_per_map(comparisons: Sequence[Comparison], per_map: PerMap) -> list[Comparison]:
+    """The AUROC comparisons with their DeLong and hierarchical-bootstrap results (other ones as they are)."""
+    from dataclasses import replace
+
+    out = []
+    for c in comparisons:
+        if c.metric == PER_MAP_METRIC and c.method in per_map.delong:
+            c = replace(c, delong=per_map.delong[c.method].get(c.scope),
+                        bootstrap=per_map.bootstrap.get(c.method, {}).get(c.scope),
+                        per_map_notes=list(per_map.scope_notes.get((c.method, c.scope), ())))
+        out.append(c)
     return out
 
 
@@ -384,22 +453,38 @@ def build_notes(selection: Selection, baseline: str, methods: Sequence[str],
 
 
 def analyse(selection: Selection, settings: Settings, methods: Sequence[str], *, profile: str | None,
-            experiment_id: str, tracking_uri: str) -> ComparisonResult:
+            experiment_id: str, tracking_uri: str, scores: Callable[[str], RunScores] | None = None) -> ComparisonResult:
     """The typed result for the selected runs: `methods` listed (baseline first), `profile` the one
-    selected by (None: any)."""
+    selected by (None: any). `scores(run_id)`: a run's per-map scores (None: no DeLong, no bootstrap)."""
+    from hdmap_ad.apps.compare.permap import per_map_statistics
     from hdmap_ad.apps.compare.runs import pairing_hints
+    from hdmap_ad.apps.compare.scores import SCORES_ARTIFACT
 
     values, why, found_scopes, metrics = per_seed_values(selection)
     metrics = [m for m in KNOWN_METRICS if m in set(metrics) | set(settings.metrics)]
     # the domains the runs report; with no run at all, the params' domains (so the empty tables look as planned)
     scopes = order_scopes(set(found_scopes) | {"mean"} | (set() if found_scopes else set(settings.domains)),
                           settings.domains)
-    comparisons = compare_methods(values, why, settings.baseline, methods, scopes, metrics, selection)
+    comparisons = compare_methods(values, why, settings.baseline, methods, scopes, metrics, selection, settings)
+    uncertainty: dict[str, Any] = {
+        "confidence": settings.confidence, "bootstrap_resamples": settings.bootstrap_resamples,
+        "bootstrap_seed": settings.bootstrap_seed, "alpha": settings.alpha, "power": settings.power,
+        "scores_artifact": SCORES_ARTIFACT, "per_map_scopes": PER_MAP_SCOPES_NOTE, "per_map": {}}
+    per_map_notes: list[str] = []
+    if scores is not None and PER_MAP_METRIC in metrics:
+        domains = [s for s in scopes if s not in SUMMARY_SCOPES]
+        per_map = per_map_statistics(selection, scores, settings.baseline, methods, domains,
+                                     confidence=settings.confidence, n_resamples=settings.bootstrap_resamples,
+                                     seed=settings.bootstrap_seed)
+        comparisons = attach_per_map(comparisons, per_map)
+        uncertainty["per_map"] = per_map.runs
+        per_map_notes = per_map.notes
     hints = pairing_hints(selection, settings.baseline, methods)
-    notes = [h.line for h in hints] + build_notes(selection, settings.baseline, methods, comparisons)
+    notes = [h.line for h in hints] + build_notes(selection, settings.baseline, methods, comparisons) + per_map_notes
     return ComparisonResult(
         generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         experiment=settings.experiment, experiment_id=experiment_id, tracking_uri=tracking_uri, profile=profile,
         baseline=settings.baseline, methods=list(methods), scopes=scopes, metrics=metrics,
         report_metrics=list(settings.metrics), selection=selection, values=values, blanks=why,
-        summary=summarise_values(values, methods, scopes, metrics), comparisons=comparisons, hints=hints, notes=notes)
+        summary=summarise_values(values, methods, scopes, metrics), comparisons=comparisons, hints=hints, notes=notes,
+        uncertainty=uncertainty)

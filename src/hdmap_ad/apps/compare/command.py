@@ -46,8 +46,13 @@ def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, pro
         raise HdmapError(f"MLflow experiment {settings.experiment!r} at {uri}: no valid run to compare{group}; "
                          f"{selection.n_found} run(s) found, {len(selection.left_out)} left out (listed above); "
                          f"{json_path} and {report_path} left as they were")
-    result = analyse(selection, settings, method_list, profile=settings.profile if profile == "" else profile,
-                     experiment_id=experiment_id, tracking_uri=uri)
+    result = analyse_with_scores(selection, settings, method_list, profile=settings.profile if profile == "" else profile,
+                                 experiment_id=experiment_id, tracking_uri=uri)
+    for method, used in result.uncertainty.get("per_map", {}).items():
+        if "bootstrap_seconds" in used:
+            console.print(f"per-map statistics {method} vs {baseline}: DeLong and hierarchical bootstrap "
+                          f"({result.uncertainty['bootstrap_resamples']} resamples) in {used['bootstrap_seconds']:.1f} s",
+                          markup=False)
 
     details_path = details_path_for(Path(report_path))
     if plots_dir is not None:
@@ -64,6 +69,20 @@ def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, pro
         result.compare_run_id = run_id
         console.print(f"MLflow run `compare` {run_id} (experiment {exp_name!r})")
     return result
+
+
+def analyse_with_scores(selection, settings: Settings, methods: Sequence[str], **kw) -> ComparisonResult:
+    """`analyse`, with each paired run's per-map scores downloaded from MLflow once, into a temporary
+    folder removed afterwards (the numbers taken from them are in the result)."""
+    import tempfile
+
+    import mlflow
+
+    from hdmap_ad.apps.compare.scores import ScoresCache
+
+    with tempfile.TemporaryDirectory(prefix="hdmap-compare-scores-") as tmp:
+        cache = ScoresCache(mlflow.MlflowClient(tracking_uri=kw["tracking_uri"]), Path(tmp))
+        return analyse(selection, settings, methods, scores=cache, **kw)
 
 
 def compare_experiment(settings: Settings) -> str:
@@ -101,12 +120,15 @@ def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Pat
         for c in result.comparisons:
             if c.metric not in result.report_metrics:
                 continue
-            for key, value in (("delta", c.paired.delta), ("delta_unpaired", c.unpaired_delta), ("p_holm", c.paired.p_holm)):
+            for key, value in _logged_values(c):
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
                     metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
+        u = result.uncertainty
         params = [Param("baseline", result.baseline), Param("methods", ",".join(result.methods)),
                   Param("n_runs_used", str(sum(len(v) for v in result.runs.values()))),
                   Param("n_left_out", str(len(result.selection.left_out))), Param("profile", str(result.profile))]
+        params += [Param(k, str(u[k])) for k in ("confidence", "bootstrap_resamples", "bootstrap_seed", "alpha", "power")
+                   if k in u]
         for i in range(0, len(metrics), 900):
             client.log_batch(run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
         if not metrics:
@@ -120,6 +142,18 @@ def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Pat
         client.set_terminated(run_id, "FAILED")
         raise
     return run_id, name
+
+
+def _logged_values(c) -> list[tuple[str, float | None]]:
+    """A comparison's numbers logged as compare-run metrics: Δ, Holm p, the intervals, P(improvement),
+    seeds needed and, for AUROC, DeLong pooled and the hierarchical bootstrap."""
+    iv, imp, need, dl, hb = c.interval, c.improvement, c.seeds_needed, c.delong, c.bootstrap
+    return [("delta", c.paired.delta), ("delta_unpaired", c.unpaired_delta), ("p_holm", c.paired.p_holm),
+            ("delta_t_low", iv and iv.t_low), ("delta_t_high", iv and iv.t_high),
+            ("delta_boot_low", iv and iv.boot_low), ("delta_boot_high", iv and iv.boot_high),
+            ("p_improvement", imp and imp.share_better), ("seeds_needed", need and need.n_needed),
+            ("delong_delta", dl and dl.delta), ("delong_se", dl and dl.se), ("delong_p", dl and dl.p),
+            ("hboot_low", hb and hb.low), ("hboot_high", hb and hb.high), ("hboot_p_improvement", hb and hb.p_improvement)]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -136,8 +170,11 @@ Read every run of the MLflow experiment (mlflow.experiment), keep the FINISHED a
 one comparison group (tag comparison_key: same settings and data, any method and seed; the group the
 workspace's params and prepared data describe), the latest per method and seed, pair them by seed
 with compare.baseline and test each method x domain (and the mean) x metric: paired t-test,
-Wilcoxon, d_z, Holm within each metric's table. A method with no seed in common with the baseline
-gets the unpaired difference of means (no p-value) and the command that would pair it.
+Wilcoxon, d_z, Holm within each metric's table; Δ with its t and bootstrap intervals over seeds,
+P(improvement) and the seeds needed (compare.confidence, bootstrap_resamples, bootstrap_seed, alpha,
+power); for AUROC, from each run's per-map scores (artifact eval/scores.csv), DeLong per seed and
+pooled and a hierarchical bootstrap over seeds x test maps. A method with no seed in common with
+the baseline gets the unpaired difference of means (no p-value) and the command that would pair it.
 
 Writes metrics/compare.json (means, Δ and Holm p only: what `dvc metrics diff` compares),
 reports/comparison.md and reports/comparison.json (runs, left-out runs, every statistic) and

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hdmap_ad.core.config import HDMAP_DOMAINS, HEADLINE_METRICS
-from hdmap_ad.core.errors import HdmapError
 
 if TYPE_CHECKING:
     from hdmap_ad.core.config import Params
@@ -32,17 +31,22 @@ class Settings:
     # The params file (and --set overrides) whose comparison group is compared; None: the newest baseline run's.
     params_path: str | None = None
     overrides: tuple[str, ...] = ()
+    # The uncertainty of each Δ (compare.confidence, ...; docs/design.md#stats-intervals).
+    confidence: float = 0.95
+    bootstrap_resamples: int = 10000
+    bootstrap_seed: int = 0
+    alpha: float = 0.05
+    power: float = 0.8
     # The params loaded from params_path (so the workspace's comparison group needs no second load).
     params: Params | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_params(cls, params: Params, path: Path | str, overrides: Sequence[str] = ()) -> Settings:
-        """The view of params loaded by `load_params(path, overrides)`; refuses metrics runs do not log."""
+        """The view of params loaded by `load_params(path, overrides)` (which refuses metrics runs do not log)."""
         cp = params.compare
-        unknown = [m for m in cp.metrics if m not in KNOWN_METRICS]
-        if unknown:
-            raise HdmapError(f"{path}: compare.metrics: unknown metric(s) {unknown} (known: {', '.join(KNOWN_METRICS)})")
         return cls(baseline=cp.baseline, metrics=tuple(cp.metrics), methods=tuple(cp.methods) if cp.methods else None,
+                   confidence=cp.confidence, bootstrap_resamples=cp.bootstrap_resamples,
+                   bootstrap_seed=cp.bootstrap_seed, alpha=cp.alpha, power=cp.power,
                    experiment=params.mlflow.experiment, tracking_uri=params.mlflow.tracking_uri,
                    domains=tuple(params.data.domains), profile=params.profile, params_path=str(path),
                    overrides=tuple(overrides), params=params)
