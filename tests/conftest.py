@@ -32,3 +32,12 @@ def prepared_dir(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare_dataset(synthetic_root, DEFAULT_DOMAINS, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """One tiny model trained and evaluated by the real stages (tests/fixtures_pipeline.py), shared by
+    the tests of a trained model (predict, serving, export). Read-only: copy what you change."""
+    from fixtures_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))

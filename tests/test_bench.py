@@ -36,13 +36,23 @@ CPU = torch.device("cpu")
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--params", str(PARAMS), "--set", TINY, "--size", "28x84", "--batch", "2",
-               "--steps", "2", "--warmup", "1", "--no-anomalib", "--device", "cpu", "--out", str(out)])
+               "--steps", "2", "--warmup", "1", "--no-anomalib", "--device", "cpu", "--precision", "float32,bf16",
+               "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert {"command", "device", "threads", "settings", "matmul_peak", "cases", "paper_cache", "notes"} <= set(result)
     assert result["command"].startswith("hdmap-ad bench") and result["anomalib"] is None
+    assert "--precision float32,bf16" in result["command"]
     assert result["matmul_peak"]["gflops"] > 0
-    (case,) = result["cases"]
+    peaks = result["matmul_peaks"]
+    assert peaks["float32"]["dtype"] == "float32" and peaks["bf16"]["dtype"] == "bf16" and peaks["bf16"]["gflops"] > 0
+    case, bf16 = result["cases"]
+    assert (case["precision"], bf16["precision"]) == ("float32", "bf16")
+    # "% peak" is against the matmul peak of the case's own precision
+    m = bf16["phases"]["ours_infer"]
+    assert m["pct_of_matmul_peak"] == pytest.approx(100 * m["gflops_achieved"] / peaks["bf16"]["gflops"])
+    assert {(r["phase"], r["precision"]) for r in result["precision_speedups"]} == {
+        (ph, "bf16") for ph in ("ours_train_cache_on", "ours_train_cache_off", "ours_infer")}
     assert case["crop"] == [28, 84] and case["batch"] == 2 and case["tokens_per_image"] == 5 + 2 * 6
     assert set(case["phases"]) == {"ours_train_cache_on", "ours_train_cache_off", "ours_infer"}
     for name, m in case["phases"].items():

@@ -274,3 +274,145 @@ def test_hub_cache_is_used_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     vit = create_vit("small", "hub", SIZE, TINY)
     assert_same_state(vit.state_dict(), source)
+
+
+# --- position embeddings: the original Dinomaly's per-size resize ------------------------------------
+
+def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights of the 4 taps around a sample at fraction t (a = -0.75)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _resize_axis(values, out_len: int, scale: float):
+    """1-D bicubic resample of the last axis as the DINOv2 code asks of F.interpolate: the source position of
+    output i is (i + 0.5) / scale - 0.5 with the *given* scale factor, taps clamped at the borders."""
+    import numpy as np
+
+    n = values.shape[-1]
+    out = np.zeros(values.shape[:-1] + (out_len,))
+    for i in range(out_len):
+        x = (i + 0.5) / scale - 0.5
+        x0 = int(np.floor(x))
+        for k, wgt in zip(range(x0 - 1, x0 + 3), _cubic_weights(x - x0)):
+            out[..., i] += wgt * values[..., min(max(k, 0), n - 1)]
+    return out
+
+
+def reference_original_table(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Independent reading of the original's interpolate_pos_encoding: a sqrt(N)×sqrt(N) table, scale factor
+    (g + 0.1) / sqrt(N) per axis, bicubic, no antialias; unchanged at the pretrained grid."""
+    import math
+
+    import numpy as np
+
+    n, c = pos_embed.shape[1], pos_embed.shape[2]
+    side = int(math.sqrt(n))
+    if grid == (side, side):
+        return pos_embed.float()
+    table = pos_embed[0].double().numpy().reshape(side, side, c).transpose(2, 0, 1)  # C×H×W
+    rows = _resize_axis(table.transpose(0, 2, 1), grid[0], (grid[0] + 0.1) / math.sqrt(n)).transpose(0, 2, 1)
+    both = _resize_axis(rows, grid[1], (grid[1] + 0.1) / math.sqrt(n))
+    return torch.from_numpy(np.ascontiguousarray(both.reshape(c, -1).T))[None].float()
+
+
+def reference_original_features(vit518, images: torch.Tensor, targets: list[int]) -> list[torch.Tensor]:
+    """Target-block outputs of a 518-px DINOv2-reg ViT with the original's position handling, by hand."""
+    b, _, h, w = images.shape
+    grid = (h // 14, w // 14)
+    patches = torch.nn.functional.conv2d(images, vit518.patch_embed.proj.weight, vit518.patch_embed.proj.bias,
+                                         stride=14).flatten(2).transpose(1, 2)
+    x = patches + reference_original_table(vit518.pos_embed.detach(), grid)
+    x = torch.cat([vit518.cls_token.expand(b, -1, -1), vit518.reg_token.expand(b, -1, -1), x], dim=1)
+    out = []
+    with torch.no_grad():
+        for i, block in enumerate(vit518.blocks):
+            x = block(x)
+            if i in targets:
+                out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("size", [(392, 392), (42, 126)])
+def test_original_pos_embed_equals_the_original_formula(size):
+    import timm
+
+    torch.manual_seed(7)
+    vit518 = timm.create_model(ENCODER_NAMES["small"], pretrained=False, num_classes=0, img_size=518, **TINY).eval()
+    assert vit518.pos_embed.shape == (1, 37 * 37, 32)
+    with torch.no_grad():
+        vit518.pos_embed.normal_()  # a table with structure at every scale (timm's init is tiny)
+    ours = create_vit("small", "random", size, TINY, pos_embed="original")
+    ours.load_state_dict(vit518.state_dict(), strict=True)  # identical weights, the 37×37 table included
+    enc = FrozenEncoder(ours, [1, 3, 5], pos_embed="original")
+    images = torch.randn(2, 3, *size)
+    got = enc(images)
+    expected = reference_original_features(vit518, images, [1, 3, 5])
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape == (2, 5 + (size[0] // 14) * (size[1] // 14), 32)
+        assert (g - e).abs().max() <= 1e-5  # float32 against a float64 reference: ~7e-6 seen
+
+    # timm's load-time resample (antialias) is a different table: the option is not a no-op
+    timm_vit = create_vit("small", "random", size, TINY, pos_embed="timm")
+    state = vit518.state_dict()
+    from timm.layers import resample_abs_pos_embed
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(size[0] // 14, size[1] // 14),
+                                                num_prefix_tokens=0)
+    timm_vit.load_state_dict(state)
+    other = FrozenEncoder(timm_vit, [1, 3, 5])(images)
+    assert (other[0] - expected[0]).abs().max() > 1e-3
+
+
+def test_original_table_is_cached_per_size_and_follows_the_parameter():
+    torch.manual_seed(8)
+    enc = FrozenEncoder(create_vit("small", "random", SIZE, TINY, pos_embed="original"), [1], pos_embed="original")
+    first = enc.position_table((2, 3))
+    assert enc.position_table((2, 3)) is first                    # no work per step
+    assert enc.position_table((3, 9)).shape == (1, 27, 32)       # another input size, another table
+    enc(torch.randn(1, 3, 42, 126))                               # any multiple of the patch size runs
+    with torch.no_grad():
+        enc.vit.pos_embed.mul_(2.0)                               # changed in place (e.g. load_state_dict)
+    assert torch.allclose(enc.position_table((2, 3)), 2 * first, atol=1e-6)
+    enc.double()                                                  # new storage and dtype
+    assert enc.position_table((2, 3)).dtype == torch.float64
+    with torch.inference_mode():                                  # made in inference mode, usable outside it
+        enc.to(torch.float32).position_table((1, 1))
+    assert not enc.position_table((1, 1)).is_inference()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        enc(torch.randn(1, 3, 30, 42))
+
+
+def test_pos_embed_default_resolves_to_original_for_dinov2_encoders():
+    from hdmap_ad.core.encoder import resolve_pos_embed
+
+    for name in ("small", "base", "large", *ENCODER_NAMES.values()):
+        assert resolve_pos_embed(name, "auto") == "original"
+    assert resolve_pos_embed("vit_small_patch16_224", "auto") == "timm"
+    assert resolve_pos_embed("small", "timm") == "timm"
+    with pytest.raises(HdmapError, match="model.pos_embed"):
+        resolve_pos_embed("small", "bilinear")
+
+    import shipped
+    from hdmap_ad.core.checkpoint import dinomaly_config
+    from hdmap_ad.core.config import load_params
+    from hdmap_ad.core.model import Dinomaly
+
+    params = load_params(shipped.params_file(), ["model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}"])
+    assert params.model.pos_embed == "auto" and params.model.encoder == "small"
+    model = Dinomaly(dinomaly_config(params))
+    assert model.config.pos_embed == "original" and model.encoder.pos_embed_mode == "original"
+    assert model.encoder.vit.pos_embed.shape[1] == 37 * 37  # the pretrained grid is kept
+
+
+def test_original_layout_file_loads_without_resampling_in_original_mode(tmp_path):
+    torch.manual_seed(9)
+    source = create_vit("small", "random", (518, 518), TINY).state_dict()  # a 37×37 table, as the real files
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(to_original_layout(source), path)
+    vit = create_vit("small", str(path), (42, 126), TINY, pos_embed="original")
+    assert_same_state(vit.state_dict(), source, exact=False)
+    assert torch.equal(vit.pos_embed, source["pos_embed"])  # not resampled

@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import shipped
 import tiny
 from hdmap_ad.pipeline import evaluation, plots, training
 from hdmap_ad.apps.cli import main
+from hdmap_ad.core.config import load_params
 from hdmap_ad.pipeline.data import PreparedData
 from hdmap_ad.pipeline.metrics import image_metrics, summarise
 
@@ -161,3 +163,43 @@ def test_invalid_domain_and_mean_are_null_in_eval_json_and_not_logged():
     assert all(math.isfinite(v) for v in logged.values())
     table = evaluation.metrics_table(headline, "t", result)
     assert table.row_count == 4
+
+
+def test_masks_are_resized_nearest_neighbour_by_hand():
+    """A 1×3 mask [0, 1, 0] brought to 14 columns: nearest takes column j from source floor(3j/14), so columns
+    5..9 are fault; bilinear-then-threshold (the former form) gives 5..8 only (column 9 interpolates to 0.46)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = load_params(shipped.params_file(), ["preprocess.resize=[14, 14]", "preprocess.crop=[14, 14]",
+                                                 "score.size=[14, 14]"])
+    grid = evaluation.masks_to_score_grid(np.array([[[0, 1, 0]]], dtype=np.uint8), params)
+    expected_row = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=np.uint8)
+    assert grid.shape == (1, 14, 14) and grid.dtype == np.uint8
+    assert (grid[0] == expected_row).all()
+    bilinear = F.interpolate(torch.tensor([[[[0.0, 1.0, 0.0]]]]), size=(14, 14), mode="bilinear", align_corners=False)
+    assert ((bilinear[0, 0, 0] >= 0.5).numpy() != expected_row).sum() == 1  # the two forms differ here
+
+
+def test_pixel_auroc_is_taken_on_the_blurred_maps(inside):
+    """eval_details' pixel AUROC is that of the score's blurred maps against nearest-resized masks, and differs
+    from the one on the unblurred maps (so the blur is not a no-op here)."""
+    import torch
+
+    from hdmap_ad.core import checkpoint
+    from hdmap_ad.core.inference import score_maps
+    from hdmap_ad.core.model import gaussian_blur
+    from hdmap_ad.pipeline.metrics import pixel_auroc
+
+    root, params, _ = inside
+    details = _read(root, "metrics/eval_details.json")
+    trained = checkpoint.load_trained(root / "models/model.pt", torch.device("cpu"))
+    prepared = PreparedData.load(Path(params.data.prepared))
+    domain = "domain_A"
+    scored = score_maps(trained.model, trained.method, prepared.maps(domain, "test"), trained.params,
+                        torch.device("cpu"), 16, keep_maps=True, domain_id=0)
+    masks = evaluation.masks_to_score_grid(prepared.masks(domain), params)
+    blurred = gaussian_blur(torch.from_numpy(scored.maps)[:, None], params.score.blur_kernel,
+                            params.score.blur_sigma)[:, 0].numpy()
+    assert details[domain]["pixel_auroc"] == pytest.approx(pixel_auroc(masks, blurred), abs=1e-12)
+    assert abs(pixel_auroc(masks, scored.maps) - pixel_auroc(masks, blurred)) > 1e-4

@@ -22,16 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fixtures_pipeline import TinyPipeline, build_tiny_pipeline
+from fixtures_pipeline import TinyPipeline
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 TOL = 1e-6
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(autouse=True)

@@ -76,6 +76,10 @@ scored and written; the exit status is then 2. Maps of another size are resized 
 
 --register NAME registers the run's MLflow pyfunc model (logging it from the checkpoint first if
 the run has none) as a new version of NAME; INPUT may then be omitted.
+
+--backend onnx scores with an exported model (`hdmap-ad export`, a .onnx file or the MLflow model
+it was logged as) on onnxruntime, float32 on the CPU: same CSV, thresholds and decisions. Its graph
+takes the training maps' H×W only; maps of another size are reported as errors and skipped.
 """
 
 
@@ -158,18 +162,19 @@ def is_mlflow_reference(spec: str) -> bool:
     return spec.startswith(("runs:/", "models:/")) or bool(_RUN_ID.match(spec))
 
 
-def find_checkpoint(folder: Path) -> Path:
-    """The checkpoint inside a downloaded artifact folder (a pyfunc model's artifacts/, or a run's checkpoint/)."""
+def find_checkpoint(folder: Path, suffix: str = ".pt") -> Path:
+    """The checkpoint (`suffix` .pt, or .onnx for an exported model) inside a downloaded artifact
+    folder (a pyfunc model's artifacts/, or a run's checkpoint/)."""
     folder = Path(folder)
     if folder.is_file():
         return folder
-    for candidate in (folder / "artifacts" / "model.pt", folder / "model.pt", folder / CHECKPOINT_ARTIFACT):
-        if candidate.is_file():
+    for candidate in (folder / "artifacts" / f"model{suffix}", folder / f"model{suffix}", folder / CHECKPOINT_ARTIFACT):
+        if candidate.is_file() and candidate.suffix == suffix:
             return candidate
-    found = sorted(folder.rglob("*.pt"))
+    found = sorted(folder.rglob(f"*{suffix}"))
     if len(found) == 1:
         return found[0]
-    what = "no .pt checkpoint" if not found else f"{len(found)} .pt files, none at artifacts/model.pt"
+    what = f"no {suffix} model" if not found else f"{len(found)} {suffix} files, none at artifacts/model{suffix}"
     raise HdmapError(f"{folder}: {what} in the downloaded MLflow artifacts (is this an hdmap-ad model?)")
 
 
@@ -180,13 +185,14 @@ class ResolvedModel:
     source: str               # the --model value, for messages
 
 
-def resolve_model(spec: str, workdir: Path, tracking_uri: str) -> ResolvedModel:
-    """A local checkpoint path for `spec`, downloading MLflow artifacts into `workdir` when needed."""
+def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".pt") -> ResolvedModel:
+    """A local checkpoint path for `spec`, downloading MLflow artifacts into `workdir` when needed
+    (`suffix` .onnx: an exported model, e.g. the artifacts of an ONNX pyfunc model)."""
     local = Path(spec)
     if local.is_file():
         return ResolvedModel(local, None, spec)
     if local.is_dir():  # e.g. a downloaded pyfunc model folder
-        return ResolvedModel(find_checkpoint(local), None, spec)
+        return ResolvedModel(find_checkpoint(local, suffix), None, spec)
     if not is_mlflow_reference(spec):
         raise HdmapError(f"--model {spec}: not a checkpoint file, an MLflow run id, runs:/<run id>/... or models:/<name>/<version>")
 
@@ -216,7 +222,7 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str) -> ResolvedModel:
         raise HdmapError(f"--model {spec}: cannot fetch it from the MLflow store {tracking_uri}: {first}") from None
     except OSError as err:
         raise HdmapError(f"--model {spec}: download from {tracking_uri} failed: {err}") from None
-    return ResolvedModel(find_checkpoint(downloaded), run_id, spec)
+    return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec)
 
 
 def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracking_uri: str) -> str:
@@ -347,6 +353,12 @@ def run_predict(args: argparse.Namespace) -> int:
         raise HdmapError(f"--batch-size {args.batch_size}: must be positive")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise HdmapError(f"--threshold {args.threshold}: must be a finite number")
+    onnx = args.backend == "onnx"
+    if onnx:  # the exported graph runs in float32 on onnxruntime's CPU provider, and is no MLflow run's model
+        for flag, bad in (("--device", args.device not in ("auto", "cpu")), ("--register", bool(args.register)),
+                          ("--precision", args.precision not in (None, "off"))):
+            if bad:
+                raise HdmapError(f"{flag}: not available with --backend onnx (float32 on the CPU, an exported file)")
     if args.inputs:  # before the scoring work, not after it
         _check_writable("--out", Path(args.out), folder=False)
         if args.maps is not None:
@@ -360,7 +372,7 @@ def run_predict(args: argparse.Namespace) -> int:
         report(path, what)
 
     try:
-        device = select_device(args.device)
+        device = select_device("cpu" if onnx else args.device)
     except HdmapError as err:
         raise HdmapError(str(err).replace("runtime.device=", "--device ")) from None
     except RuntimeError:
@@ -370,8 +382,17 @@ def run_predict(args: argparse.Namespace) -> int:
         import tempfile
 
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-predict-")))
-        resolved = resolve_model(args.model, workdir, uri)
-        trained = load_trained(resolved.checkpoint, device)
+        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else ".pt")
+        if onnx:
+            from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+            if resolved.checkpoint.suffix != ".onnx":
+                raise HdmapError(f"--model {args.model}: --backend onnx needs an exported .onnx model (hdmap-ad export), "
+                                 f"not {resolved.checkpoint.name}")
+            scorer = OnnxScorer(resolved.checkpoint)
+            trained = scorer  # domains and thresholds, as the decision rule reads them
+        else:
+            trained = load_trained(resolved.checkpoint, device)
         if args.register:
             registered = register(resolved, trained, args.register, uri)
             print(f"registered {registered}", file=sys.stderr)
@@ -393,8 +414,17 @@ def run_predict(args: argparse.Namespace) -> int:
         if not inputs:
             raise HdmapError(f"no map could be scored ({failed} input(s) failed); {args.out} not written")
 
-        want = expected_shape(trained)
-        if want is not None:
+        want = scorer.input_shape if onnx else expected_shape(trained)
+        if onnx:  # the graph takes the training maps' H×W only: other maps are reported and skipped
+            keep = [i for i, m in enumerate(maps) if tuple(m.shape) == want]
+            for i in sorted(set(range(len(maps))) - set(keep)):
+                report(str(inputs[i].path), f"shape {maps[i].shape[0]}x{maps[i].shape[1]}, the exported model takes "
+                                            f"{want[0]}x{want[1]} maps (--backend torch resizes other sizes)")
+            failed += len(maps) - len(keep)
+            inputs, maps = [inputs[i] for i in keep], [maps[i] for i in keep]
+            if not inputs:
+                raise HdmapError(f"no map could be scored ({failed} input(s) failed); {args.out} not written")
+        elif want is not None:
             odd: dict[tuple[int, int], int] = {}
             for m in maps:
                 if tuple(m.shape) != want:
@@ -403,9 +433,18 @@ def run_predict(args: argparse.Namespace) -> int:
                 print(f"warning: {count} map(s) of shape {shape[0]}x{shape[1]}, the model was trained on {want[0]}x{want[1]}: "
                       "scored after resizing, but the threshold was not chosen for them", file=sys.stderr)
 
-        batch_size = args.batch_size or trained.params.evaluate.batch_size
-        scores, amaps = inference.score_arrays(trained, maps, device, batch_size, keep_maps=args.maps is not None,
-                                     description="predict")
+        if onnx:
+            print(f"backend: onnxruntime (float32 on the CPU), {resolved.checkpoint}", file=sys.stderr)
+            scores, amaps = scorer.score(np.stack(maps), args.batch_size, keep_maps=args.maps is not None)
+        else:
+            batch_size = args.batch_size or trained.params.evaluate.batch_size
+            from hdmap_ad.core.runtime import precision_label, resolve_precision
+
+            amp = args.precision or trained.params.evaluate.amp
+            precision = resolve_precision(device, amp, "--precision" if args.precision else "evaluate.amp")
+            print(f"precision: {precision_label(precision)} ({amp} on {device})", file=sys.stderr)
+            scores, amaps = inference.score_arrays(trained, maps, device, batch_size, keep_maps=args.maps is not None,
+                                         description="predict", amp=precision)
         domains = [infer_domain(item.path, trained.domains) for item in inputs]
         rows, thresholds = [], []
         for item, domain, score in zip(inputs, domains, scores):
@@ -430,7 +469,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 for item, m, amap, row, thr, picture in zip(inputs, maps, amaps, rows, thresholds, pictures):
                     verdict = {"": "?", 1: "ANOMALY", 0: "normal"}[row["is_anomaly"]]
                     title = f"{item.path}  score {_fmt(row['score'])}  threshold {_fmt(thr)}  {verdict}"
-                    plot_map_pair(m, _display_map(amap, trained.params.preprocess.crop), title, picture)
+                    crop = scorer.crop if onnx else trained.params.preprocess.crop
+                    plot_map_pair(m, _display_map(amap, crop), title, picture)
                     bar.update(1)
 
         n_anomalous = sum(1 for r in rows if r["is_anomaly"] == 1)
@@ -451,6 +491,10 @@ def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParse
     p.add_argument("--threshold", type=float, help="decision threshold for every map (default: the stored validation thresholds)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, help="maps per batch (default: the model's evaluate.batch_size)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "off"],
+                   help="inference precision (default: the model's evaluate.amp; auto: bf16 where native, else float32)")
     p.add_argument("--register", metavar="NAME", help="register the run's MLflow pyfunc model as a new version of NAME")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: the checkpoint on PyTorch (default); onnx: an exported model (hdmap-ad export) on onnxruntime")
     p.set_defaults(func=run_predict)
     return p

@@ -53,6 +53,7 @@ def dinomaly_config(params: Params) -> DinomalyConfig:
         target_blocks=m.target_blocks, fuse_groups=[list(g) for g in m.fuse_groups],
         decoder_depth=m.decoder_depth, mlp_ratio=m.mlp_ratio, bottleneck_dropout=m.bottleneck_dropout,
         ln_eps=m.ln_eps, init_std=m.init_std, init_cutoff=m.init_cutoff, encoder_overrides=dict(m.encoder_overrides),
+        pos_embed=m.pos_embed,
     )
 
 
@@ -303,6 +304,9 @@ def migrate(old: Path, new: Path) -> str:
 def params_from_resolved(resolved: dict[str, Any]) -> Params:
     """Rebuild Params from the resolved config a checkpoint or MLflow run recorded."""
     raw = move_legacy_runtime_keys(dict(resolved))  # recorded before the `runtime` section existed
+    if isinstance(raw.get("model"), dict) and "pos_embed" not in raw["model"]:
+        # Recorded before model.pos_embed existed: the encoder then always resampled as timm does.
+        raw["model"] = {**raw["model"], "pos_embed": "timm"}
     raw["profiles"] = {raw.get("profile", "quick"): {}}
     if isinstance(raw.get("data"), dict) and "source" in raw["data"]:
         # Checkpoints written before `data.source` was folded into `data.root` (the folder prepare reads)
@@ -348,7 +352,7 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
         raise HdmapError(f"{path}: checkpoint does not match the model ({type(err).__name__}: {first})") from None
     model.eval()
     method.eval()
-    info = {k: payload.get(k) for k in ("step", "run_id", "fingerprint", "map_shape")}
+    info = {k: payload.get(k) for k in ("step", "run_id", "fingerprint", "map_shape", "precision")}
     info["sha256"] = digest
     return TrainedModel(model, method, params, list(payload["domains"]), thresholds, info)
 

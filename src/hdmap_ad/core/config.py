@@ -82,6 +82,8 @@ class ModelParams(Section):
     init_std: float = Field(0.01, gt=0)
     init_cutoff: float = Field(0.03, gt=0)
     encoder_overrides: dict[str, Any] = Field(default_factory=dict)
+    # auto: original for the DINOv2 encoders (small/base/large), timm otherwise (docs/design.md#model-encoder)
+    pos_embed: Literal["auto", "original", "timm"] = "auto"
 
 
 class ScoreParams(Section):
@@ -115,7 +117,9 @@ class TrainParams(Section):
     eps: float = Field(1e-10, gt=0)
     grad_clip: float = Field(0.1, gt=0)
     hard_mining: HardMiningParams = HardMiningParams()
-    amp: Literal["bf16", "fp16", "off"] = "bf16"
+    # auto: bf16 where the device multiplies bf16 natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
+    # float32 elsewhere; resolved per machine, and the resolved value is recorded (docs/design.md#dev-precision)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
     val_every: int = Field(100, gt=0)
     max_bad_steps: int = Field(5, gt=0)
@@ -158,6 +162,14 @@ class RuntimeParams(Section):
 class EvaluateParams(Section):
     batch_size: int = Field(32, gt=0)
     n_examples: int = Field(8, ge=0)
+    # Inference precision (evaluate, predict, serving), values as train.amp. float32 by default: bf16 scores of
+    # a float32 quick-profile model differed by up to 1.007e-2 relative (docs/design.md#dev-precision).
+    amp: Literal["auto", "bf16", "fp16", "off"] = "off"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_bools(cls, v: Any) -> Any:
+        return _yaml_switch(v)
 
 
 class MlflowParams(Section):

@@ -9,6 +9,12 @@ Weights come from one of three sources (`model.weights`):
 - a local file: the original ``dinov2_vit{s,b,l}14_reg4_pretrain.pth`` (original key names) or a
   ``.safetensors``/``.pth`` with timm or original key names.
 
+Position embeddings (`model.pos_embed`, docs/design.md#model-encoder): ``original`` keeps the
+pretrained 37×37 grid and resizes it for each input size as the original Dinomaly's DINOv2 code does
+(bicubic through a scale factor with a +0.1 offset, no antialias; cached per input size); ``timm``
+resamples it once at load time to the model's grid (timm's bicubic with antialias); ``auto`` is
+``original`` for the three DINOv2 encoders and ``timm`` for any other timm model.
+
 Local files go through timm's own ``checkpoint_filter_fn`` — the conversion timm applies when a
 file is given as ``pretrained_cfg_overlay=dict(file=...)`` (original DINOv2 keys -> timm keys, the
 class token's position embedding folded into the class token, the 37×37 position grid resampled to
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hdmap_ad.core.errors import HdmapError
@@ -51,6 +58,11 @@ ORIGINAL_FILES: dict[str, str] = {
     "large": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
 }
 MAX_KEYS_SHOWN = 3
+POS_EMBED_MODES = ("auto", "original", "timm")
+# The original DINOv2 code adds this to the target grid before dividing by the pretrained grid, so the
+# floor of (grid · scale factor) is the target grid despite float rounding; it shifts the sampling positions.
+ORIGINAL_INTERPOLATE_OFFSET = 0.1
+MAX_CACHED_TABLES = 8
 
 
 def timm_name(encoder: str) -> str:
@@ -71,6 +83,15 @@ def default_target_blocks(encoder: str) -> list[int]:
     return list(DEFAULT_TARGET_BLOCKS[size])
 
 
+def resolve_pos_embed(encoder: str, mode: str) -> str:
+    """`model.pos_embed` -> "original" | "timm"; auto: original for the DINOv2 encoders (small/base/large)."""
+    if mode not in POS_EMBED_MODES:
+        raise HdmapError(f"model.pos_embed: {mode!r} is not one of {', '.join(POS_EMBED_MODES)}")
+    if mode == "auto":
+        return "original" if encoder_size(encoder) is not None else "timm"
+    return mode
+
+
 def _original_file_hint(name: str) -> str:
     """'<file> from <url>' for the original checkpoint of a timm model, as far as it is known."""
     url = ORIGINAL_FILES.get(encoder_size(name) or "")
@@ -85,15 +106,16 @@ def _original_file_hint(name: str) -> str:
 
 
 def create_vit(encoder: str, weights: str, img_size: tuple[int, int],
-               overrides: Mapping[str, Any] | None = None) -> VisionTransformer:
+               overrides: Mapping[str, Any] | None = None, pos_embed: str = "timm") -> VisionTransformer:
     """A timm VisionTransformer for `encoder` (alias or timm name) at input size `img_size` (H, W).
 
-    The position embedding is made for the (H/p)×(W/p) grid, so pretrained weights are resampled
-    once at load time exactly as timm resamples them. `overrides` are extra timm kwargs (e.g.
-    depth/embed_dim/num_heads for tiny test models). `weights`: "random" | "hub" | a local path.
+    pos_embed "timm": the position embedding is made for the (H/p)×(W/p) grid, so pretrained weights
+    are resampled once at load time exactly as timm resamples them. "original": the model keeps
+    timm's default (pretrained) grid, weights load without resampling, and the patch embedding
+    accepts any multiple of the patch size (`FrozenEncoder` resizes the grid per input size).
+    `overrides` are extra timm kwargs (e.g. depth/embed_dim/num_heads for tiny test models).
+    `weights`: "random" | "hub" | a local path.
     """
-    import timm
-
     name = timm_name(encoder)
     overrides = dict(overrides or {})
     for key in ("img_size", "num_classes", "pretrained"):
@@ -103,7 +125,19 @@ def create_vit(encoder: str, weights: str, img_size: tuple[int, int],
     patch = int(overrides.get("patch_size", 14))
     if h <= 0 or w <= 0 or h % patch or w % patch:
         raise HdmapError(f"model image size {h}x{w} must be positive multiples of the patch size {patch}")
-    kwargs = {**overrides, "img_size": (h, w), "num_classes": 0}
+    mode = resolve_pos_embed(encoder, pos_embed)
+    kwargs = {**overrides, "num_classes": 0}
+    if mode == "timm":
+        kwargs["img_size"] = (h, w)
+    vit = _create(encoder, name, weights, kwargs, overrides)
+    if mode == "original":
+        vit.patch_embed.strict_img_size = False  # any multiple of the patch size; checked in FrozenEncoder
+    return vit
+
+
+def _create(encoder: str, name: str, weights: str, kwargs: dict[str, Any],
+            overrides: Mapping[str, Any]) -> VisionTransformer:
+    import timm
 
     if weights == "hub":
         return _create_from_hub(name, kwargs)
@@ -250,8 +284,12 @@ class FrozenEncoder(nn.Module):
     for the decoder's backward). Blocks after the last target are dropped, so they never run.
     """
 
-    def __init__(self, vit: nn.Module, target_blocks: Sequence[int]) -> None:
+    def __init__(self, vit: nn.Module, target_blocks: Sequence[int], pos_embed: str = "timm") -> None:
         super().__init__()
+        if pos_embed not in ("original", "timm"):
+            raise ValueError(f"pos_embed must be 'original' or 'timm' (resolved), not {pos_embed!r}")
+        if pos_embed == "original" and getattr(vit, "pos_embed", None) is None:
+            raise HdmapError("model.pos_embed=original: this encoder has no position embedding table")
         targets = [int(i) for i in target_blocks]
         depth = len(vit.blocks)
         if not targets or any(b <= a for a, b in zip(targets, targets[1:])) or targets[0] < 0 or targets[-1] >= depth:
@@ -269,6 +307,10 @@ class FrozenEncoder(nn.Module):
         self.num_heads = int(vit.blocks[0].attn.num_heads)
         patch = vit.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.pos_embed_mode = pos_embed
+        # original mode: resized position tables per grid, valid while the table's
+        # storage and version are those they were computed from (a load or a .to() changes either).
+        self._pos_tables: dict[tuple, tuple[tuple, Tensor]] = {}
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -282,12 +324,18 @@ class FrozenEncoder(nn.Module):
         """B×3×H×W -> target-block outputs, each B×T×C with tokens [CLS, registers, patches]."""
         vit = self.vit
         size = tuple(images.shape[-2:])
-        if not getattr(vit, "dynamic_img_size", False) and size != tuple(vit.patch_embed.img_size):
-            # The position grid was built (and pretrained weights resampled) for one input size.
-            raise ValueError(f"encoder input is {size[0]}x{size[1]} but the model was built for "
-                             f"{vit.patch_embed.img_size[0]}x{vit.patch_embed.img_size[1]} (model image_size)")
-        x = vit.patch_embed(images)
-        x = vit._pos_embed(x)  # timm: add position embedding, prepend CLS and register tokens
+        if self.pos_embed_mode == "original":
+            if size[0] % self.patch_size or size[1] % self.patch_size:
+                raise ValueError(f"encoder input is {size[0]}x{size[1]}, not a multiple of the patch size {self.patch_size}")
+            x = vit.patch_embed(images)
+            x = self._add_original_pos_embed(x, self.grid(size))
+        else:
+            if not getattr(vit, "dynamic_img_size", False) and size != tuple(vit.patch_embed.img_size):
+                # The position grid was built (and pretrained weights resampled) for one input size.
+                raise ValueError(f"encoder input is {size[0]}x{size[1]} but the model was built for "
+                                 f"{vit.patch_embed.img_size[0]}x{vit.patch_embed.img_size[1]} (model image_size)")
+            x = vit.patch_embed(images)
+            x = vit._pos_embed(x)  # timm: add position embedding, prepend CLS and register tokens
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         outputs, wanted = [], set(self.target_blocks)
@@ -300,3 +348,64 @@ class FrozenEncoder(nn.Module):
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (h, w) for an input of `image_size`."""
         return image_size[0] // self.patch_size, image_size[1] // self.patch_size
+
+    def _prefix_rows(self) -> int:
+        """Rows of the position table that belong to prefix tokens (0 when only patches have one)."""
+        return 0 if getattr(self.vit, "no_embed_class", False) else self.num_prefix_tokens
+
+    def _add_original_pos_embed(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """B×N×C patch tokens -> [CLS, registers, patches] with the position table resized for `grid`
+        (timm's token order and prefix handling, the original's resize)."""
+        vit = self.vit
+        table = self.position_table(grid)  # the parameter's dtype: the sum promotes as timm's does
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        if self._prefix_rows() == 0:
+            x = torch.cat([*prefix, x + table], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + table
+        return vit.pos_drop(x)
+
+    def position_table(self, grid: tuple[int, int]) -> Tensor:
+        """The position table for a (h, w) patch grid, as the original Dinomaly's DINOv2 resizes it,
+        on the table's device in its dtype (cached: computed once per grid)."""
+        pos = self.vit.pos_embed
+        key = (int(grid[0]), int(grid[1]))
+        if torch.compiler.is_exporting():  # traced by torch.export (ONNX export): no storage to stamp, no cache
+            return original_resize(pos.detach(), self.vit.patch_embed.grid_size, grid, self._prefix_rows()).to(pos.dtype)
+        stamp = (pos.device, pos.dtype, pos.data_ptr(), pos._version)
+        hit = self._pos_tables.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        # Outside inference mode and autocast: the table is reused by later training steps (an inference
+        # tensor could not be) and is computed in float32 as the original computes it.
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(pos.device.type, enabled=False):
+            table = original_resize(pos.detach(), self.vit.patch_embed.grid_size, grid, self._prefix_rows())
+            table = table.to(pos.dtype)
+        if len(self._pos_tables) >= MAX_CACHED_TABLES:
+            self._pos_tables.clear()
+        self._pos_tables[key] = (stamp, table)
+        return table
+
+
+def original_resize(pos_embed: Tensor, pretrained_grid: Sequence[int], grid: tuple[int, int],
+                    prefix_rows: int = 0) -> Tensor:
+    """A 1×(prefix + gh·gw)×C position table resized to `grid` as the original Dinomaly's DINOv2 does.
+
+    The patch rows (a pretrained_grid raster) are resized bicubically by the scale factors
+    (g + 0.1) / g0 per axis (a scale factor, not a target size: PyTorch then samples at
+    (i + 0.5) / scale − 0.5), without antialias, in float32; prefix rows are kept. At the pretrained
+    grid itself the table is returned unchanged, as the original does.
+    """
+    g0h, g0w = (int(g) for g in pretrained_grid)
+    gh, gw = (int(g) for g in grid)
+    table = pos_embed.float()
+    if (gh, gw) == (g0h, g0w):
+        return table
+    c = table.shape[-1]
+    patches = table[:, prefix_rows:].reshape(1, g0h, g0w, c).permute(0, 3, 1, 2)
+    scale = ((gh + ORIGINAL_INTERPOLATE_OFFSET) / g0h, (gw + ORIGINAL_INTERPOLATE_OFFSET) / g0w)
+    resized = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(resized.shape[-2:]) != (gh, gw):  # the offset is what makes floor(g0 · scale) == g
+        raise ValueError(f"position grid {g0h}x{g0w} resized to {tuple(resized.shape[-2:])}, expected {gh}x{gw}")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, gh * gw, c)
+    return torch.cat([table[:, :prefix_rows], resized], dim=1)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdmap_ad.core.encoder import FrozenEncoder, create_vit, default_target_blocks
+from hdmap_ad.core.encoder import FrozenEncoder, create_vit, default_target_blocks, resolve_pos_embed
 from hdmap_ad.core.errors import HdmapError
 
 
@@ -45,6 +45,7 @@ class DinomalyConfig:
     init_std: float = 0.01
     init_cutoff: float = 0.03
     encoder_overrides: dict = field(default_factory=dict)  # timm kwargs, e.g. tiny test encoders
+    pos_embed: str = "auto"                    # auto | original | timm (docs/design.md#model-encoder)
 
 
 @dataclass
@@ -251,7 +252,8 @@ class Dinomaly(nn.Module):
         super().__init__()
         targets = list(cfg.target_blocks) if cfg.target_blocks is not None else default_target_blocks(cfg.encoder)
         self.config = cfg = replace(cfg, target_blocks=targets, image_size=tuple(int(s) for s in cfg.image_size),
-                                    fuse_groups=[list(g) for g in cfg.fuse_groups])
+                                    fuse_groups=[list(g) for g in cfg.fuse_groups],
+                                    pos_embed=resolve_pos_embed(cfg.encoder, cfg.pos_embed))
         if cfg.decoder_depth < 1:
             raise HdmapError(f"model.decoder_depth: {cfg.decoder_depth} must be at least 1")
         for g in cfg.fuse_groups or [[]]:
@@ -259,8 +261,8 @@ class Dinomaly(nn.Module):
                 raise HdmapError(
                     f"model.fuse_groups: {cfg.fuse_groups} must be non-empty lists of indices into the "
                     f"{len(targets)} target blocks and the {cfg.decoder_depth} decoder blocks")
-        vit = create_vit(cfg.encoder, cfg.weights, cfg.image_size, cfg.encoder_overrides)
-        self.encoder = FrozenEncoder(vit, targets)
+        vit = create_vit(cfg.encoder, cfg.weights, cfg.image_size, cfg.encoder_overrides, cfg.pos_embed)
+        self.encoder = FrozenEncoder(vit, targets, cfg.pos_embed)
         self.bottleneck, self.decoder = build_trainable(self.encoder.embed_dim, self.encoder.num_heads, cfg)
         self.init_trainable()
 
@@ -408,12 +410,14 @@ def gaussian_kernel(size: int, sigma: float, device: torch.device | None = None,
 
 
 def gaussian_blur(maps: Tensor, size: int, sigma: float) -> Tensor:
-    """Blur B×1×H×W maps with a normalised Gaussian, zero padding, same output size."""
+    """Blur B×1×H×W maps with a normalised Gaussian, zero padding, same output size (in the maps' dtype,
+    also under autocast, which would otherwise run the convolution in half precision)."""
     if size % 2 != 1:
         raise ValueError(f"blur kernel size must be odd, got {size}")
     kernel = gaussian_kernel(size, sigma, maps.device, maps.dtype)
     b, c, h, w = maps.shape
-    out = F.conv2d(maps.reshape(b * c, 1, h, w), kernel[None, None], padding=size // 2)
+    with torch.autocast(maps.device.type, enabled=False):
+        out = F.conv2d(maps.reshape(b * c, 1, h, w), kernel[None, None], padding=size // 2)
     return out.reshape(b, c, h, w)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -43,12 +44,71 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "off")
+# CPU features that make bf16 matrix products native (AVX512-BF16 dot products, AMX tiles). Without them
+# oneDNN emulates bf16 through float32 and bf16 autocast is slower than float32, not faster.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: torch's own CPU feature probe (cpuinfo; any OS), or
+    the kernel's flags in /proc/cpuinfo where torch has no probe."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        if any(callable(p) and p() for p in probes):
+            return True
+    except RuntimeError:  # a torch build without cpuinfo: fall through to the kernel's flags
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_precision(device: torch.device, amp: str, key: str = "train.amp") -> str:
+    """The autocast precision a setting means on `device`: "bf16", "fp16" or "off" (float32).
+
+    auto: bf16 on a CUDA GPU that supports it and on a CPU with native bf16 matmul
+    (`cpu_has_native_bf16`), float32 elsewhere. bf16 asked for explicitly runs on any CPU (emulated
+    where not native: slow, but the same arithmetic); fp16 is CUDA-only. `key` names the setting in errors.
+    """
+    if amp not in PRECISIONS:
+        raise HdmapError(f"{key}={amp!r}: expected one of {', '.join(PRECISIONS)}")
+    if amp == "off":
+        return "off"
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if amp == "auto":
+            return "bf16" if supported else "off"
+        if amp == "bf16" and not supported:
+            raise HdmapError(f"{key}=bf16 but this GPU has no bf16 support (use fp16, auto or off)")
+        return amp
+    if device.type == "cpu":
+        if amp == "fp16":
+            raise HdmapError(f"{key}=fp16 is CUDA-only (fp16 autocast with a loss scaler); on CPU use bf16, auto or off")
+        if amp == "auto":
+            return "bf16" if cpu_has_native_bf16() else "off"
+        return "bf16"
+    return "off" if amp == "auto" else amp
+
+
+def precision_label(precision: str) -> str:
+    """How logs name a resolved precision."""
+    return {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[precision]
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA only; CPU runs in float32 so results are exact and repeatable."""
-    if device.type != "cuda" or amp == "off":
+    """Autocast at the precision `amp` resolves to on `device` (see `resolve_precision`), on CUDA and
+    CPU alike, or nothing for float32. Distances, cosine terms, the loss, maps, blur and top-k are
+    computed in float32 inside it (hdmap_ad.core.model)."""
+    precision = resolve_precision(device, amp)
+    if precision == "off":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,8 +21,9 @@ from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.paths import EVAL_DETAILS_FILE, EVAL_FILE, MODEL_FILE, PLOTS_DIR, RUN_FILE, SCORES_FILE
 from hdmap_ad.core.files import atomic_dir, write_json, write_text
 from hdmap_ad.core.inference import score_maps
+from hdmap_ad.core.model import gaussian_blur
 from hdmap_ad.pipeline.metrics import HEADLINE_METRICS, image_metrics, pixel_auroc, roc_points_table, summarise
-from hdmap_ad.core.runtime import console, select_device, set_threads
+from hdmap_ad.core.runtime import console, precision_label, resolve_precision, select_device, set_threads
 
 TABLE_COLUMNS = [("auroc", "AUROC"), ("ap", "AP"), ("f1_max", "F1-max"), ("tpr_at_fpr_1", "TPR@FPR1%"),
                  ("tpr_at_fpr_5", "TPR@FPR5%"), ("pixel_auroc", "pixel AUROC")]
@@ -30,14 +31,23 @@ assert HEADLINE_METRICS == tuple(k for k, _ in TABLE_COLUMNS)  # the terminal ta
 
 
 def masks_to_score_grid(masks: np.ndarray, params: Params) -> np.ndarray:
-    """Bring pixel masks through the same geometry as the maps (resize, crop, score size)."""
-    t = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
-    t = F.interpolate(t, size=tuple(params.preprocess.resize), mode="bilinear", align_corners=False)
+    """Bring pixel masks through the same geometry as the maps (resize, crop, score size), resizing
+    nearest-neighbour as the original's evaluation resizes its masks (docs/design.md#metrics-pixel): a
+    mask stays a set of labelled pixels instead of being interpolated and thresholded again."""
+    t = torch.from_numpy((np.asarray(masks) > 0.5).astype(np.float32))[:, None]
+    t = F.interpolate(t, size=tuple(params.preprocess.resize), mode="nearest")
     (h, w), (ch, cw) = params.preprocess.resize, params.preprocess.crop
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     t = t[..., top:top + ch, left:left + cw]
-    t = F.interpolate(t, size=tuple(params.score.size), mode="bilinear", align_corners=False)
-    return (t[:, 0] >= 0.5).numpy().astype(np.uint8)
+    t = F.interpolate(t, size=tuple(params.score.size), mode="nearest")
+    return (t[:, 0] > 0.5).numpy().astype(np.uint8)
+
+
+def blurred_maps(maps: np.ndarray, params: Params) -> np.ndarray:
+    """Anomaly maps at the score size (N×S×S) with the score's Gaussian blur: the maps the image score is
+    taken from, and those the original's pixel AUROC is computed on."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
+    return gaussian_blur(t, params.score.blur_kernel, params.score.blur_sigma)[:, 0].numpy()
 
 
 def _is_number(v: Any) -> bool:
@@ -145,6 +155,10 @@ def evaluate(params: Params) -> dict[str, Any]:
         raise HdmapError(f"{params.data.prepared}: no test data for {', '.join(missing)} that the model was trained on")
     # Scoring must follow the trained model's preprocessing; score settings may be changed at evaluation.
     run_params = trained.params.model_copy(update={"score": params.score, "evaluate": params.evaluate})
+    precision = resolve_precision(device, params.evaluate.amp, "evaluate.amp")
+    trained_at = trained.info.get("precision") or "not recorded"
+    console.print(f"inference precision: {precision_label(precision)} (evaluate.amp={params.evaluate.amp} on {device}; "
+                  f"trained at {precision_label(trained_at) if trained_at in ('off', 'bf16', 'fp16') else trained_at})")
 
     per_domain, rows, curves, dists, examples, roles = {}, [], {}, {}, [], set()
     all_labels, all_scores = [], []
@@ -154,13 +168,13 @@ def evaluate(params: Params) -> dict[str, Any]:
         labels = np.asarray(prepared.labels(domain, "test"))
         masks = prepared.masks(domain)
         scored = score_maps(trained.model, trained.method, maps, run_params, device, params.evaluate.batch_size,
-                            keep_maps=True, domain_id=i, description=f"test {domain}")
+                            keep_maps=True, domain_id=i, description=f"test {domain}", amp=precision)
         m = image_metrics(labels, scored.scores)
         if not m["valid"]:
             console.print(f"[bold red]{domain}: metrics INVALID — {m.get('n_bad_scores', 0)} NaN/Inf scores "
                           f"({m.get('reason', 'non-finite scores')})[/]")
         if masks is not None:
-            m["pixel_auroc"] = pixel_auroc(masks_to_score_grid(masks, run_params), scored.maps)
+            m["pixel_auroc"] = pixel_auroc(masks_to_score_grid(masks, run_params), blurred_maps(scored.maps, run_params))
         if scored.extras and "domain_pred" in scored.extras:
             m["aux_domain_accuracy"] = float(np.mean(scored.extras["domain_pred"] == i))
         per_domain[domain] = m
@@ -181,6 +195,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     pooled = image_metrics(np.concatenate(all_labels), np.concatenate(all_scores))
     result = summarise(per_domain, pooled)
     result["threshold_note"] = "precision/recall/F1/accuracy use the Youden-J threshold chosen on this test set"
+    result["inference_precision"] = precision  # off = float32 (evaluate.amp as resolved on this machine)
 
     scores = pd.concat(rows, ignore_index=True)
     example_title = "Example maps, per domain: " + " and ".join(r for r in EXAMPLE_ROLES if r in roles)
@@ -255,7 +270,8 @@ def log_to_mlflow(params: Params, trained: checkpoint.TrainedModel, result: dict
     with mlflow.start_run(run_id=trained.info["run_id"]):
         mlflow.log_metrics(metric_items(result))
         invalid = [d for d, v in result.items() if isinstance(v, dict) and v.get("valid") is False]
-        mlflow.set_tags({"evaluated": "true", "invalid_domains": ",".join(invalid)})
+        mlflow.set_tags({"evaluated": "true", "invalid_domains": ",".join(invalid),
+                         "eval_precision": str(result.get("inference_precision", ""))})
         mlflow.log_artifact(str(EVAL_FILE), artifact_path="eval")
         mlflow.log_artifact(str(EVAL_DETAILS_FILE), artifact_path="eval")
         mlflow.log_artifact(str(SCORES_FILE), artifact_path="eval")

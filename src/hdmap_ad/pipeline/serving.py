@@ -36,6 +36,12 @@ Scores come from `inference.score_maps` (the evaluate stage's path); `is_anomaly
 threshold` with the threshold chosen on the validation subset at training time: the request's
 domain's own, else the pooled one, unless the request gives `threshold`. The device is `auto`
 (CUDA when present); set HDMAP_AD_DEVICE=cpu to force one.
+
+Logged from an exported `.onnx` file instead (`hdmap-ad export --log-model`, or
+`log_pyfunc_model(Path("model.onnx"))`), the same model code scores on onnxruntime's CPU provider
+(`core/onnx_scorer.py`) and imports no PyTorch; its requirements are mlflow, onnxruntime, numpy and
+pandas. Inputs, outputs and decisions are the same, except that maps must have the training maps'
+H×W (the graph does not resize other sizes: such a request gets HTTP 400 naming the shapes).
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ DEVICE_ENV = "HDMAP_AD_DEVICE"
 # What the model needs at load time; versions are pinned to this environment's.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pydantic", "pyyaml", "rich",
                 "tifffile", "safetensors", "scipy", "scikit-learn", "matplotlib", "pillow", "psutil")
+# A model logged from an exported .onnx file (`hdmap-ad export --log-model`) scores on onnxruntime:
+# its artifact is the ONNX file and it needs no PyTorch (hdmap_ad.core.onnx_scorer).
+ONNX_ARTIFACT_KEY = "onnx"
+ONNX_REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas")
 
 
 def as_map_list(model_input: Any) -> list[np.ndarray]:
@@ -119,14 +129,21 @@ with warnings.catch_warnings(record=True):
         """Dinomaly on HDMAP maps: maps in, anomaly scores and decisions out (see the module docstring)."""
 
         def load_context(self, context) -> None:
+            if ONNX_ARTIFACT_KEY in context.artifacts:  # the exported model: onnxruntime, no torch imported
+                from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+                self.onnx = OnnxScorer(Path(context.artifacts[ONNX_ARTIFACT_KEY]))
+                self.trained = self.onnx  # domains and thresholds, as the decision rule reads them
+                return
             from hdmap_ad.core.checkpoint import load_trained
             from hdmap_ad.core.runtime import select_device
 
+            self.onnx = None
             self.device = select_device(os.environ.get(DEVICE_ENV, "auto"))
             self.trained = load_trained(Path(context.artifacts[ARTIFACT_KEY]), self.device)
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-            from hdmap_ad.core.inference import decide, score_arrays, threshold_for
+            from hdmap_ad.core.decision import decide, threshold_for
 
             params = params or {}
             domain = params.get("domain") or None
@@ -139,7 +156,7 @@ with warnings.catch_warnings(record=True):
             maps = as_map_list(model_input)
             if not maps:
                 return pd.DataFrame({"score": np.zeros(0), "is_anomaly": np.zeros(0, dtype=bool), "threshold": np.zeros(0)})
-            batch_size = self.trained.params.evaluate.batch_size
+            batch_size = self.onnx.batch_size if self.onnx is not None else self.trained.params.evaluate.batch_size
             deadline = request_deadline()
             scores = np.full(len(maps), np.nan, dtype=np.float64)
             for start in range(0, len(maps), batch_size):
@@ -148,8 +165,7 @@ with warnings.catch_warnings(record=True):
                 if deadline is not None and time.monotonic() > deadline:
                     raise MlflowException(f"stopped after the scoring server's request timeout with {start} of "
                                           f"{len(maps)} maps scored; send fewer maps per request")
-                scores[start:start + batch_size], _ = score_arrays(
-                    self.trained, maps[start:start + batch_size], self.device, batch_size, description="serve")
+                scores[start:start + batch_size] = self._score(maps[start:start + batch_size], batch_size)
             bad = np.flatnonzero(~np.isfinite(scores))
             if len(bad):  # never answer NaN: it is not valid JSON, and no decision can be made on it
                 peak = max(float(np.abs(maps[i]).max()) for i in bad)
@@ -164,6 +180,24 @@ with warnings.catch_warnings(record=True):
                 # None (JSON null), not NaN, when the model stores no usable threshold
                 "threshold": [threshold] * len(scores) if threshold is not None else [None] * len(scores),
             })
+
+        def _score(self, maps: list[np.ndarray], batch_size: int) -> np.ndarray:
+            if self.onnx is None:
+                from hdmap_ad.core.inference import score_arrays
+
+                return score_arrays(self.trained, maps, self.device, batch_size, description="serve")[0]
+            from hdmap_ad.core.errors import HdmapError
+
+            want = self.onnx.input_shape
+            odd = [i for i, m in enumerate(maps) if tuple(m.shape) != want]
+            if odd:  # the exported graph has the training maps' fixed size; it does not resize
+                raise MlflowException.invalid_parameter_value(
+                    f"map(s) {', '.join(map(str, odd[:10]))}: shape {maps[odd[0]].shape[0]}x{maps[odd[0]].shape[1]}, "
+                    f"this exported model takes {want[0]}x{want[1]} maps")
+            try:
+                return self.onnx.score(np.stack(maps), batch_size)[0]
+            except HdmapError as err:
+                raise MlflowException.invalid_parameter_value(str(err)) from None
 
 
 def request_deadline() -> float | None:
@@ -189,10 +223,10 @@ def signature() -> "mlflow.models.ModelSignature":
     )
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(names: tuple[str, ...] = REQUIREMENTS) -> list[str]:
     """This environment's versions of what the model imports (tests and serving use --env-manager local)."""
     reqs = []
-    for name in REQUIREMENTS:
+    for name in names:
         try:
             reqs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
@@ -209,7 +243,8 @@ def find_logged_model(run, name: str = DEFAULT_NAME):
 
 
 def log_pyfunc_model(checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, registered_name: str | None = None) -> str:
-    """Log the checkpoint as a pyfunc model into the ACTIVE MLflow run; return the model URI.
+    """Log the checkpoint (or an exported `.onnx` model, then served on onnxruntime) as a pyfunc
+    model into the ACTIVE MLflow run; return the model URI.
 
     `artifact_path` is the model's name in the run (`runs:/<run id>/<artifact_path>` resolves to
     it); `registered_name` also registers it as a new version of that registered model.
@@ -224,16 +259,17 @@ def log_pyfunc_model(checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, r
     if mlflow.active_run() is None:
         raise MlflowException("log_pyfunc_model needs an active MLflow run (call it inside mlflow.start_run())")
     package_dir = Path(hdmap_ad.__file__).resolve().parent
+    onnx = checkpoint_path.suffix == ".onnx"
     with warnings.catch_warnings(record=True) as caught:  # MLflow forces its own filters; re-emitted below
         # models from code: the logged model is this package's source plus the checkpoint, and
         # loading it imports code instead of unpickling an object
         info = mlflow.pyfunc.log_model(
             name=artifact_path,
             python_model=str(MODEL_CODE),
-            artifacts={ARTIFACT_KEY: str(checkpoint_path)},
+            artifacts={(ONNX_ARTIFACT_KEY if onnx else ARTIFACT_KEY): str(checkpoint_path)},
             code_paths=[str(package_dir)],
             signature=signature(),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(ONNX_REQUIREMENTS if onnx else REQUIREMENTS),
             registered_model_name=registered_name,
         )
     for w in caught:

@@ -27,7 +27,8 @@ from hdmap_ad.core.features import FeatureSource, make_feature_source
 from hdmap_ad.core.inference import score_maps
 from hdmap_ad.pipeline.metrics import image_metrics
 from hdmap_ad.core.optim import StableAdamW, warm_cosine_lr
-from hdmap_ad.core.runtime import StepProgress, autocast, console, rng_state, seed_everything, select_device, set_rng_state, set_threads
+from hdmap_ad.core.runtime import (StepProgress, autocast, console, precision_label, resolve_precision, rng_state,
+                                   seed_everything, select_device, set_rng_state, set_threads)
 
 
 
@@ -78,7 +79,8 @@ def validate(model, method, train_set: TrainSet, params: Params, device: torch.d
     metrics, thresholds, all_labels, all_scores = {}, {}, [], []
     for i, d in enumerate(train_set.domains):
         maps, labels = train_set.val[d]
-        scored = score_maps(model, method, maps, params, device, params.evaluate.batch_size, domain_id=i, description=f"val {d}")
+        scored = score_maps(model, method, maps, params, device, params.evaluate.batch_size, domain_id=i,
+                            description=f"val {d}", amp=params.train.amp)  # thresholds at the training precision
         m = image_metrics(labels, scored.scores)
         metrics[f"val_auroc/{d}"] = m["auroc"] if m["valid"] else float("nan")
         thresholds[d] = m["threshold"]
@@ -179,9 +181,10 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def run_fingerprint(params: Params, data_digest: str) -> str:
-    """What a training state must match to be resumed: configuration, code and prepared data."""
-    parts = f"{params.training_fingerprint()}:{code_digest()}:{data_digest}"
+def run_fingerprint(params: Params, data_digest: str, precision: str = "") -> str:
+    """What a training state must match to be resumed: configuration, code, prepared data and the precision
+    train.amp resolved to (train.amp=auto may mean bf16 on one machine and float32 on another)."""
+    parts = f"{params.training_fingerprint()}:{code_digest()}:{data_digest}:{precision}"
     return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
@@ -223,7 +226,9 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
     prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
     train_set = load_train_set(prepared, params)
     data_digest = prepared.data_digest()
-    fingerprint = run_fingerprint(params, data_digest)
+    precision = resolve_precision(device, t_params.amp, "train.amp")
+    console.print(f"precision: {precision_label(precision)} (train.amp={t_params.amp} on {device})")
+    fingerprint = run_fingerprint(params, data_digest, precision)
 
     state = None
     if run_params.resume == "auto" and STATE_FILE.is_file():
@@ -280,7 +285,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
             if resumed_from:
                 mlflow.set_tag("resumed_from_run", resumed_from)
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
-            mlflow.log_params({"n_train_maps": len(train_set.maps), "device": str(device),
+            mlflow.log_params({"n_train_maps": len(train_set.maps), "device": str(device), "train.amp_resolved": precision,
                                "feature_cache": features.describe(), "fingerprint": fingerprint})
 
         def save_state(step: int) -> None:
@@ -288,7 +293,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
                 "model": checkpoint.trainable_state(model), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": {"step": step}, "step": step, "rng": rng_state(), "config": params.resolved(),
                 "fingerprint": fingerprint, "run_id": run_id, "comparison_key": comparison_key, "domains": train_set.domains,
-                "history": history,
+                "history": history, "precision": precision,
             }, STATE_FILE)
 
         bad_in_row, bad_total, window_loss, window_n, t_last = 0, history.get("bad_total", 0), 0.0, 0, time.perf_counter()
@@ -350,6 +355,7 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
             "model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": t_params.steps,
             "config": params.resolved(), "fingerprint": fingerprint, "domains": train_set.domains,
             "thresholds": thresholds, "val": val_metrics, "map_shape": list(prepared.shape),
+            "precision": precision,  # what train.amp resolved to on the machine that trained it
         }
         model_sha256 = checkpoint.save(final, MODEL_FILE)
         mlflow.set_tag("model_sha256", model_sha256)

@@ -16,8 +16,13 @@ pollute each other:
                          gradient clip 0.1 (its trainer argument); preprocessing with its transforms
   anomalib_infer         packed maps -> its transforms -> DinomalyModel.eval() under inference_mode
                          (what Lightning's validate/predict loops use) -> pred_score
-  matmul                 a timed float32 matmul (n=2048 on CPU, 8192 on CUDA) with the same threads:
-                         the device's practical FLOP/s peak
+  matmul                 a timed n×n matmul (n up to 2048 on CPU, 8192 on CUDA, smaller where one
+                         product takes over 0.2 s) with the same threads, in each
+                         precision benchmarked: the device's practical FLOP/s peak at that precision
+
+`--precision float32,bf16` measures every case at each precision: ours through `train.amp` /
+`evaluate.amp`, anomalib's model under the same `torch.autocast`, and "% peak" against the matmul
+peak of the same precision. On a CPU without native bf16 (no AVX512-BF16/AMX) bf16 is emulated.
 
 Measured per phase: seconds per step for `--warmup` untimed then `--steps` timed steps (images/s =
 B / median step time; the mean is kept too), peak memory (CPU: the subprocess's RSS high-water
@@ -47,7 +52,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hdmap_ad.apps.bench.spec import DEFAULT_OUT, HARD_MINING_STEP, PAPER_MAPS, PHASE_LABEL, Case
+from hdmap_ad.apps.bench.spec import DEFAULT_OUT, HARD_MINING_STEP, PAPER_MAPS, PHASE_LABEL, PRECISIONS, Case
 from hdmap_ad.core.errors import HdmapError
 
 
@@ -67,6 +72,14 @@ def _size(text: str) -> tuple[int, int]:
 
 def _sizes(text: str) -> list[tuple[int, int]]:
     return [_size(t) for t in text.split(",") if t.strip()]
+
+
+def _precisions(text: str) -> list[str]:
+    values = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected {' and/or '.join(PRECISIONS)}, comma-separated, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def _ints(text: str) -> list[int]:
@@ -97,6 +110,8 @@ def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParse
                         "latter is robust to other jobs on a shared machine")
     p.add_argument("--sweep-sizes", type=_sizes, metavar="HxW,...", help="sizes to sweep (time per image vs tokens)")
     p.add_argument("--sweep-batch", type=_ints, metavar="N,...", help="batch sizes to sweep")
+    p.add_argument("--precision", type=_precisions, default=["float32"], metavar="P,...",
+                   help="float32 and/or bf16 (autocast), e.g. float32,bf16 side by side (default: float32)")
     p.add_argument("--no-anomalib", action="store_true", help="measure only our implementation")
     p.add_argument("--no-cache-off", action="store_true", help="skip the cache-off training phase")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder (as train.compile does)")
@@ -131,8 +146,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "steps": args.steps, "compile": args.compile, "clock": args.clock,
             "raw_size": [params.synth.height, params.synth.width], "anomalib": use_anomalib}
 
-    peak = _median_runs([_run_phase({**base, "phase": "matmul"}) for _ in range(args.repeat)])
-    console.print(f"matmul peak on {device} ({peak.get('threads')} threads): {peak['gflops']:.1f} GFLOP/s float32")
+    peaks = {prec: _median_runs([_run_phase({**base, "phase": "matmul", "precision": prec}) for _ in range(args.repeat)])
+             for prec in args.precision}
+    peak = peaks[args.precision[0]]
+    for prec, pk in peaks.items():
+        console.print(f"matmul peak on {device} ({pk.get('threads')} threads): {pk['gflops']:.1f} GFLOP/s {prec}")
     results: list[dict[str, Any]] = []
     for case in cases:
         runs: dict[str, list[dict[str, Any]]] = {ph: [] for ph in phases}
@@ -144,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for m in measured.values():
             if m.get("flops_per_step") and m.get("step_s"):
                 m["gflops_achieved"] = m["flops_per_step"] / m["step_s"] / 1e9
-                m["pct_of_matmul_peak"] = 100 * m["gflops_achieved"] / peak["gflops"]
+                m["pct_of_matmul_peak"] = 100 * m["gflops_achieved"] / peaks[case.precision]["gflops"]
         t, n = case.tokens()
         results.append({"name": case.name, **asdict(case), "tokens_per_image": t, "patch_tokens": n,
                         "phases": measured, "ratios": _ratios(measured),
@@ -158,7 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "settings": {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
                      "clock": args.clock,
                      "hard_mining_step": HARD_MINING_STEP},
-        "matmul_peak": peak, "cases": results, "paper_cache": cache,
+        "matmul_peak": peak, "matmul_peaks": peaks, "precisions": args.precision,
+        "precision_speedups": precision_speedups(results), "cases": results, "paper_cache": cache,
         "notes": {
             "images_per_s": "batch / median step time over the timed steps (median over --repeat runs)",
             "speedup": "ours images/s divided by anomalib images/s: > 1 means ours is faster",
@@ -171,6 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(results_table(result))
     if len(cases) > 1:
         console.print(sweep_table(result))
+    if result["precision_speedups"]:
+        console.print(precision_table(result))
     console.print(cache_text(cache))
     console.print(f"written {args.out}")
     return 0
@@ -186,6 +207,8 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None:
             parts.append(f"--{name} {value}")
+    if args.precision != ["float32"]:
+        parts.append("--precision " + ",".join(args.precision))
     if args.size:
         parts.append(f"--size {args.size[0]}x{args.size[1]}")
     if args.sweep_sizes:
@@ -201,21 +224,36 @@ def plan_cases(params, args: argparse.Namespace) -> list[Case]:
     encoder = args.encoder or params.model.encoder
     crop, resize = tuple(params.preprocess.crop), tuple(params.preprocess.resize)
 
-    def make(size: tuple[int, int], batch: int) -> Case:
+    def make(size: tuple[int, int], batch: int) -> list[Case]:
         # The profile's own crop keeps its resize; other sizes resize by the paper's 448/392 = 8/7.
         rs = resize if tuple(size) == crop else (round(size[0] * 8 / 7), round(size[1] * 8 / 7))
-        return Case(tuple(size), tuple(rs), batch, encoder)
+        return [Case(tuple(size), tuple(rs), batch, encoder, prec) for prec in getattr(args, "precision", ["float32"])]
 
     if args.sweep_sizes or args.sweep_batch:
         sizes = args.sweep_sizes or [args.size or crop]
         batches = args.sweep_batch or [args.batch]
-        return [make(s, b) for s in sizes for b in batches]
+        return [c for s in sizes for b in batches for c in make(s, b)]
     if args.size:
-        return [make(args.size, args.batch)]
-    cases = [make(crop, args.batch)]
+        return make(args.size, args.batch)
+    cases = make(crop, args.batch)
     if crop != (392, 392):
-        cases.append(make((392, 392), args.batch))
+        cases += make((392, 392), args.batch)
     return cases
+
+
+def precision_speedups(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bf16 images/s over float32 images/s of the same case and phase (> 1: bf16 faster)."""
+    by_key = {(c["name"].rsplit(" ", 1)[0], c["precision"]): c for c in cases}
+    out = []
+    for (shape, prec), case in by_key.items():
+        ref = by_key.get((shape, "float32"))
+        if prec == "float32" or ref is None:
+            continue
+        for phase, m in case["phases"].items():
+            base = ref["phases"].get(phase, {}).get("images_per_s")
+            if base and m.get("images_per_s"):
+                out.append({"case": shape, "precision": prec, "phase": phase, "speedup_vs_float32": m["images_per_s"] / base})
+    return out
 
 
 def _resolve_device(spec: str) -> str:
@@ -342,9 +380,9 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def results_table(result: dict[str, Any]):
     from rich.table import Table
 
-    peak = result["matmul_peak"]["gflops"]
+    peak = ", ".join(f"{p['gflops']:.0f} GFLOP/s {prec}" for prec, p in result.get("matmul_peaks", {}).items())
     table = Table(title=f"hdmap-ad bench on {result['device']} ({result['cpu']}, {result['threads']} threads); "
-                        f"matmul peak {peak:.0f} GFLOP/s; median over {result['settings']['steps']} steps "
+                        f"matmul peak {peak}; median over {result['settings']['steps']} steps "
                         f"x {result['settings']['repeat']} run(s)")
     for col in ("case", "phase", "impl", "img/s", "ms/img", "peak MB", "GFLOP/img", "GFLOP/s", "% peak",
                 "speed-up\nours/anomalib", "memory\nours/anomalib"):
@@ -378,10 +416,21 @@ def sweep_table(result: dict[str, Any]):
 
     cols = ["ours_train_cache_on", "ours_train_cache_off", "anomalib_train", "ours_infer", "anomalib_infer"]
     table = Table(title="time per image vs tokens per image (ms/img)")
-    for col in ("size", "batch", "tokens/img", *cols):
+    for col in ("size", "batch", "precision", "tokens/img", *cols):
         table.add_column(col, justify="right")
-    for case in sorted(result["cases"], key=lambda c: (c["tokens_per_image"], c["batch"])):
+    for case in sorted(result["cases"], key=lambda c: (c["tokens_per_image"], c["batch"], c["precision"])):
         ph = case["phases"]
-        table.add_row(f"{case['crop'][0]}x{case['crop'][1]}", str(case["batch"]), str(case["tokens_per_image"]),
-                      *[_fmt(ph[c]["ms_per_image"], 1) if c in ph else "-" for c in cols])
+        table.add_row(f"{case['crop'][0]}x{case['crop'][1]}", str(case["batch"]), case["precision"],
+                      str(case["tokens_per_image"]), *[_fmt(ph[c]["ms_per_image"], 1) if c in ph else "-" for c in cols])
+    return table
+
+
+def precision_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title="bf16 autocast vs float32, same case and phase (img/s ratio; > 1: bf16 faster)")
+    for col in ("case", "phase", "precision", "speed-up vs float32"):
+        table.add_column(col, justify="right")
+    for row in result["precision_speedups"]:
+        table.add_row(row["case"], row["phase"], row["precision"], _fmt(row["speedup_vs_float32"]) + "x")
     return table

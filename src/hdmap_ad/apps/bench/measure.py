@@ -62,11 +62,33 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
+def autocast_for(device, precision: str):
+    """The autocast a benchmark precision means, for code that is not ours (ours reads train.amp)."""
+    import contextlib
+
     import torch
 
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
+    """The device's practical matmul peak at the case's precision (square n×n products)."""
+    import torch
+
+    precision = spec.get("precision", "float32")
+    dtype = {"float32": torch.float32, "bf16": torch.bfloat16}[precision]
+    # The largest square product up to the cap that takes ~0.2 s: big enough for the peak, and bounded
+    # where a precision is emulated (bf16 on a CPU without native bf16 runs ~1 GFLOP/s).
+    cap, n = (8192 if device.type == "cuda" else 2048), 256
+    while n < cap:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        one, _, _ = timed(lambda i: a @ a, 1, 1, device, "wall")
+        if one[0] > 0.2:
+            break
+        n *= 2
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times, _, _ = timed(lambda i: a @ b, 3, 10, device, spec.get("clock", "wall"))
-    return {"n": n, "dtype": "float32", "step_s": None, "matmul_s": statistics.median(times),
+    return {"n": n, "dtype": precision, "step_s": None, "matmul_s": statistics.median(times),
             "gflops": 2 * n**3 / statistics.median(times) / 1e9, "gflops_best": 2 * n**3 / min(times) / 1e9}

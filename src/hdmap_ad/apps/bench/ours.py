@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from hdmap_ad.apps.bench.measure import count_flops, summary, sync, timed
-from hdmap_ad.apps.bench.spec import HARD_MINING_STEP, RAW_DOMAINS
+from hdmap_ad.apps.bench.spec import HARD_MINING_STEP, PRECISIONS, RAW_DOMAINS
 
 
 def params_for(spec: dict[str, Any], feature_cache: str = "off"):
@@ -17,7 +17,10 @@ def params_for(spec: dict[str, Any], feature_cache: str = "off"):
     raw = json.loads(json.dumps(spec["resolved"]))
     raw["preprocess"] = {"resize": list(case["resize"]), "crop": list(case["crop"])}
     raw["model"].update(encoder=case["encoder"], weights="random")
-    raw["train"].update(batch_size=case["batch"], compile=bool(spec["compile"]))
+    amp = PRECISIONS[case.get("precision", "float32")]
+    raw["train"].update(batch_size=case["batch"], compile=bool(spec["compile"]), amp=amp)
+    if "amp" in raw["evaluate"]:
+        raw["evaluate"]["amp"] = amp
     raw["runtime"].update(device=spec["device"], feature_cache=feature_cache, feature_cache_max_gb=1e6,
                           num_threads=spec["threads"])
     raw["evaluate"]["batch_size"] = case["batch"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hdmap_ad.apps.bench.measure import count_flops, summary, timed
+from hdmap_ad.apps.bench.measure import autocast_for, count_flops, summary, timed
 from hdmap_ad.apps.bench.ours import synthetic_maps
 from hdmap_ad.apps.bench.spec import ANOMALIB_ENCODERS, HARD_MINING_STEP
 
@@ -77,7 +77,8 @@ def phase_anomalib_train(spec: dict[str, Any], device) -> dict[str, Any]:
     def step(i: int) -> float:  # Lightning's automatic optimisation, without the trainer around it
         images = preprocess(maps[i * b:(i + 1) * b])
         optimizer.zero_grad()
-        loss = model(images, global_step=HARD_MINING_STEP + i)
+        with autocast_for(device, case.get("precision", "float32")):
+            loss = model(images, global_step=HARD_MINING_STEP + i)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable_params, clip)
         optimizer.step()
@@ -99,7 +100,7 @@ def phase_anomalib_infer(spec: dict[str, Any], device) -> dict[str, Any]:
     preprocess = anomalib_preprocess(case, device)
 
     def run(i: int):
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_for(device, case.get("precision", "float32")):
             out = model(preprocess(maps[i * b:(i + 1) * b]))
         return out.pred_score.double().cpu().numpy()
 

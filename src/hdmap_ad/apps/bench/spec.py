@@ -14,6 +14,8 @@ ANOMALIB_ENCODERS = {"small": "vit_small_patch14_reg4_dinov2", "base": "vit_base
                      "large": "vit_large_patch14_reg4_dinov2"}
 HARD_MINING_STEP = 1000        # global step passed to both losses: hard mining at its final ratio (0.9)
 OURS_TRAIN = ("ours_train_cache_on", "ours_train_cache_off")
+# Benchmark precision -> our `train.amp`/`evaluate.amp` value; anomalib's model runs under the same autocast.
+PRECISIONS = {"float32": "off", "bf16": "bf16"}
 PHASE_LABEL = {
     "ours_train_cache_on": ("train", "ours, cache on"),
     "ours_train_cache_off": ("train", "ours, cache off"),
@@ -29,10 +31,11 @@ class Case:
     resize: tuple[int, int]
     batch: int
     encoder: str
+    precision: str = "float32"   # a key of PRECISIONS
 
     @property
     def name(self) -> str:
-        return f"{self.crop[0]}x{self.crop[1]} b{self.batch} {self.encoder}"
+        return f"{self.crop[0]}x{self.crop[1]} b{self.batch} {self.encoder} {self.precision}"
 
     def tokens(self, prefix: int = 5, patch: int = 14) -> tuple[int, int]:
         n = (self.crop[0] // patch) * (self.crop[1] // patch)

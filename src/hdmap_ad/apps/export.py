@@ -1,0 +1,138 @@
+"""`hdmap-ad export`: a trained model as one portable ONNX file, checked against PyTorch.
+
+    hdmap-ad export --model models/model.pt --format onnx --out model.onnx
+
+`--model` is resolved as `predict` resolves it (a checkpoint file, an MLflow run id, runs:/...,
+models:/...). The graph (hdmap_ad.core.export) takes raw maps N×H×W float32 of the training maps'
+H×W and returns the anomaly maps and image scores; thresholds, domains, preprocessing, the training
+run, the code commit and the checkpoint's sha256 are in its metadata. After writing, the file is
+loaded in onnxruntime and its scores on a few maps are compared with PyTorch's; a difference above
+1e-3 relative fails the command. `--log-model` also logs it as an MLflow pyfunc model (the served
+model on onnxruntime, no PyTorch needed) into the run that trained the model.
+
+This module keeps its top-level imports light: every `hdmap-ad` call imports it to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from hdmap_ad.core.errors import HdmapError
+
+FORMATS = ("onnx",)
+PARITY_MAPS = 4        # maps compared between onnxruntime and PyTorch after export
+PARITY_RTOL = 1e-3     # the export test holds 1e-4; this is the command's alarm threshold
+ONNX_MODEL_NAME = "model_onnx"   # the pyfunc model's name in the run with --log-model
+
+
+def _shape(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    if not m or min(int(m.group(1)), int(m.group(2))) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 31x95")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _training_run(resolved, trained) -> str | None:
+    """The MLflow run that trained the model: named by --model, or recorded in models/run.json
+    for this very file (matched by its content hash)."""
+    from hdmap_ad.core.paths import RUN_FILE, repo_root
+
+    if resolved.run_id:
+        return resolved.run_id
+    if trained.info.get("run_id"):
+        return str(trained.info["run_id"])
+    run_file = repo_root() / RUN_FILE
+    try:
+        recorded = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(recorded, dict) and recorded.get("model_sha256") == trained.info.get("sha256"):
+        return recorded.get("run_id")
+    return None
+
+
+def parity(trained, onnx_path: Path, map_shape: tuple[int, int], n: int = PARITY_MAPS) -> tuple[float, float]:
+    """Largest relative score difference and largest absolute map difference, onnxruntime vs
+    PyTorch (float32 on the CPU), on `n` fixed pseudo-random maps in [0, 1.5)."""
+    import numpy as np
+    import torch
+
+    from hdmap_ad.core.export import map_scorer
+    from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+    maps = (np.random.default_rng(0).random((n, *map_shape)) * 1.5).astype(np.float32)
+    scores, amaps = OnnxScorer(onnx_path).score(maps, keep_maps=True)
+    with torch.inference_mode():
+        ref_maps, ref_scores = map_scorer(trained)(torch.from_numpy(maps))
+    ref = ref_scores.double().numpy()
+    rel = float(np.max(np.abs(scores - ref) / np.maximum(np.abs(ref), 1e-12)))
+    return rel, float(np.max(np.abs(amaps - ref_maps.numpy())))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    import torch
+
+    from hdmap_ad.apps.predict import _tracking_uri, expected_shape, is_mlflow_reference, resolve_model
+    from hdmap_ad.core.checkpoint import load_trained
+    from hdmap_ad.core.export import export_onnx
+    from hdmap_ad.pipeline import tracking
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise HdmapError(f"--out {out}: is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.log_model) else ""
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-export-")))
+        resolved = resolve_model(args.model, workdir, uri)
+        trained = load_trained(resolved.checkpoint, torch.device("cpu"))
+        shape = args.map_shape or expected_shape(trained)
+        if shape is None:
+            raise HdmapError(f"--model {args.model}: the checkpoint does not record its maps' size; give --map-shape HxW")
+        run_id = _training_run(resolved, trained)
+        # written beside --out and moved there only once it passed the parity check
+        unchecked = out.with_name(f".{out.name}.unchecked-{os.getpid()}")
+        stack.callback(unchecked.unlink, missing_ok=True)
+        export_onnx(trained, unchecked, shape, run_id=run_id, commit=tracking.git_commit())
+        rel, diff = parity(trained, unchecked, shape)
+        if not rel <= PARITY_RTOL:
+            raise HdmapError(f"{out}: not written: onnxruntime scores differ from PyTorch's by {rel:.2e} relative "
+                             f"(> {PARITY_RTOL:g}), the exported graph is wrong; please report it")
+        os.replace(unchecked, out)
+        print(f"exported {out} ({out.stat().st_size / 2**20:.1f} MiB; input N×{shape[0]}×{shape[1]} float32; "
+              f"run {run_id or 'unknown'}); onnxruntime vs PyTorch: score rel. diff {rel:.1e}, map abs. diff {diff:.1e}",
+              file=sys.stderr)
+        if args.log_model:
+            if not run_id:
+                raise HdmapError(f"--log-model: no MLflow run is known for {args.model}; give the run (runs:/<run id>) as --model")
+            import mlflow
+
+            from hdmap_ad.pipeline import serving
+
+            mlflow.set_tracking_uri(uri)
+            with mlflow.start_run(run_id=run_id):
+                model_uri = serving.log_pyfunc_model(out, artifact_path=ONNX_MODEL_NAME)
+            print(f"logged the ONNX pyfunc model into run {run_id}: {model_uri}", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", parents=[common], help="export a trained model as one ONNX file (scores without PyTorch)",
+                       description=__doc__.split("\n\nThis module")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>")
+    p.add_argument("--format", default="onnx", choices=FORMATS, help="export format (default: onnx)")
+    p.add_argument("--out", default="model.onnx", help="file to write (default: model.onnx)")
+    p.add_argument("--map-shape", type=_shape, metavar="HxW",
+                   help="H×W of the maps the graph takes (default: the training maps', recorded in the checkpoint)")
+    p.add_argument("--log-model", action="store_true",
+                   help=f"also log it as an MLflow pyfunc model ({ONNX_MODEL_NAME}) into the run that trained the model")
+    p.set_defaults(func=run_export)
+    return p

@@ -1,0 +1,257 @@
+"""ONNX export: the graph scores like PyTorch for every method, carries its metadata, refuses bad
+input with one line, and `predict --backend onnx` and the served model run on it.
+
+One tiny trained pipeline (tests/fixtures_pipeline.py) is exported once through the CLI; the
+per-method parity checks export 2-block models (export time is mostly fixed per graph).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fixtures_pipeline import TinyPipeline, tiny_params
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+SCORE_RTOL = 1e-4
+MAP_ATOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _tracking_env(monkeypatch, tiny_pipeline):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_pipeline.tracking_uri)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_pipeline, tmp_path_factory) -> Path:
+    """`hdmap-ad export --log-model` of the tiny pipeline's model, run in its folder (models/run.json
+    there names the training run)."""
+    import os
+
+    from hdmap_ad.apps.cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    old_cwd = Path.cwd()
+    os.chdir(tiny_pipeline.root)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", tiny_pipeline.tracking_uri)
+            rc = main(["export", "--params", str(tiny_pipeline.params_file), "--model", str(tiny_pipeline.checkpoint),
+                       "--format", "onnx", "--out", str(out), "--log-model"])
+    finally:
+        os.chdir(old_cwd)
+    assert rc == 0
+    return out
+
+
+def _test_maps(pipeline: TinyPipeline) -> tuple[list[Path], np.ndarray]:
+    from hdmap_ad.pipeline.data import read_map
+
+    files = sorted(f for d in pipeline.domains for f in (pipeline.data_root / d / "test").rglob("*.tif*"))
+    return files, np.stack([read_map(f) for f in files])
+
+
+def _torch_scores(trained, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch path (inference.score_maps) in float32 on the CPU."""
+    import torch
+
+    from hdmap_ad.core.inference import score_maps
+
+    scored = score_maps(trained.model, trained.method, maps, trained.params, torch.device("cpu"), 8,
+                        keep_maps=True, amp="off")
+    return scored.scores, scored.maps
+
+
+def _assert_parity(scores, maps, ref_scores, ref_maps) -> None:
+    assert np.isfinite(ref_scores).all() and ref_scores.std() > 0  # a real comparison, not all zeros
+    np.testing.assert_allclose(scores, ref_scores, rtol=SCORE_RTOL, atol=0)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=MAP_ATOL)
+
+
+def test_export_cli_writes_a_checked_onnx_model_with_its_metadata(exported, tiny_pipeline):
+    import onnx
+    import torch
+
+    from hdmap_ad.core.checkpoint import load_trained, read
+    from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+    proto = onnx.load(str(exported))
+    (graph_input,) = proto.graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # dynamic batch
+    assert [d.dim_value for d in dims[1:]] == [31, 95]
+    assert [o.name for o in proto.graph.output] == ["anomaly_map", "score"]
+    assert not list(exported.parent.glob(".*"))  # no temporary file left beside it
+
+    scorer = OnnxScorer(exported)
+    assert scorer.domains == tiny_pipeline.domains
+    assert scorer.thresholds == pytest.approx(tiny_pipeline.thresholds)
+    assert scorer.input_shape == (31, 95) and scorer.crop == (28, 84)
+    assert scorer.info["model_sha256"] == read(tiny_pipeline.checkpoint)[1]
+    assert scorer.info["run_id"] == tiny_pipeline.run_id
+    assert scorer.info["preprocess"]["resize"] == [28, 84] and scorer.info["method"] == "baseline"
+
+    files, maps = _test_maps(tiny_pipeline)
+    scores, amaps = scorer.score(maps, batch_size=5, keep_maps=True)  # ragged batches through the dynamic axis
+    ref_scores, ref_maps = _torch_scores(load_trained(tiny_pipeline.checkpoint, torch.device("cpu")), maps)
+    assert amaps.shape == (len(files), 256, 256)
+    _assert_parity(scores, amaps, ref_scores, ref_maps)
+
+
+@pytest.mark.parametrize("method", ["baseline", "gem", "focal", "aux", "scale", "topk"])
+def test_onnx_scores_equal_pytorch_for_every_method(method, tiny_pipeline, tmp_path):
+    """Methods differ at inference in how group maps are reduced (mean, generalised mean, weighted sum):
+    each method's own graph is exported and compared with the PyTorch path."""
+    import torch
+
+    from hdmap_ad.core.checkpoint import TrainedModel, build
+    from hdmap_ad.core.config import parse_params
+    from hdmap_ad.core.export import export_onnx
+    from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+    raw = tiny_params(tmp_path)
+    raw["method"] = method
+    raw["model"].update(target_blocks=[0, 1], fuse_groups=[[0], [1]], decoder_depth=2,
+                        encoder_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2})
+    raw["evaluate"]["amp"] = "off"
+    params = parse_params(raw, source="test")
+    torch.manual_seed(1)
+    model, m = build(params, tiny_pipeline.domains, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # decoder weights far from init: distances of all sizes
+            p.add_(0.2 * torch.randn_like(p))
+        if method == "scale":
+            m.logits.copy_(torch.tensor([1.0, -0.5]))  # unequal group weights must be baked into the graph
+    trained = TrainedModel(model.eval(), m.eval(), params, list(tiny_pipeline.domains), {"pooled": 0.5}, {"sha256": "t"})
+    out = export_onnx(trained, tmp_path / f"{method}.onnx", (31, 95))
+    _, maps = _test_maps(tiny_pipeline)
+    scores, amaps = OnnxScorer(out).score(maps, keep_maps=True)
+    _assert_parity(scores, amaps, *_torch_scores(trained, maps))
+
+
+def test_bad_input_is_one_clear_line(exported, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from hdmap_ad.core.errors import HdmapError
+    from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+    scorer = OnnxScorer(exported)
+    good = np.full((2, 31, 95), 0.3, dtype=np.float32)
+    nan, inf = good.copy(), good.copy()
+    nan[1, 3, 4] = np.nan
+    inf[0, 0, 0] = np.inf
+    cases = [
+        (good[None], r"expected maps of shape \(N, 31, 95\).*got an array of shape \(1, 2, 31, 95\)"),
+        (good[0, 0], r"shape \(95,\)"),
+        (np.zeros((2, 28, 84), np.float32), r"maps are 28x84, the model takes 31x95"),
+        (nan, r"map\(s\) 1 contain NaN or Inf"),
+        (inf, r"map\(s\) 0 contain NaN or Inf"),
+        (good.astype(np.float64), r"must be float32, got float64"),
+        (good.tolist(), r"expected a numpy array"),
+    ]
+    for maps, message in cases:
+        with pytest.raises(HdmapError, match=message) as err:
+            scorer.score(maps)
+        assert "\n" not in str(err.value)
+    assert scorer.score(good[0])[0].shape == (1,)  # one H×W map is a batch of one
+
+    with pytest.raises(HdmapError, match="not a readable ONNX model"):
+        OnnxScorer(Path(__file__))
+    plain = tmp_path / "plain.onnx"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])), str(plain))
+    with pytest.raises(HdmapError, match="no hdmap-ad metadata"):
+        OnnxScorer(plain)
+
+
+def _predict(args: list) -> int:
+    from hdmap_ad.apps.cli import main
+
+    return main(["predict", *map(str, args)])
+
+
+def test_predict_onnx_backend_matches_the_torch_backend(exported, tiny_pipeline, tmp_path, capsys):
+    import tifffile
+
+    folders = [tiny_pipeline.data_root / d / "test" for d in tiny_pipeline.domains]
+    common = ["--params", tiny_pipeline.params_file]
+    assert _predict([*common, "--model", tiny_pipeline.checkpoint, "--device", "cpu", "--precision", "off",
+                     "--out", tmp_path / "torch.csv", *folders]) == 0
+    # an odd-sized map in the ONNX run: reported and skipped, the rest scored
+    odd = tmp_path / "odd" / "domain_A"
+    odd.mkdir(parents=True)
+    tifffile.imwrite(odd / "small.tiff", np.full((20, 40), 0.2, dtype=np.float32))
+    maps_dir = tmp_path / "pictures"
+    capsys.readouterr()
+    assert _predict([*common, "--backend", "onnx", "--model", exported, "--out", tmp_path / "onnx.csv",
+                     "--maps", maps_dir, *folders, odd]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {odd / 'small.tiff'}: shape 20x40, the exported model takes 31x95" in err and "Traceback" not in err
+    ref = pd.read_csv(tmp_path / "torch.csv", keep_default_na=False).set_index("path")
+    got = pd.read_csv(tmp_path / "onnx.csv", keep_default_na=False).set_index("path")
+    assert list(got.index) == list(ref.index) and (got["domain"] == ref["domain"]).all()
+    np.testing.assert_allclose(got["score"], ref["score"], rtol=SCORE_RTOL, atol=0)
+    thr = ref["domain"].map(tiny_pipeline.thresholds)
+    clear = (ref["score"] - thr).abs() > 1e-3 * thr  # decisions agree wherever rounding cannot flip them
+    assert clear.sum() >= len(ref) // 2
+    assert (got["is_anomaly"][clear] == ref["is_anomaly"][clear]).all()
+    assert (got["is_anomaly"].astype(int) == (got["score"] >= thr).astype(int)).all()
+    assert len(list(maps_dir.rglob("*.png"))) == len(got)
+
+    capsys.readouterr()
+    assert _predict([*common, "--backend", "onnx", "--device", "cuda", "--model", exported, *folders]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device: not available with --backend onnx (float32 on the CPU, an exported file)"
+
+
+def test_served_onnx_model_scores_like_pytorch_without_importing_torch(exported, tiny_pipeline, tmp_path):
+    """The pyfunc model `export --log-model` logged into the training run, loaded in a fresh process."""
+    import mlflow
+    import torch
+
+    from hdmap_ad.apps.export import ONNX_MODEL_NAME
+    from hdmap_ad.core.checkpoint import load_trained
+    from hdmap_ad.pipeline import serving
+
+    mlflow.set_tracking_uri(tiny_pipeline.tracking_uri)
+    logged = serving.find_logged_model(mlflow.MlflowClient().get_run(tiny_pipeline.run_id), ONNX_MODEL_NAME)
+    assert logged is not None
+    _, maps = _test_maps(tiny_pipeline)
+    maps = maps[:6]
+    ref, _ = _torch_scores(load_trained(tiny_pipeline.checkpoint, torch.device("cpu")), maps)
+    np.save(tmp_path / "maps.npy", maps)
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
+        model = mlflow.pyfunc.load_model("models:/{logged.model_id}")
+        maps = np.load({str(tmp_path / 'maps.npy')!r})
+        out = model.predict(maps, params={{"domain": "domain_A"}})
+        try:
+            model.predict(np.zeros((1, 20, 40), np.float32)); odd = None
+        except MlflowException as err:
+            odd = [err.get_http_status_code(), err.message]
+        json.dump({{"scores": out["score"].tolist(), "flags": out["is_anomaly"].tolist(),
+                   "threshold": out["threshold"].tolist(), "odd": odd, "torch": "torch" in sys.modules}}, sys.stdout)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env=tiny_pipeline.env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["scores"], ref, rtol=SCORE_RTOL, atol=0)
+    thr = tiny_pipeline.thresholds["domain_A"]
+    assert got["threshold"] == pytest.approx([thr] * len(maps))
+    assert got["flags"] == [bool(s >= thr) for s in got["scores"]]
+    assert got["odd"][0] == 400 and "this exported model takes 31x95" in got["odd"][1]
+    assert got["torch"] is False
