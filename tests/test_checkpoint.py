@@ -315,14 +315,16 @@ def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prep
     assert not Path("mlflow.db").exists()  # and it is not recreated empty
 
 
-def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepared_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("amp", ["off", "bf16"])  # float32, and bf16 autocast (emulated where the CPU lacks it)
+def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepared_dir, monkeypatch, capsys, amp):
     from hdmap_ad.pipeline import training
     from hdmap_ad.pipeline.training import MODEL_FILE, STATE_FILE, train
 
     params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=auto",
-                         "train.steps=5", "runtime.checkpoint_every=2")
+                         "train.steps=5", "runtime.checkpoint_every=2", f"train.amp={amp}")
     train(params)
     reference = MODEL_FILE.read_bytes()
+    assert checkpoint.load(MODEL_FILE)["precision"] == amp
     STATE_FILE.unlink()
     MODEL_FILE.unlink()
 
@@ -341,4 +343,4 @@ def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepare
     capsys.readouterr()
     train(params)
     assert f"resuming from {STATE_FILE} at step 2/5" in capsys.readouterr().err
-    assert MODEL_FILE.read_bytes() == reference  # optimizer, RNG and weights continued exactly
+    assert MODEL_FILE.read_bytes() == reference  # arithmetic, optimizer, RNG and weights continued exactly

@@ -120,34 +120,6 @@ def test_a_state_does_not_resume_at_another_resolved_precision(workdir, prepared
     assert "starting afresh" in err and "resuming from" not in err
 
 
-def test_an_interrupted_bf16_run_resumes_to_the_identical_model_file(workdir, prepared_dir, monkeypatch, capsys):
-    from hdmap_ad.pipeline import training
-    from hdmap_ad.pipeline.training import MODEL_FILE, STATE_FILE, train
-
-    params = tiny_params(prepared_dir, "train.amp=bf16", "runtime.resume=auto")
-    train(params)
-    reference = MODEL_FILE.read_bytes()
-    assert checkpoint.load(MODEL_FILE)["precision"] == "bf16"
-    STATE_FILE.unlink()
-    MODEL_FILE.unlink()
-    original = training.train_step
-
-    def killed_at_step_3(*args, **kwargs):
-        if args[7] == 3:  # step: after the state of step 2 was saved
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(params)
-    assert checkpoint.load(STATE_FILE)["step"] == 2 and not MODEL_FILE.exists()
-    monkeypatch.setattr(training, "train_step", original)
-    capsys.readouterr()
-    train(params)
-    assert f"resuming from {STATE_FILE} at step 2/5" in capsys.readouterr().err
-    assert MODEL_FILE.read_bytes() == reference  # bf16 arithmetic, optimizer, RNG and weights continued exactly
-
-
 # --- bf16 inference of a float32 model --------------------------------------------------------------
 
 def test_bf16_inference_of_a_float32_model_matches_float32(workdir, prepared_dir):
