@@ -13,6 +13,7 @@ comparison_key, evaluated, invalid_domains, test_<metric>/<domain>), so the shar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,15 +95,15 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: float = 120) -> str:
     return p.stdout
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A loopback `mlflow server` with its own sqlite store and artifact folder; always terminated."""
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path):
+    """A loopback `mlflow server` with its own sqlite store and artifact folder under `folder`; always terminated."""
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
+    log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-         "-w", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "art"),
+         "-w", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -114,7 +115,7 @@ def mlflow_server(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer within 60 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"mlflow server did not answer within 60 s:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -127,6 +128,12 @@ def mlflow_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with running_mlflow_server(tmp_path) as url:
+        yield url
 
 
 def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server):

@@ -1,4 +1,5 @@
-"""`hdmap-ad grid`: queue a methods × seeds grid of DVC experiments, run it with N workers, then compare.
+"""`hdmap-ad grid --executor local` (the default): queue a methods × seeds grid of DVC experiments, run it
+with N workers of this machine, then compare.
 
 Steps (docs/design.md#pipe-mlflow explains why the order matters):
 1. validate the settings of every method and create the MLflow store and experiment **before** any
@@ -288,52 +289,3 @@ def wait_for_tasks(revs: set[str], run, status_cmd: Sequence[str], *, poll_s: fl
         out("stopped waiting; the queue keeps running in the background: `dvc queue status`, "
             "`dvc queue stop` (after the running ones) or `dvc queue kill NAME`")
         raise
-
-
-# ---------------------------------------------------------------------------------------- the CLI
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def cmd_grid(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    return run_grid(args.params, methods, args.seeds, args.set, args.jobs, compare=not args.no_compare,
-                    dry_run=args.dry_run, force=args.force, poll_s=args.poll)
-
-
-DESCRIPTION = """\
-Queue the methods x seeds grid as DVC experiments and run it with --jobs parallel workers:
-
-  1. create the MLflow store and experiment (before any worker starts)
-  2. dvc exp run --queue -S method=<methods> -S seed=<seeds> [-S KEY=VALUE ...]
-  3. dvc queue start -j <jobs>
-  4. wait until the queue has run this grid (progress from `dvc queue status`)
-  5. name failed experiments (`dvc queue logs NAME` shows why)
-  6. hdmap-ad compare
-
-Untracked files are not copied into queued experiments: commit (or git add) your changes first.
-On a machine with several GPUs each training claims a GPU of its own (runtime.device=auto).
-Ctrl-C stops waiting; the queue keeps running (`dvc queue status`).
-"""
-
-
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("grid", parents=[common], help="run a methods x seeds grid through the DVC queue, then compare",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # `--set` (from the common options) and its short form -S are passed to `dvc exp run` as -S KEY=VALUE.
-    p.add_argument("-S", dest="set", action="append", metavar="KEY=VALUE",
-                   help="parameter override for every experiment (same as --set; passed to dvc exp run -S)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list (default: {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
-                   help=f"comma list (default: {','.join(map(str, DEFAULT_SEEDS))})")
-    p.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default: 1)")
-    p.add_argument("--force", action="store_true", help="dvc exp run --force: rerun even when the run cache has the result")
-    p.add_argument("--no-compare", action="store_true", help="do not run `hdmap-ad compare` at the end")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--poll", type=float, default=10.0, help="seconds between `dvc queue status` polls (default: 10)")
-    p.set_defaults(func=cmd_grid)
-    return p
