@@ -1,8 +1,9 @@
 """`hdmap-ad grid --executor ray` on a real multi-node Ray cluster on this computer (docs/multi-machine.md).
 
 One cluster for the module: a head (no CPUs: it only schedules) and two worker nodes of 1 CPU each,
-each its own raylet and object store (`ray.cluster_utils.Cluster`), in a private temp dir, loopback
-only, shut down at the end. Beside it: a loopback `mlflow server`, a bare git remote and a
+each its own raylet and object store (`ray.cluster_utils.Cluster`), in a private temp dir, on this
+machine's own address (Ray rewrites a 127.0.0.1 head to it), shut down at the end. Beside it: a
+loopback `mlflow server`, a bare git remote and a
 local-directory DVC remote; the driver is a clone of the remote, as on a user's machine.
 
 The repository's pipeline is a stand-in for train + evaluate (the real one takes minutes per
@@ -29,7 +30,7 @@ import pytest
 import yaml
 
 import shipped
-from test_multimachine import running_mlflow_server, sh
+from servers import running_mlflow_server, sh
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[cluster]')")

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sst
 from sklearn.metrics import roc_auc_score
 
-from hdmap_ad.pipeline.uncertainty import (AurocScores, _domain_replicate_deltas, _Prepared, _resample_counts,
+from hdmap_ad.pipeline.uncertainty import (AurocScores, domain_replicate_deltas, PreparedScores, resample_counts,
                                            _twice_weighted_auc_numerators, delong_pooled, delong_test,
                                            describe_seeds_needed, hierarchical_bootstrap_auroc,
                                            paired_delta_interval, paired_t_power, probability_of_improvement,
@@ -235,9 +235,9 @@ def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
     y = np.r_[np.ones(m, int), np.zeros(n, int)]
     sm = np.round(rng.normal(size=(seeds, m + n)) + y, 1)  # ties within and across classes
     sb = rng.normal(size=(seeds, m + n)) + 0.5 * y  # no ties
-    prep = _Prepared(AurocScores(y, sm, sb))
+    prep = PreparedScores(AurocScores(y, sm, sb))
     assert prep.k_hi[0] is not None and prep.k_hi[seeds] is None  # both kernel paths are exercised
-    pos_w, neg_w = _resample_counts(rng, 6, m), _resample_counts(rng, 6, n)
+    pos_w, neg_w = resample_counts(rng, 6, m), resample_counts(rng, 6, n)
     num = _twice_weighted_auc_numerators(prep, pos_w, neg_w)
     rows = np.concatenate([sm, sb])
     for b in range(6):
@@ -246,7 +246,7 @@ def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
             ref = roc_auc_score(np.repeat(y, w), np.repeat(rows[r], w))
             assert num[b, r] / (2 * m * n) == pytest.approx(ref, abs=1e-12)
     seed_w = np.array([[2, 0], [1, 1], [0, 2], [1, 1], [2, 0], [0, 2]])
-    delta, sign = _domain_replicate_deltas(prep, seed_w, pos_w, neg_w)
+    delta, sign = domain_replicate_deltas(prep, seed_w, pos_w, neg_w)
     for b in range(6):
         w = np.r_[pos_w[b], neg_w[b]]
         per = [roc_auc_score(np.repeat(y, w), np.repeat(sm[s], w)) - roc_auc_score(np.repeat(y, w), np.repeat(sb[s], w))
@@ -256,7 +256,7 @@ def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
 
 
 def test_resample_counts_are_multinomial():
-    counts = _resample_counts(np.random.default_rng(0), 4000, 50)
+    counts = resample_counts(np.random.default_rng(0), 4000, 50)
     assert counts.shape == (4000, 50) and np.all(counts.sum(axis=1) == 50)
     # Multinomial(n, 1/n): each cell mean 1 and variance (1 − 1/n), cells negatively correlated −1/n
     assert counts.mean() == pytest.approx(1.0, abs=1e-12)

@@ -371,7 +371,7 @@ class HierarchicalBootstrapResult:
     note: str = ""
 
 
-class _Prepared:
+class PreparedScores:
     """Per domain: for each (method, seed) row the presort needed by the weighted-AUROC kernel."""
 
     def __init__(self, scores: AurocScores):
@@ -402,7 +402,7 @@ class _Prepared:
                 self.k_hi.append(None if np.array_equal(hi, self.k_lo[-1]) else hi)
 
 
-def _twice_weighted_auc_numerators(prep: _Prepared, pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
+def _twice_weighted_auc_numerators(prep: PreparedScores, pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
     """2·Σ_i Σ_j w_i w_j ([s_i > s_j] + ½[s_i = s_j]) per replicate and row: (B, 2·n_seeds) int64.
 
     pos_w (B, n_pos) and neg_w (B, n_neg) are integer map weights (resampling counts). Per row: one
@@ -427,7 +427,7 @@ def _twice_weighted_auc_numerators(prep: _Prepared, pos_w: np.ndarray, neg_w: np
     return out
 
 
-def _resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     """(b, n) int64 counts of n draws with replacement from n items per row: Multinomial(n, 1/n each).
 
     Drawn as n uniform indices per row and counted (several times faster than Generator.multinomial,
@@ -440,7 +440,7 @@ def _resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)
 
 
-def _domain_replicate_deltas(prep: _Prepared, seed_w: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray
+def domain_replicate_deltas(prep: PreparedScores, seed_w: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray
                              ) -> tuple[np.ndarray, np.ndarray]:
     """Replicate Δ AUROC (float, (B,)) and its exact sign ((B,) int) for one domain.
 
@@ -481,7 +481,7 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
     confidence = _check_confidence(confidence)
     if n_resamples < 1 or chunk_size < 1:
         raise ValueError(f"n_resamples ({n_resamples}) and chunk_size ({chunk_size}) must be positive")
-    preps = {name: _Prepared(sc) for name, sc in domains.items()}
+    preps = {name: PreparedScores(sc) for name, sc in domains.items()}
     n_seeds = {p.n_seeds for p in preps.values()}
     if len(n_seeds) > 1:
         raise ValueError(f"every domain needs the same seeds, got row counts {sorted(n_seeds)}")
@@ -528,12 +528,12 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
     signs = {n: np.empty(n_resamples, dtype=np.int8) for n in live}
     for start in range(0, n_resamples, chunk_size):
         b = min(chunk_size, n_resamples - start)
-        seed_w = _resample_counts(seed_rng, b, s)
+        seed_w = resample_counts(seed_rng, b, s)
         for n in live:
             p = preps[n]
             rp, rn = map_rngs[n]
-            pos_w, neg_w = _resample_counts(rp, b, p.n_pos), _resample_counts(rn, b, p.n_neg)
-            d, sg = _domain_replicate_deltas(p, seed_w, pos_w, neg_w)
+            pos_w, neg_w = resample_counts(rp, b, p.n_pos), resample_counts(rn, b, p.n_neg)
+            d, sg = domain_replicate_deltas(p, seed_w, pos_w, neg_w)
             deltas[n][start:start + b] = d
             signs[n][start:start + b] = sg
 
