@@ -59,6 +59,20 @@ def test_stage_deps_cover_every_module_the_stage_runs(stage):
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not depend on: {missing}"
 
 
+def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs():
+    """The model file stores a hash of the code training runs. It must cover every module training imports
+    (else a code change would resume an old state) and nothing else (else an edit of compare or the CLI,
+    which does not rerun train, would change the model's bytes and leave a fresh clone's dvc.lock dirty)."""
+    from hdmap_ad.pipeline.training import code_files
+
+    graph = grimp.build_graph("hdmap_ad")
+    entry = "hdmap_ad.pipeline.training"
+    runs = {entry} | {m for m in graph.find_upstream_modules(entry) if m.startswith("hdmap_ad.")}
+    packages = {".".join(m.split(".")[:i]) for m in runs for i in range(1, len(m.split(".")))}
+    assert set(code_files()) == {_module_file(m) for m in runs | packages}
+    assert not any("apps" in f.parts for f in code_files())
+
+
 def test_params_load_without_torch_and_method_schemas_come_from_one_place():
     """One params loader for every command, torch-free (compare and grid run where torch is absent);
     each method plug-in takes its schema from the same table the loader validates with."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -171,12 +172,44 @@ def train_step(model, method, optimizer: torch.optim.Optimizer, scaler: torch.am
     return result
 
 
+def code_files(entry: str = __name__) -> list[Path]:
+    """The source files of `entry` and every hdmap_ad module it imports, directly or not (anywhere in a
+    file, as the DVC stage deps are checked), with the packages' __init__ files: the code training runs."""
+    src = Path(__file__).resolve().parents[2]  # the folder holding the hdmap_ad package
+
+    def source(module: str) -> Path | None:
+        base = src / module.replace(".", "/")
+        for f in (base / "__init__.py", base.with_suffix(".py")):
+            if f.is_file():
+                return f
+        return None  # a name imported from a module, not a module
+
+    seen: dict[str, Path] = {}
+    todo = [entry]
+    while todo:
+        module = todo.pop()
+        if module in seen or (f := source(module)) is None:
+            continue
+        seen[module] = f
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run on import
+        for node in ast.walk(ast.parse(f.read_bytes(), str(f))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        todo = [m for m in todo if m == "hdmap_ad" or m.startswith("hdmap_ad.")]
+    return sorted(seen.values())
+
+
 def code_digest() -> str:
-    """Hash of this package's Python source: a code change must not resume an old run's state."""
-    package = Path(__file__).resolve().parents[1]  # all of hdmap_ad, not only this layer
+    """Hash of the code training runs (`code_files`): a change there must not resume an old run's state.
+    Only that code: the fingerprint is stored in the model file, and DVC reruns train exactly when that
+    code changes, so a change elsewhere (compare, the CLI) must not change the model's bytes."""
+    src = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
-    for f in sorted(package.rglob("*.py")):
-        h.update(f.relative_to(package).as_posix().encode())
+    for f in code_files():
+        h.update(f.relative_to(src).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
