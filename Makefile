@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test install bench clean-outputs
+.PHONY: run test install bench gpu-check clean-outputs
 
 run: $(VENV)/.installed
 	$(BIN)/hdmap-ad init-tracking
@@ -27,3 +27,7 @@ $(VENV)/.installed: pyproject.toml
 bench: $(VENV)/.installed  # side by side with anomalib's Dinomaly: installs the `bench` extra
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/hdmap-ad bench $(BENCH_ARGS)
+
+gpu-check: $(VENV)/.installed  # every CUDA path end to end, one report (docs/design.md#pipe-gpu-check); CPU: tiny shapes
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/hdmap-ad gpu-check $(GPU_CHECK_ARGS)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from hdmap_ad.apps.bench import ours
+from hdmap_ad.apps.gpucheck.command import bench_summary
 from hdmap_ad.apps.cli import main
 from hdmap_ad.core.config import load_params
 from hdmap_ad.core.features import make_feature_source
@@ -64,6 +65,11 @@ def test_bench_smoke_writes_json(tmp_path):
     assert case["phases"]["ours_train_cache_on"]["cache_mb"] > 0
     # cache-on steps skip the encoder: fewer FLOPs per image than cache-off steps
     assert case["phases"]["ours_train_cache_on"]["flops_per_image"] < case["phases"]["ours_train_cache_off"]["flops_per_image"]
+    # gpu-check's report reads this result: one row per case and phase, % peak against the same precision
+    summary = bench_summary(result)
+    assert len(summary["rows"]) == 6 and summary["matmul_peak_gflops"]["bf16"] == peaks["bf16"]["gflops"]
+    row = next(r for r in summary["rows"] if (r["precision"], r["phase"]) == ("bf16", "ours_infer"))
+    assert row["pct_of_matmul_peak"] == bf16["phases"]["ours_infer"]["pct_of_matmul_peak"]
     assert all(v is None for v in case["ratios"].values())  # no anomalib, no ratios
     paper = result["paper_cache"]
     assert paper["n_maps"] == 4000 and paper["crop"] == [392, 392]

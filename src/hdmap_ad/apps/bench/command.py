@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cache = paper_cache_estimate(args.params)
     result = {
         "command": command_line(args),
-        "device": device, "cpu": _cpu_name(), "threads": peak.get("threads"), "torch": peak.get("torch"),
+        "device": device, "cpu": cpu_name(), "threads": peak.get("threads"), "torch": peak.get("torch"),
         "anomalib": anomalib_version if use_anomalib else None, "profile": params.profile,
         "settings": {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
                      "clock": args.clock,
@@ -272,7 +272,7 @@ def _anomalib_version() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
