@@ -108,8 +108,13 @@ def world(tmp_path_factory):
     for var in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH"):
         env.pop(var, None)
     node_args = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "temp_dir": str(ray_tmp)}
+    # Ray's test cluster writes its address file under RAY_TMPDIR/ray (default /tmp/ray, which a
+    # fresh machine lacks): point it into this test's own directory.
+    (ray_tmp / "ray").mkdir()
+    env["RAY_TMPDIR"] = str(ray_tmp)
     cluster = None
-    with running_mlflow_server(root) as url:
+    with running_mlflow_server(root) as url, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", str(ray_tmp))
         try:
             cluster = Cluster(initialize_head=True, connect=False,
                               head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
