@@ -41,6 +41,24 @@ def evaluated(tmp_path_factory, prepared_dir):
     return root, params, summary
 
 
+@pytest.mark.parametrize("method", ["gem", "scale", "topk"])
+def test_every_method_trains_and_evaluates(tmp_path, monkeypatch, prepared_dir, method):
+    """The methods tests/test_pipeline.py does not run through DVC: trained, evaluated and recorded as themselves."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    params = tiny.params(*SETTINGS, f"method={method}", "data.domains=[domain_A, domain_C]", prepared=prepared_dir)
+    summary = training.train(params)
+    evaluation.evaluate(params)
+    headline = _read(tmp_path, "metrics/eval.json")
+    assert all(0.0 <= headline[d]["auroc"] <= 100.0 for d in ("domain_A", "domain_C", "mean"))
+    run = mlflow.MlflowClient().get_run(summary["run_id"])
+    assert run.data.tags["method"] == method and run.data.tags["evaluated"] == "true"
+    assert run.data.params["method"] == method
+
+
 @pytest.fixture()
 def inside(evaluated, monkeypatch):
     root, params, summary = evaluated
