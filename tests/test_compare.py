@@ -88,14 +88,15 @@ def metrics_from_scores(method: str, seed: int, scores: pd.DataFrame) -> dict[st
 def log_run(experiment_id: str, method: str, seed: int, *, status: str = "FINISHED", evaluated: bool = True,
             invalid: tuple[str, ...] = (), profile: str = "quick", metrics: dict | None = None,
             key: str | None = KEY, manifest: str = MANIFEST, params: dict | None = None,
-            scores: pd.DataFrame | None = None) -> str:
+            scores: pd.DataFrame | None = None, tags: dict | None = None) -> str:
     """One training+evaluation run, logged as training.py/evaluation.py do (fluent API). `key` None: a
-    run of an older version (no comparison_key tag). `scores`: logged as the artifact eval/scores.csv."""
+    run of an older version (no comparison_key tag). `scores`: logged as the artifact eval/scores.csv.
+    `tags`: more tags (evaluation's eval_precision)."""
     import tempfile
     import mlflow
 
     tags = {"method": method, "seed": str(seed), "profile": profile, "git_commit": "abc1234def", "stage": "trained",
-            "data_digest": manifest}
+            "data_digest": manifest, **(tags or {})}
     if key is not None:
         tags["comparison_key"] = key
     name = f"{method}-seed{seed}-{(key or 'old')[:6]}"
@@ -314,6 +315,48 @@ def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
     assert "gem: paired on seeds 42, 43, 456" in md
     assert "(n=3)" in md  # gem's Mean±Std over fewer seeds than the baseline's
     assert f"`{killed}`" in md and "Left out" in md and "the latest" in md
+
+
+def test_runs_pair_only_at_one_precision(store, tmp_path):
+    """train.amp=auto resolves per machine: the same params train in bf16 on one machine and in float32 on
+    another. Such runs share a comparison key but must not be paired."""
+    def log(method, seed, train="off", scored="off", **kw):
+        return log_run(store, method, seed, params={"train.amp_resolved": train}, tags={"eval_precision": scored}, **kw)
+
+    for seed in (42, 43, 44):
+        log("baseline", seed)
+    log("gem", 42), log("gem", 43)
+    older_gem44 = log("gem", 44)
+    time.sleep(0.01)
+    newer_bf16 = log("gem", 44, train="bf16", metrics=fake_metrics("gem", 999))  # newer, another machine
+    scored_bf16 = log("focal", 42, scored="bf16")
+    trained_bf16 = log("focal", 43, train="bf16")
+    predates = log_run(store, "focal", 44)  # logged before precision was recorded: matches any
+    saved, md = run(tmp_path)
+
+    assert saved["precision"] == {"train": "off", "evaluate": "off"}
+    assert saved["runs"]["gem"]["44"]["run_id"] == older_gem44  # the newer bf16 run does not hide it
+    assert saved["superseded"] == []
+    assert sorted(saved["runs"]["focal"]) == ["44"] and saved["runs"]["focal"]["44"]["run_id"] == predates
+    reasons = {x["run_id"]: x["reason"] for x in saved["left_out"]}
+    assert set(reasons) == {newer_bf16, scored_bf16, trained_bf16}
+    assert reasons[newer_bf16].startswith("other precision: trained in bf16, scored in float32, the compared runs "
+                                          "trained in float32, scored in float32")
+    assert reasons[scored_bf16].startswith("other precision: trained in float32, scored in bf16")
+    assert comparison(saved, "gem", "domain_A", "auroc")["seeds"] == [42, 43, 44]
+    assert "Every compared run was trained in float32, scored in float32" in md
+    console = (tmp_path / "console.txt").read_text()
+    assert "precision: trained in float32, scored in float32" in console
+    assert "set them to off or bf16" in console
+
+    # the newest baseline run sets the group's precision
+    time.sleep(0.01)
+    for seed in (42, 43):
+        log("baseline", seed, train="bf16")
+    saved, _ = run(tmp_path)
+    assert saved["precision"] == {"train": "bf16", "evaluate": "off"}
+    assert {m: sorted(r) for m, r in saved["runs"].items()} == {"baseline": ["42", "43"], "gem": ["44"],
+                                                                 "focal": ["43", "44"]}
 
 
 def test_fewer_than_two_pairs_and_a_single_method(store, tmp_path):

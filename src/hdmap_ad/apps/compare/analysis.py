@@ -199,6 +199,7 @@ class ComparisonResult:
             "generated": self.generated, "experiment": self.experiment, "experiment_id": self.experiment_id,
             "tracking_uri": self.tracking_uri, "profile": self.profile,
             "reference": ref.to_json() if ref is not None else None,
+            "precision": sel.precision.to_json() if sel.precision is not None else None,
             "baseline": self.baseline, "methods": self.methods, "scopes": self.scopes, "table_scopes": self.table_scopes,
             "metrics": self.metrics, "report_metrics": self.report_metrics,
             "std_note": STD_NOTE, "tests": TESTS_NOTE, "holm": HOLM_NOTE, "significance_legend": MARK_LEGEND,

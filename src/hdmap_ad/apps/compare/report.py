@@ -301,6 +301,9 @@ def _header(result: ComparisonResult) -> list[str]:
     if ref is not None and ref.key:
         L += [f"Comparison group `{ref.key}` (runs pair only within one group: same settings and "
               f"data, any method and seed), chosen from {ref.source}.", ""]
+    precision = result.selection.precision
+    if precision is not None:
+        L += [f"Every compared run was {precision.describe()} (runs at another precision are left out).", ""]
     for hint in result.hints:
         L += [f"> **{hint.method} is not paired with {baseline}: no common seed.** Unpaired Δ (difference of the "
               f"means, no p-value) below. To pair them run `{hint.command}` (or `{hint.grid}`).", ""]
@@ -417,6 +420,8 @@ def print_found(console, selection: Selection, methods: Sequence[str], baseline:
     ref = selection.reference
     if ref is not None and ref.key:
         console.print(f"  comparison group {ref.key[:6]}: {ref.source}", markup=False)
+    if selection.precision is not None and selection.used:
+        console.print(f"  precision: {selection.precision.describe()}", markup=False)
     for m in methods:
         seeds = list(selection.used.get(m, {}))
         console.print(f"  {m:<10} {len(seeds)} run(s), seeds {', '.join(map(str, seeds)) or 'none'}"

@@ -5,8 +5,12 @@ method with the baseline.
 Which runs count: FINISHED runs tagged `evaluated=true` with `method` and `seed` tags, of the active
 profile, whose `comparison_key` tag equals the reference group's (the workspace's params and prepared
 data; without prepared data, the newest baseline run's group). Everything else is listed with the
-reason it was left out; a run of another group names the settings that differ. When several valid
-runs share (method, seed) the latest one is used and the others are named.
+reason it was left out; a run of another group names the settings that differ. Within the group, runs
+pair only at one precision: `train.amp: auto` (and `evaluate.amp: auto`) resolve per machine, so the
+same params can train in bf16 on one machine and in float32 on another, a difference of the order of
+the seed-to-seed spread. The group's precision is the newest baseline run's (else the newest run's),
+as the runs recorded it; a run trained or scored at another precision is left out and says so. When
+several valid runs share (method, seed) the latest one is used and the others are named.
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ def iso_time(ms: int | None) -> str | None:
     return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+PRECISION_NAMES = {"off": "float32", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class RunPrecision:
+    """The resolved autocast precision of a run's training and of its evaluation: off (float32), bf16, fp16."""
+
+    train: str | None
+    evaluate: str | None
+
+    def matches(self, other: RunPrecision) -> bool:
+        """Equal where both are recorded (a run that predates the record matches any)."""
+        return all(a is None or b is None or a == b
+                   for a, b in ((self.train, other.train), (self.evaluate, other.evaluate)))
+
+    def describe(self) -> str:
+        def name(value: str | None) -> str:
+            return PRECISION_NAMES.get(value, value) if value else "not recorded"
+        return f"trained in {name(self.train)}, scored in {name(self.evaluate)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train": self.train, "evaluate": self.evaluate}
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -70,6 +98,11 @@ class RunRecord:
     @property
     def comparison_key(self) -> str | None:
         return self.tags.get("comparison_key") or None
+
+    @property
+    def precision(self) -> RunPrecision:
+        """How it was trained and scored, as recorded (None where a run predates the record)."""
+        return RunPrecision(self.params.get("train.amp_resolved") or None, self.tags.get("eval_precision") or None)
 
     @property
     def started(self) -> str | None:
@@ -168,6 +201,7 @@ class Selection:
     not_selected: dict[str, int]                    # method -> valid runs not asked for
     n_found: int
     reference: Reference | None = None
+    precision: RunPrecision | None = None           # the one precision the used runs share (None: no run)
 
 
 @dataclass(frozen=True)
@@ -332,6 +366,21 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
             continue
         candidates.setdefault((r.method, r.seed), []).append(r)
 
+    # One precision per comparison: checked before the latest run per (method, seed) is chosen, so that a
+    # newer run at another precision does not hide an older one that pairs.
+    precision = _group_precision([r for group in candidates.values() for r in group], baseline)
+    if precision is not None:
+        for pair, group in list(candidates.items()):
+            keep = [r for r in group if r.precision.matches(precision)]
+            for r in group:
+                if r not in keep:
+                    left_out.append(LeftOut(r, f"other precision: {r.precision.describe()}, the compared runs "
+                                               f"{precision.describe()} ({PRECISION_HINT})", "other precision"))
+            if keep:
+                candidates[pair] = keep
+            else:
+                del candidates[pair]
+
     used: dict[str, dict[int, RunRecord]] = {}
     superseded, invalid = [], []
     for (method, seed), group in candidates.items():
@@ -346,7 +395,22 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
     left_out.sort(key=lambda x: (str(x.method), x.seed if x.seed is not None else -1))
     superseded.sort(key=lambda x: (x.method, x.seed))
     invalid.sort(key=lambda x: (x.method, x.seed))
-    return Selection(used, left_out, superseded, invalid, not_selected, len(runs), reference)
+    return Selection(used, left_out, superseded, invalid, not_selected, len(runs), reference, precision)
+
+
+PRECISION_HINT = ("train.amp/evaluate.amp `auto` resolve per machine: set them to off or bf16 and rerun "
+                  "the runs left out to pair them")
+
+
+def _group_precision(group: Sequence[RunRecord], baseline: str) -> RunPrecision | None:
+    """The precision of the newest baseline run of the group (else of its newest run), each part taken
+    from the newest run that recorded it; None for an empty group."""
+    if not group:
+        return None
+    newest_first = sorted(group, key=lambda r: (r.method == baseline, _age(r)), reverse=True)
+    train = next((r.precision.train for r in newest_first if r.precision.train), None)
+    evaluate = next((r.precision.evaluate for r in newest_first if r.precision.evaluate), None)
+    return RunPrecision(train, evaluate)
 
 
 def order_methods(methods: Iterable[str], baseline: str = "baseline") -> list[str]:
