@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 import shipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +30,15 @@ EXPERIMENT = "hdmap-tiny-test"
 
 @dataclass(frozen=True)
 class TinyPipeline:
-    root: Path              # the working directory the stages ran in
+    root: Path  # the working directory the stages ran in
     params_file: Path
     tracking_uri: str
-    checkpoint: Path        # models/model.pt
-    scores_csv: Path        # metrics/scores.csv of the evaluate stage
-    data_root: Path         # the synthetic raw maps
+    checkpoint: Path  # models/model.pt
+    scores_csv: Path  # metrics/scores.csv of the evaluate stage
+    data_root: Path  # the synthetic raw maps
     domains: list[str]
     run_id: str
-    model_uri: str          # the pyfunc model logged into the run (models:/<model id>)
+    model_uri: str  # the pyfunc model logged into the run (models:/<model id>)
     thresholds: dict
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -50,10 +51,16 @@ def tiny_params(root: Path) -> dict:
     raw = shipped.params()
     raw.update(method="baseline", seed=0, profile="quick")
     raw["data"].update(root="data/raw/synthetic", domains=DOMAINS, prepared="data/prepared", val_ratio=0.25)
-    raw["synth"].update(out="data/raw/synthetic", n_train=16, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0)
+    raw["synth"].update(
+        out="data/raw/synthetic", n_train=16, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0
+    )
     raw["preprocess"] = {"resize": [28, 84], "crop": [28, 84]}
-    raw["model"].update(encoder="small", weights="random", target_blocks=None,
-                        encoder_overrides={"depth": 10, "embed_dim": 32, "num_heads": 2})
+    raw["model"].update(
+        encoder="small",
+        weights="random",
+        target_blocks=None,
+        encoder_overrides={"depth": 10, "embed_dim": 32, "num_heads": 2},
+    )
     raw["train"].update(steps=5, batch_size=4, warmup_steps=2, val_every=1000, amp="off")
     raw["runtime"].update(log_every=5, checkpoint_every=5, device="cpu", resume="never", feature_cache="auto")
     raw["evaluate"].update(batch_size=8, n_examples=2)
@@ -80,9 +87,9 @@ def _inside(root: Path, env: dict[str, str]):
 def build_tiny_pipeline(root: Path) -> TinyPipeline:
     import mlflow
 
-    from hdmap_ad.pipeline import evaluation, serving, training
     from hdmap_ad.core.checkpoint import load
     from hdmap_ad.core.config import load_params
+    from hdmap_ad.pipeline import evaluation, serving, training
     from hdmap_ad.pipeline.data import prepare_dataset
     from hdmap_ad.pipeline.synth import SynthConfig, generate
 
@@ -94,9 +101,19 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
     with _inside(root, {"MLFLOW_TRACKING_URI": uri, "DVC_ROOT": str(root), "DVC_NO_ANALYTICS": "1"}):
         params = load_params(params_file)
         s = params.synth
-        generate(Path(s.out), SynthConfig(n_train=s.n_train, n_test_good=s.n_test_good, n_test_fault=s.n_test_fault,
-                                          height=s.height, width=s.width, seed=s.seed,
-                                          domains=tuple(params.data.domains)), progress=False)
+        generate(
+            Path(s.out),
+            SynthConfig(
+                n_train=s.n_train,
+                n_test_good=s.n_test_good,
+                n_test_fault=s.n_test_fault,
+                height=s.height,
+                width=s.width,
+                seed=s.seed,
+                domains=tuple(params.data.domains),
+            ),
+            progress=False,
+        )
         prepare_dataset(params.data_root, params.data.domains, Path(params.data.prepared), progress=False)
         summary = training.train(params)
         evaluation.evaluate(params)
@@ -112,7 +129,14 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
     if previous_uri is not None:
         mlflow.set_tracking_uri(previous_uri)
     return TinyPipeline(
-        root=root, params_file=params_file, tracking_uri=uri, checkpoint=root / training.MODEL_FILE,
-        scores_csv=root / evaluation.SCORES_FILE, data_root=root / params.data_root, domains=list(DOMAINS),
-        run_id=run_id, model_uri=f"models:/{logged.model_id}", thresholds=dict(thresholds),
+        root=root,
+        params_file=params_file,
+        tracking_uri=uri,
+        checkpoint=root / training.MODEL_FILE,
+        scores_csv=root / evaluation.SCORES_FILE,
+        data_root=root / params.data_root,
+        domains=list(DOMAINS),
+        run_id=run_id,
+        model_uri=f"models:/{logged.model_id}",
+        thresholds=dict(thresholds),
     )

@@ -76,8 +76,10 @@ def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs(
 def test_params_load_without_torch_and_method_schemas_come_from_one_place():
     """One params loader for every command, torch-free (compare and grid run where torch is absent);
     each method plug-in takes its schema from the same table the loader validates with."""
-    code = ("import sys; from hdmap_ad.core.config import load_params; "
-            f"load_params({str(shipped.params_file())!r}); print('torch' in sys.modules)")
+    code = (
+        "import sys; from hdmap_ad.core.config import load_params; "
+        f"load_params({str(shipped.params_file())!r}); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+import shipped
 from hdmap_ad.apps.bench import ours
-from hdmap_ad.apps.gpucheck.command import bench_summary
 from hdmap_ad.apps.cli import main
+from hdmap_ad.apps.gpucheck.command import bench_summary
 from hdmap_ad.core.config import load_params
 from hdmap_ad.core.features import make_feature_source
-import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = shipped.params_file()
@@ -36,9 +36,30 @@ CPU = torch.device("cpu")
 
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--params", str(PARAMS), "--set", TINY, "--size", "28x84", "--batch", "2",
-               "--steps", "2", "--warmup", "1", "--no-anomalib", "--device", "cpu", "--precision", "float32,bf16",
-               "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--params",
+            str(PARAMS),
+            "--set",
+            TINY,
+            "--size",
+            "28x84",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--no-anomalib",
+            "--device",
+            "cpu",
+            "--precision",
+            "float32,bf16",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads(out.read_text())
     assert {"command", "device", "threads", "settings", "matmul_peak", "cases", "paper_cache", "notes"} <= set(result)
@@ -53,7 +74,8 @@ def test_bench_smoke_writes_json(tmp_path):
     m = bf16["phases"]["ours_infer"]
     assert m["pct_of_matmul_peak"] == pytest.approx(100 * m["gflops_achieved"] / peaks["bf16"]["gflops"])
     assert {(r["phase"], r["precision"]) for r in result["precision_speedups"]} == {
-        (ph, "bf16") for ph in ("ours_train_cache_on", "ours_train_cache_off", "ours_infer")}
+        (ph, "bf16") for ph in ("ours_train_cache_on", "ours_train_cache_off", "ours_infer")
+    }
     assert case["crop"] == [28, 84] and case["batch"] == 2 and case["tokens_per_image"] == 5 + 2 * 6
     assert set(case["phases"]) == {"ours_train_cache_on", "ours_train_cache_off", "ours_infer"}
     for name, m in case["phases"].items():
@@ -64,7 +86,10 @@ def test_bench_smoke_writes_json(tmp_path):
     assert case["phases"]["ours_train_cache_off"]["feature_cache"] == "off"
     assert case["phases"]["ours_train_cache_on"]["cache_mb"] > 0
     # cache-on steps skip the encoder: fewer FLOPs per image than cache-off steps
-    assert case["phases"]["ours_train_cache_on"]["flops_per_image"] < case["phases"]["ours_train_cache_off"]["flops_per_image"]
+    assert (
+        case["phases"]["ours_train_cache_on"]["flops_per_image"]
+        < case["phases"]["ours_train_cache_off"]["flops_per_image"]
+    )
     # gpu-check's report reads this result: one row per case and phase, % peak against the same precision
     summary = bench_summary(result)
     assert len(summary["rows"]) == 6 and summary["matmul_peak_gflops"]["bf16"] == peaks["bf16"]["gflops"]
@@ -80,9 +105,14 @@ def test_bench_smoke_writes_json(tmp_path):
 
 def _spec(crop: tuple[int, int], batch: int, overrides: dict | None = None) -> dict:
     params = load_params(PARAMS, [f"model.encoder_overrides={json.dumps(overrides or {})}"])
-    return {"resolved": params.resolved(), "device": "cpu", "threads": 0, "compile": False,
-            "raw_size": [31, 95], "case": {"crop": list(crop), "resize": [crop[0] + 14, crop[1] + 14],
-                                           "batch": batch, "encoder": "small"}}
+    return {
+        "resolved": params.resolved(),
+        "device": "cpu",
+        "threads": 0,
+        "compile": False,
+        "raw_size": [31, 95],
+        "case": {"crop": list(crop), "resize": [crop[0] + 14, crop[1] + 14], "batch": batch, "encoder": "small"},
+    }
 
 
 def _trajectory(spec: dict, cache: str, n_maps: int, steps: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -122,7 +152,9 @@ def test_features_depend_on_batch_size_only():
 
     torch.manual_seed(0)
     model = Dinomaly(DinomalyConfig(encoder="small", image_size=(56, 196))).eval()
-    x = preprocess(torch.from_numpy(np.random.default_rng(0).random((16, 31, 95), dtype=np.float32)), (70, 210), (56, 196))
+    x = preprocess(
+        torch.from_numpy(np.random.default_rng(0).random((16, 31, 95), dtype=np.float32)), (70, 210), (56, 196)
+    )
     b = 4
     ref = model.encode(x[:b])
     for pos in range(b):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from hdmap_ad.core import checkpoint, paths, runtime
-from hdmap_ad.apps.cli import main
-from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.optim import StableAdamW
 import shipped
 import tiny
+from hdmap_ad.apps.cli import main
+from hdmap_ad.core import checkpoint, paths, runtime
+from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.optim import StableAdamW
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["domain_A", "domain_C"]
@@ -33,9 +33,16 @@ def model_payload() -> dict:
     params = tiny_params()
     torch.manual_seed(0)
     model, method = checkpoint.build(params, DOMAINS, torch.device("cpu"))
-    return {"model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": 0,
-            "config": params.resolved(), "fingerprint": "f" * 16, "domains": DOMAINS,
-            "thresholds": {"domain_A": 0.5, "domain_C": float("nan"), "pooled": 0.25}, "map_shape": [31, 95]}
+    return {
+        "model": checkpoint.trainable_state(model),
+        "method": method.state_dict(),
+        "step": 0,
+        "config": params.resolved(),
+        "fingerprint": "f" * 16,
+        "domains": DOMAINS,
+        "thresholds": {"domain_A": 0.5, "domain_C": float("nan"), "pooled": 0.25},
+        "map_shape": [31, 95],
+    }
 
 
 def old_save(payload: dict, path: Path) -> None:
@@ -55,8 +62,20 @@ def a_map(tmp_path) -> Path:
 
 
 def predict_cli(model: Path, a_map: Path, out: Path) -> int:
-    return main(["predict", "--params", str(shipped.params_file()), "--device", "cpu", "--model", str(model),
-                 "--out", str(out), str(a_map)])
+    return main(
+        [
+            "predict",
+            "--params",
+            str(shipped.params_file()),
+            "--device",
+            "cpu",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            str(a_map),
+        ]
+    )
 
 
 def error_lines(capsys) -> list[str]:
@@ -86,23 +105,40 @@ def assert_same(a, b, where: str = "") -> None:
 # --------------------------------------------------------------------------------------------------
 # the format
 
+
 def test_codec_round_trips_optimizer_and_rng_state_deterministically(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
     np.random.normal()  # a cached gaussian in numpy's legacy state
     a, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
-    opt = StableAdamW([{"params": [a], "lr": 1e-3, "name": "model", "lr_mult": 1.0},
-                       {"params": [b], "lr": 1e-2, "name": "extra", "lr_mult": 10.0}],
-                      lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, amsgrad=True)
+    opt = StableAdamW(
+        [
+            {"params": [a], "lr": 1e-3, "name": "model", "lr_mult": 1.0},
+            {"params": [b], "lr": 1e-2, "name": "extra", "lr_mult": 10.0},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-4,
+        amsgrad=True,
+    )
     for _ in range(2):
-        (a.sum() + (b ** 2).sum()).backward()
+        (a.sum() + (b**2).sum()).backward()
         opt.step()
-    payload = {"optimizer": opt.state_dict(), "rng": runtime.rng_state(), "step": 7, "run_id": None,
-               "history": {"val@2": {"val/domain_A/auroc": float("nan")}, "bad_total": 0},
-               "odd": {1: "int key", (2, 3): [True, None, -0.5, 1e300], "__tuple__": "a tag-like key"},
-               "half": torch.ones(3, dtype=torch.bfloat16), "flags": torch.tensor([True, False]),
-               "empty": torch.zeros(0, 2), "scalar": torch.tensor(2.5), "view": torch.arange(10.0)[2:5]}
+    payload = {
+        "optimizer": opt.state_dict(),
+        "rng": runtime.rng_state(),
+        "step": 7,
+        "run_id": None,
+        "history": {"val@2": {"val/domain_A/auroc": float("nan")}, "bad_total": 0},
+        "odd": {1: "int key", (2, 3): [True, None, -0.5, 1e300], "__tuple__": "a tag-like key"},
+        "half": torch.ones(3, dtype=torch.bfloat16),
+        "flags": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 2),
+        "scalar": torch.tensor(2.5),
+        "view": torch.arange(10.0)[2:5],
+    }
     first, second = tmp_path / "a.pt", tmp_path / "b.pt"
     digest = checkpoint.save(payload, first)
     loaded, loaded_digest = checkpoint.read(first)
@@ -138,6 +174,7 @@ def test_codec_round_trips_optimizer_and_rng_state_deterministically(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # loading never runs code; damage is detected
+
 
 class _Bomb:
     def __init__(self, marker: Path) -> None:
@@ -179,7 +216,8 @@ def test_a_flipped_weight_byte_fails_the_hash_check(tmp_path, a_map, capsys):
     errors = error_lines(capsys)
     assert len(errors) == 1 and errors[0] == (
         f"error: {model}: checkpoint content does not match its recorded hash (damaged or altered file); "
-        "restore it (`dvc pull` / `dvc checkout`) or retrain it"), errors
+        "restore it (`dvc pull` / `dvc checkout`) or retrain it"
+    ), errors
     assert not (tmp_path / "bad.csv").exists()
 
 
@@ -202,14 +240,19 @@ def test_bad_model_files_are_one_line_errors(tmp_path, a_map, capsys, content):
     assert predict_cli(path, a_map, tmp_path / "pred.csv") == 2
     errors = error_lines(capsys)
     assert len(errors) == 1 and errors[0].startswith(f"error: {path}: "), errors
-    expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
-                "empty": "not a readable checkpoint", "no_keys": "checkpoint lacks config, domains, model, method",
-                "wrong_shapes": "checkpoint does not match the model"}[content]
+    expected = {
+        "truncated": "not a readable checkpoint",
+        "garbage": "not a readable checkpoint",
+        "empty": "not a readable checkpoint",
+        "no_keys": "checkpoint lacks config, domains, model, method",
+        "wrong_shapes": "checkpoint does not match the model",
+    }[content]
     assert expected in errors[0], errors
 
 
 # --------------------------------------------------------------------------------------------------
 # format 1: refused with a hint, converted by `hdmap-ad checkpoint migrate`
+
 
 def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
     old_model, new_model = tmp_path / "old" / "model.pt", tmp_path / "model.pt"
@@ -217,8 +260,10 @@ def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
     # format-1 files were written when the config still had `data.source`
     old_config = {**payload["config"], "data": {**payload["config"]["data"], "source": "synthetic"}}
     old_save({**payload, "config": old_config, "run_id": "0" * 32}, old_model)
-    with pytest.raises(HdmapError, match="old pickle-based checkpoint .*not loaded because unpickling can run code.*"
-                                         "hdmap-ad checkpoint migrate"):
+    with pytest.raises(
+        HdmapError,
+        match="old pickle-based checkpoint .*not loaded because unpickling can run code.*hdmap-ad checkpoint migrate",
+    ):
         checkpoint.load(old_model)
     assert main(["checkpoint", "migrate", str(old_model), str(new_model)]) == 0
     trained = checkpoint.load_trained(new_model, torch.device("cpu"))
@@ -236,8 +281,10 @@ def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
     opt.step()
     old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     old_state, new_state = tmp_path / "old" / "last.pt", tmp_path / "last.pt"
-    old_save({"optimizer": opt.state_dict(), "rng": old_rng, "step": 3, "fingerprint": "x", "model": {}, "method": {}},
-             old_state)
+    old_save(
+        {"optimizer": opt.state_dict(), "rng": old_rng, "step": 3, "fingerprint": "x", "model": {}, "method": {}},
+        old_state,
+    )
     assert main(["checkpoint", "migrate", str(old_state), str(new_state)]) == 0
     state = checkpoint.load(new_state, checkpoint.STATE_KEYS)
     assert_same(opt.state_dict(), state["optimizer"])
@@ -251,6 +298,7 @@ def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
 
 # --------------------------------------------------------------------------------------------------
 # training and evaluation with the new files
+
 
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch, prepared_dir):
@@ -281,7 +329,7 @@ def test_a_broken_train_state_is_moved_aside_and_training_starts_afresh(workdir,
 def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prepared_dir, monkeypatch):
     import mlflow
 
-    from hdmap_ad.pipeline import evaluation, tracking
+    from hdmap_ad.pipeline import evaluation
     from hdmap_ad.pipeline.training import MODEL_FILE, train
 
     params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=never")
@@ -320,8 +368,14 @@ def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepare
     from hdmap_ad.pipeline import training
     from hdmap_ad.pipeline.training import MODEL_FILE, STATE_FILE, train
 
-    params = tiny_params(f"data.prepared={prepared_dir}", f"data.domains={json.dumps(DOMAINS)}", "runtime.resume=auto",
-                         "train.steps=5", "runtime.checkpoint_every=2", f"train.amp={amp}")
+    params = tiny_params(
+        f"data.prepared={prepared_dir}",
+        f"data.domains={json.dumps(DOMAINS)}",
+        "runtime.resume=auto",
+        "train.steps=5",
+        "runtime.checkpoint_every=2",
+        f"train.amp={amp}",
+    )
     train(params)
     reference = MODEL_FILE.read_bytes()
     assert checkpoint.load(MODEL_FILE)["precision"] == amp

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hdmap_ad.apps.cli import build_parser, main
 import shipped
+from hdmap_ad.apps.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("bad", ["corrupt", "nan", "rank3", "shape", "empty_split", "missing_domain", "unknown_domain",
-                                 "uint16_among_float"])
+@pytest.mark.parametrize(
+    "bad", ["corrupt", "nan", "rank3", "shape", "empty_split", "missing_domain", "unknown_domain", "uint16_among_float"]
+)
 def test_bad_input_is_one_line_and_keeps_prepared(workspace, capsys, bad):
     import tifffile
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_rel
 
+import shipped
 from hdmap_ad.apps import compare
 from hdmap_ad.core.config import Params, flatten
 from hdmap_ad.pipeline.stats import holm_adjust
-import shipped
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,7 +32,7 @@ METRICS = ["auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5"]  # what runs
 SEEDS = [42, 43, 44, 123, 456]
 EXPERIMENT = "hdmap-compare-test"
 LEVEL = {"baseline": 0.90, "gem": 0.92, "focal": 0.89, "topk": 0.93}
-KEY = "a1b2c3d4e5f60718"           # the comparison group of most fake runs
+KEY = "a1b2c3d4e5f60718"  # the comparison group of most fake runs
 MANIFEST = "9c8d7e6f" + "0" * 24
 # the flattened resolved config training.py logs as params (the defaults; a run's own values override them)
 CONFIG = {k: str(v) for k, v in flatten(Params().resolved()).items()}
@@ -85,25 +85,50 @@ def metrics_from_scores(method: str, seed: int, scores: pd.DataFrame) -> dict[st
     return out
 
 
-def log_run(experiment_id: str, method: str, seed: int, *, status: str = "FINISHED", evaluated: bool = True,
-            invalid: tuple[str, ...] = (), profile: str = "quick", metrics: dict | None = None,
-            key: str | None = KEY, manifest: str = MANIFEST, params: dict | None = None,
-            scores: pd.DataFrame | None = None, tags: dict | None = None) -> str:
+def log_run(
+    experiment_id: str,
+    method: str,
+    seed: int,
+    *,
+    status: str = "FINISHED",
+    evaluated: bool = True,
+    invalid: tuple[str, ...] = (),
+    profile: str = "quick",
+    metrics: dict | None = None,
+    key: str | None = KEY,
+    manifest: str = MANIFEST,
+    params: dict | None = None,
+    scores: pd.DataFrame | None = None,
+    tags: dict | None = None,
+) -> str:
     """One training+evaluation run, logged as training.py/evaluation.py do (fluent API). `key` None: a
     run of an older version (no comparison_key tag). `scores`: logged as the artifact eval/scores.csv.
     `tags`: more tags (evaluation's eval_precision)."""
     import tempfile
+
     import mlflow
 
-    tags = {"method": method, "seed": str(seed), "profile": profile, "git_commit": "abc1234def", "stage": "trained",
-            "data_digest": manifest, **(tags or {})}
+    tags = {
+        "method": method,
+        "seed": str(seed),
+        "profile": profile,
+        "git_commit": "abc1234def",
+        "stage": "trained",
+        "data_digest": manifest,
+        **(tags or {}),
+    }
     if key is not None:
         tags["comparison_key"] = key
     name = f"{method}-seed{seed}-{(key or 'old')[:6]}"
     if status == "RUNNING":  # a process killed mid-run leaves its run RUNNING: never ended
         run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=tags)
-        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=[
-            mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in (metrics or fake_metrics(method, seed)).items()])
+        mlflow.MlflowClient().log_batch(
+            run.info.run_id,
+            metrics=[
+                mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+                for k, v in (metrics or fake_metrics(method, seed)).items()
+            ],
+        )
         return run.info.run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
     mlflow.set_tags(tags)
@@ -158,8 +183,12 @@ def run(tmp_path: Path, plots: bool = False, settings_: compare.Settings | None 
     from rich.console import Console
 
     with open(tmp_path / "console.txt", "w") as f:
-        compare.run_compare(settings_ or settings(), console=Console(width=200, file=f),
-                            plots_dir=(tmp_path / "reports/plots") if plots else None, **kw)
+        compare.run_compare(
+            settings_ or settings(),
+            console=Console(width=200, file=f),
+            plots_dir=(tmp_path / "reports/plots") if plots else None,
+            **kw,
+        )
     saved = json.loads((tmp_path / "reports/comparison.json").read_text())
     return saved, (tmp_path / "reports/comparison.md").read_text()
 
@@ -189,8 +218,18 @@ def fake_prepared(folder: Path, content: str = "one map") -> str:
 def workspace_params(tmp_path: Path, *extra: str) -> Path:
     """A small params.yaml (defaults for everything else) naming the test experiment and a prepared folder."""
     path = tmp_path / "params.yaml"
-    path.write_text("\n".join([f"mlflow: {{experiment: {EXPERIMENT}}}", "data: {prepared: prepared}", "profile: quick",
-                               "profiles: {quick: {}}", *extra]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"mlflow: {{experiment: {EXPERIMENT}}}",
+                "data: {prepared: prepared}",
+                "profile: quick",
+                "profiles: {quick: {}}",
+                *extra,
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
@@ -252,15 +291,25 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     assert {c["significance"] for c in family} <= {"*", "**", "***", "n.s."}
 
     # the report: the plan's tables, every cell filled, percent with 2 decimals, std stated as ddof=1
-    for title in ("## Baseline (`baseline`)", "## Method 1 (GEM) (`gem`)", "### AUROC", "### TPR@FPR=1%", "### TPR@FPR=5%",
-                  "## Summary Table (All Methods)", "### AUROC (Mean±Std)", "### TPR@FPR=5% (Mean±Std)",
-                  "## Statistical significance (vs Baseline)", "### AUROC: p-value", "### TPR@FPR=1%: details"):
+    for title in (
+        "## Baseline (`baseline`)",
+        "## Method 1 (GEM) (`gem`)",
+        "### AUROC",
+        "### TPR@FPR=1%",
+        "### TPR@FPR=5%",
+        "## Summary Table (All Methods)",
+        "### AUROC (Mean±Std)",
+        "### TPR@FPR=5% (Mean±Std)",
+        "## Statistical significance (vs Baseline)",
+        "### AUROC: p-value",
+        "### TPR@FPR=1%: details",
+    ):
         assert title in md
     assert "ddof=1" in md and "| **Mean±Std** |" in md
     cells = table_cells(md)
     assert not [c for c in cells if c in ("-", "–", "—", "", "n/a", "no data", "missing (no run)")]
     b42 = back["baseline"]["test_auroc/domain_C"][42]
-    assert f"| 42 | " in md and f"{100 * b42:.2f}" in md
+    assert "| 42 | " in md and f"{100 * b42:.2f}" in md
     assert re.search(r"\| Method 3 \(Focal\) \| [\d.]+ → [\d.]+ ", md)  # p-value table: t-test p → Holm p, mark
 
     # the compare run holds the outputs; a second compare does not count compare runs as training runs
@@ -272,7 +321,9 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     arts = {a.path for a in client.list_artifacts(crun.info.run_id)}
     assert {"compare.json", "comparison.md", "comparison.json"} <= arts
     assert crun.data.tags["comparison_key"] == KEY
-    assert crun.data.metrics["p_holm_auroc/gem/mean"] == pytest.approx(comparison(saved, "gem", "mean", "auroc")["p_holm"])
+    assert crun.data.metrics["p_holm_auroc/gem/mean"] == pytest.approx(
+        comparison(saved, "gem", "mean", "auroc")["p_holm"]
+    )
     again, _ = run(tmp_path, log_run=False)
     assert again["n_runs_found"] == 15 and again["left_out"] == []
     # the terminal summary: one table per listed metric with Δ and p
@@ -306,8 +357,13 @@ def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
 
     c = comparison(saved, "gem", "domain_B", "auroc")
     assert c["seeds"] == [42, 43, 456]
-    b, m = read_back()["baseline"]["test_auroc/domain_B"], {s: fake_metrics("gem", s)["test_auroc/domain_B"] for s in (42, 43, 456)}
-    assert c["p_ttest"] == pytest.approx(ttest_rel([m[s] for s in c["seeds"]], [b[s] for s in c["seeds"]]).pvalue, rel=1e-9)
+    b, m = (
+        read_back()["baseline"]["test_auroc/domain_B"],
+        {s: fake_metrics("gem", s)["test_auroc/domain_B"] for s in (42, 43, 456)},
+    )
+    assert c["p_ttest"] == pytest.approx(
+        ttest_rel([m[s] for s in c["seeds"]], [b[s] for s in c["seeds"]]).pvalue, rel=1e-9
+    )
     assert any("gem seed(s) 44, 123 have no valid run" in n for n in c["notes"])
     # the report says which runs are missing and why, in the per-seed rows and the notes
     assert re.search(r"\| 44 \| missing \(unfinished, profile paper\)", md)
@@ -320,6 +376,7 @@ def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
 def test_runs_pair_only_at_one_precision(store, tmp_path):
     """train.amp=auto resolves per machine: the same params train in bf16 on one machine and in float32 on
     another. Such runs share a comparison key but must not be paired."""
+
     def log(method, seed, train="off", scored="off", **kw):
         return log_run(store, method, seed, params={"train.amp_resolved": train}, tags={"eval_precision": scored}, **kw)
 
@@ -340,8 +397,9 @@ def test_runs_pair_only_at_one_precision(store, tmp_path):
     assert sorted(saved["runs"]["focal"]) == ["44"] and saved["runs"]["focal"]["44"]["run_id"] == predates
     reasons = {x["run_id"]: x["reason"] for x in saved["left_out"]}
     assert set(reasons) == {newer_bf16, scored_bf16, trained_bf16}
-    assert reasons[newer_bf16].startswith("other precision: trained in bf16, scored in float32, the compared runs "
-                                          "trained in float32, scored in float32")
+    assert reasons[newer_bf16].startswith(
+        "other precision: trained in bf16, scored in float32, the compared runs trained in float32, scored in float32"
+    )
     assert reasons[scored_bf16].startswith("other precision: trained in float32, scored in bf16")
     assert comparison(saved, "gem", "domain_A", "auroc")["seeds"] == [42, 43, 44]
     assert "Every compared run was trained in float32, scored in float32" in md
@@ -355,8 +413,11 @@ def test_runs_pair_only_at_one_precision(store, tmp_path):
         log("baseline", seed, train="bf16")
     saved, _ = run(tmp_path)
     assert saved["precision"] == {"train": "bf16", "evaluate": "off"}
-    assert {m: sorted(r) for m, r in saved["runs"].items()} == {"baseline": ["42", "43"], "gem": ["44"],
-                                                                 "focal": ["43", "44"]}
+    assert {m: sorted(r) for m, r in saved["runs"].items()} == {
+        "baseline": ["42", "43"],
+        "gem": ["44"],
+        "focal": ["43", "44"],
+    }
 
 
 def test_fewer_than_two_pairs_and_a_single_method(store, tmp_path):
@@ -390,8 +451,9 @@ def test_invalid_domain_is_left_out_of_that_domain_and_the_mean(store, tmp_path)
         log_run(store, "topk", seed, invalid=("domain_C",) if seed == 43 else ())
     saved, md = run(tmp_path)
 
-    assert saved["invalid"] == [{"method": "topk", "seed": 43, "run_id": saved["runs"]["topk"]["43"]["run_id"],
-                                 "domains": ["domain_C"]}]
+    assert saved["invalid"] == [
+        {"method": "topk", "seed": 43, "run_id": saved["runs"]["topk"]["43"]["run_id"], "domains": ["domain_C"]}
+    ]
     others = [42, 44, 123, 456]
     assert comparison(saved, "topk", "domain_C", "auroc")["seeds"] == others
     assert comparison(saved, "topk", "mean", "auroc")["seeds"] == others  # a mean over 3 domains is not comparable
@@ -418,11 +480,14 @@ def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, temp
         compare.load_settings(params, ["compare.metrics=[precision]"])
     # ... refused by the params schema itself (every command that loads the params), naming the key
     from hdmap_ad.core.config import load_params
+
     with pytest.raises(HdmapError, match=r"compare\.metrics: .*unknown metric\(s\) \['speed'\]"):
         load_params(params, ["compare.metrics=[auroc,speed]"])
     # the uncertainty settings: shipped values, overridable, validated
     assert (s.confidence, s.bootstrap_resamples, s.bootstrap_seed, s.alpha, s.power) == (0.95, 10000, 0, 0.05, 0.8)
-    o = compare.load_settings(params, ["compare.confidence=0.9", "compare.bootstrap_resamples=500", "compare.power=0.9"])
+    o = compare.load_settings(
+        params, ["compare.confidence=0.9", "compare.bootstrap_resamples=500", "compare.power=0.9"]
+    )
     assert (o.confidence, o.bootstrap_resamples, o.power) == (0.9, 500, 0.9)
     for bad in ("compare.confidence=1.5", "compare.bootstrap_resamples=0", "compare.alpha=0", "compare.power=1"):
         with pytest.raises(HdmapError, match=re.escape(bad.split("=")[0])):
@@ -445,8 +510,10 @@ def test_no_common_seed_prints_the_unpaired_delta_and_the_command_that_pairs(sto
     saved, md = run(tmp_path)
 
     console = (tmp_path / "console.txt").read_text()
-    line = ("not paired: no common seed — run `dvc exp run -S method=baseline -S seed=44` "
-            "(or `hdmap-ad grid --methods baseline,focal --seeds 42,44`)")
+    line = (
+        "not paired: no common seed — run `dvc exp run -S method=baseline -S seed=44` "
+        "(or `hdmap-ad grid --methods baseline,focal --seeds 42,44`)"
+    )
     assert line in console and line in md and any(line in n for n in saved["notes"])
     b, f = fake_metrics("baseline", 42)["test_auroc/domain_A"], fake_metrics("focal", 44)["test_auroc/domain_A"]
     assert f"unpaired Δ {100 * (f - b):+.2f} (no p)" in console
@@ -459,7 +526,10 @@ def test_no_common_seed_prints_the_unpaired_delta_and_the_command_that_pairs(sto
     assert f"unpaired {100 * (f - b):+.2f}" in md and "n/a (not paired: no common seed)" in md
     metrics = json.loads((tmp_path / "metrics/compare.json").read_text())
     assert metrics["focal"]["domain_A"]["auroc"]["delta_pts_unpaired"] == pytest.approx(round(100 * (f - b), 4))
-    assert "delta_pts" not in metrics["focal"]["domain_A"]["auroc"] and "p_holm" not in metrics["focal"]["domain_A"]["auroc"]
+    assert (
+        "delta_pts" not in metrics["focal"]["domain_A"]["auroc"]
+        and "p_holm" not in metrics["focal"]["domain_A"]["auroc"]
+    )
 
 
 def test_only_runs_of_the_workspace_comparison_group_are_paired(store, tmp_path):
@@ -473,14 +543,26 @@ def test_only_runs_of_the_workspace_comparison_group_are_paired(store, tmp_path)
         log_run(store, "gem", seed, key=key, manifest=manifest)
     time.sleep(0.01)
     # newer runs of other settings and other data: must not replace the workspace group's runs
-    short = log_run(store, "gem", 42, key="ffff0000ffff0000", manifest="1a2b" + "0" * 28, params={"train.steps": "20"},
-                    metrics=fake_metrics("gem", 999))
-    newest_base = log_run(store, "baseline", 45, key="eeee0000eeee0000", manifest=manifest, params={"model.encoder": "large"})
+    short = log_run(
+        store,
+        "gem",
+        42,
+        key="ffff0000ffff0000",
+        manifest="1a2b" + "0" * 28,
+        params={"train.steps": "20"},
+        metrics=fake_metrics("gem", 999),
+    )
+    newest_base = log_run(
+        store, "baseline", 45, key="eeee0000eeee0000", manifest=manifest, params={"model.encoder": "large"}
+    )
     old = log_run(store, "gem", 46, key=None)
     saved, md = run(tmp_path, settings_=compare.load_settings(params_path))
 
     assert saved["reference"]["comparison_key"] == key and saved["reference"]["fallback"] is None
-    assert {m: sorted(r) for m, r in saved["runs"].items()} == {"baseline": ["42", "43", "44"], "gem": ["42", "43", "44"]}
+    assert {m: sorted(r) for m, r in saved["runs"].items()} == {
+        "baseline": ["42", "43", "44"],
+        "gem": ["42", "43", "44"],
+    }
     reasons = {x["run_id"]: x["reason"] for x in saved["left_out"]}
     steps = CONFIG["train.steps"]
     assert reasons[short].startswith(f"other settings: train.steps 20 ≠ {steps}, data (digest 1a2b… ≠ {manifest[:4]}…)")
@@ -523,8 +605,8 @@ def test_unreadable_store_is_one_clear_line(store, tmp_path, capsys, monkeypatch
 
 
 def test_lost_store_or_no_valid_run_is_an_error_and_keeps_the_reports(store, tmp_path, monkeypatch):
-    from hdmap_ad.pipeline import tracking
     from hdmap_ad.core.errors import HdmapError
+    from hdmap_ad.pipeline import tracking
 
     for seed in (42, 43):
         log_run(store, "baseline", seed)
@@ -583,14 +665,17 @@ def test_metrics_file_is_machine_independent_and_deterministic(store, tmp_path):
     gem = metrics["gem"]["mean"]["tpr_at_fpr_1"]
     assert set(gem) == {"n", "n_paired", "mean_pct", "delta_pts", "p_holm"} and gem["n"] == 3
     back = read_back()
-    expect = np.mean(list(back["gem"]["test_tpr_at_fpr_1/mean"].values())) - np.mean(list(back["baseline"]["test_tpr_at_fpr_1/mean"].values()))
+    expect = np.mean(list(back["gem"]["test_tpr_at_fpr_1/mean"].values())) - np.mean(
+        list(back["baseline"]["test_tpr_at_fpr_1/mean"].values())
+    )
     assert gem["delta_pts"] == pytest.approx(100 * expect, abs=1e-4)
     # the rest is in reports/comparison.json
     details = json.loads((tmp_path / "reports/comparison.json").read_text())
     assert details["tracking_uri"].startswith("sqlite:///") and details["generated"]
     assert {r["run_id"] for by in details["runs"].values() for r in by.values()} == set(ids)
     assert {p.name for p in (tmp_path / "reports/plots").iterdir()} == {"data"} | {
-        f"{m}_{s}.png" for m in ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5") for s in DOMAINS + ["mean"]}
+        f"{m}_{s}.png" for m in ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5") for s in DOMAINS + ["mean"]
+    }
     assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")]  # no temporary left behind
     assert mlflow.MlflowClient().get_experiment_by_name(f"{EXPERIMENT}-compare") is not None
 
@@ -663,10 +748,13 @@ def test_a_baseline_without_runs_is_said_in_the_significance_section(store, tmp_
 
 # ------------------------------------------------------------------ uncertainty of Δ (docs/design.md#stats-intervals)
 
+
 def no_nan(text: str) -> dict:
     """JSON text parsed, failing on NaN/Infinity (the outputs must be NaN-free)."""
+
     def bad(const):
         raise AssertionError(f"{const} in the JSON")
+
     return json.loads(text, parse_constant=bad)
 
 
@@ -678,12 +766,15 @@ def pts(v: float) -> str:
 def per_map_arrays(frames: dict, method: str, baseline: str, seeds: list[int], domain: str):
     """labels, method (S, N) and baseline (S, N) scores in the first baseline seed's file order, matched by path
     (independently of compare's own matching)."""
+
     def rows_of(frame):
         return frame[frame["domain"] == domain]
 
     ref = rows_of(frames[baseline, seeds[0]]).reset_index(drop=True)
-    rows = {who: np.stack([rows_of(frames[who, s]).set_index("path").loc[ref["path"], "score"].to_numpy()
-                           for s in seeds]) for who in (method, baseline)}
+    rows = {
+        who: np.stack([rows_of(frames[who, s]).set_index("path").loc[ref["path"], "score"].to_numpy() for s in seeds])
+        for who in (method, baseline)
+    }
     return ref["label"].to_numpy(), rows[method], rows[baseline]
 
 
@@ -701,7 +792,9 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             if method == "gem":  # another row order: maps are matched by their path, not their row
                 frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
             frames[method, seed] = frame
-            ids[method, seed] = log_run(store, method, seed, scores=frame, metrics=metrics_from_scores(method, seed, frame))
+            ids[method, seed] = log_run(
+                store, method, seed, scores=frame, metrics=metrics_from_scores(method, seed, frame)
+            )
     fetched: list[str] = []
     original = ScoresCache._fetch
     monkeypatch.setattr(ScoresCache, "_fetch", lambda self, run_id: (fetched.append(run_id), original(self, run_id))[1])
@@ -719,6 +812,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             c = comparison(saved, "gem", scope, metric)
             diffs = [back["gem"][key][s] - back["baseline"][key][s] for s in seeds]
             from dataclasses import asdict
+
             assert c["interval"] == asdict(U.paired_delta_interval(diffs, 0.9, 300, 7))
             assert c["interval"]["t_low"] < c["delta"] < c["interval"]["t_high"] and c["interval"]["confidence"] == 0.9
             assert c["improvement"] == asdict(U.probability_of_improvement(diffs))
@@ -726,12 +820,14 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             assert c["seeds_needed"] == asdict(need)
             label = compare.report.METRIC_LABELS[metric]
             assert c["seeds_needed_text"] == U.describe_seeds_needed(
-                need, "the mean over domains" if scope == "mean" else scope, unit=f"pt {label}")
+                need, "the mean over domains" if scope == "mean" else scope, unit=f"pt {label}"
+            )
             assert c["seeds_needed_text"].startswith(f"to confirm a {100 * c['delta']:+.2f} pt {label} ")
     # DeLong per seed and pooled, and the hierarchical bootstrap: direct calls on the same per-map scores
     arrays = {d: per_map_arrays(frames, "gem", "baseline", seeds, d) for d in DOMAINS}
-    boot = U.hierarchical_bootstrap_auroc({d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300,
-                                          confidence=0.9, seed=7)
+    boot = U.hierarchical_bootstrap_auroc(
+        {d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300, confidence=0.9, seed=7
+    )
     for d in DOMAINS:
         c = comparison(saved, "gem", d, "auroc")
         pooled = U.delong_pooled(*arrays[d], seeds=seeds, confidence=0.9)
@@ -747,7 +843,8 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
     assert mean["delong"]["se"] == pytest.approx(se) and mean["delong"]["seeds"] == seeds
     assert comparison(saved, "gem", "mean", "ap")["delong"] is None  # AUROC only
     assert saved["uncertainty"]["bootstrap_resamples"] == 300 and saved["uncertainty"]["per_map"]["gem"]["seeds"] == {
-        d: seeds for d in DOMAINS}
+        d: seeds for d in DOMAINS
+    }
 
     # the report: every piece for every method x domain x metric
     assert "90 % intervals" in md and "paired t interval" in md and "300 resamples, seed 7" in md
@@ -756,18 +853,23 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
         for scope in DOMAINS + ["mean"]:
             c = comparison(saved, "gem", scope, metric)
             iv = c["interval"]
-            row = (rf"\| {re.escape(compare.report.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
-                   rf"\[{pts(iv['t_low'])}, {pts(iv['t_high'])}\] \| \[{pts(iv['boot_low'])}, {pts(iv['boot_high'])}\] \| "
-                   rf"[\d.e-]+ \| [\d.e-]+ \| [\d.e-]+ \| [-\d.]+ \| \S+ \| {c['improvement']['n_better']}/3")
+            row = (
+                rf"\| {re.escape(compare.report.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
+                rf"\[{pts(iv['t_low'])}, {pts(iv['t_high'])}\] \| \[{pts(iv['boot_low'])}, {pts(iv['boot_high'])}\] \| "
+                rf"[\d.e-]+ \| [\d.e-]+ \| [\d.e-]+ \| [-\d.]+ \| \S+ \| {c['improvement']['n_better']}/3"
+            )
             assert re.search(row, table), (row, table)
             assert f"- {c['seeds_needed_text']}" in md
     dl = md.split("#### AUROC per map: DeLong and hierarchical bootstrap", 1)[1].split("##", 1)[0]
     for d in DOMAINS + ["mean"]:
         c = comparison(saved, "gem", d, "auroc")
         b = c["bootstrap"]
-        assert re.search(rf"\| {re.escape(compare.report.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
-                         rf"{100 * c['delong']['se']:.2f} \(p=[\d.e-]+\) \| .* \| \[{pts(b['low'])}, "
-                         rf"{pts(b['high'])}\] \| {100 * b['p_improvement']:.0f} % \|", dl), d
+        assert re.search(
+            rf"\| {re.escape(compare.report.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
+            rf"{100 * c['delong']['se']:.2f} \(p=[\d.e-]+\) \| .* \| \[{pts(b['low'])}, "
+            rf"{pts(b['high'])}\] \| {100 * b['p_improvement']:.0f} % \|",
+            dl,
+        ), d
     first = comparison(saved, "gem", "domain_A", "auroc")["delong"]["per_seed"][0]
     assert f"{100 * first['delta']:+.2f} ± {100 * first['se']:.2f} (p=" in dl and "seed 44: Δ ± SE (p)" in dl
     assert "## How many seeds" in md and "paired seeds" in md and "not computable" not in md
@@ -783,10 +885,13 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
     client = mlflow.MlflowClient()
     (crun,) = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-compare").experiment_id])
     m = crun.data.metrics
-    assert m["delong_p_auroc/gem/domain_B"] == pytest.approx(comparison(saved, "gem", "domain_B", "auroc")["delong"]["p"])
+    assert m["delong_p_auroc/gem/domain_B"] == pytest.approx(
+        comparison(saved, "gem", "domain_B", "auroc")["delong"]["p"]
+    )
     assert m["hboot_low_auroc/gem/mean"] == pytest.approx(c["bootstrap"]["low"])
     assert m["delta_t_high_tpr_at_fpr_5/gem/domain_C"] == pytest.approx(
-        comparison(saved, "gem", "domain_C", "tpr_at_fpr_5")["interval"]["t_high"])
+        comparison(saved, "gem", "domain_C", "tpr_at_fpr_5")["interval"]["t_high"]
+    )
     assert crun.data.params["bootstrap_resamples"] == "300" and crun.data.params["confidence"] == "0.9"
 
 
@@ -870,7 +975,9 @@ def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(
     # the mean over domains: on the seeds every domain has, like the seed-level mean
     mean = comparison(saved, "topk", "mean", "auroc")
     sub = {d: U.AurocScores(*per_map_arrays(frames, "topk", "baseline", [42, 44], d)) for d in DOMAINS}
-    assert mean["bootstrap"] == asdict(U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0).mean)
+    assert mean["bootstrap"] == asdict(
+        U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0).mean
+    )
     assert any("seeds all domains share: 42, 44" in n for n in mean["per_map_notes"])
     assert mean["delong"]["delta"] is None and "different seeds" in mean["delong"]["note"]
     assert "**topk seed 43**" in md and "NaN/Inf scores in domain_C" in md

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import shipped
 from hdmap_ad.core.config import flatten, load_params, parse_params
 from hdmap_ad.core.errors import HdmapError
-import shipped
 
 REPO_PARAMS = shipped.params_file()
 
@@ -55,20 +55,23 @@ def test_changing_another_methods_section_keeps_the_fingerprint():
     assert parse_params(raw).training_fingerprint() != a
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda r: r["train"].update(steps=-1), "train.steps"),
-    (lambda r: r["train"].update(stpes=5), "train.stpes"),
-    (lambda r: r["runtime"].update(device="gpu"), "runtime.device"),
-    (lambda r: r["preprocess"].update(crop=[500, 500]), "preprocess"),
-    (lambda r: r["preprocess"].update(crop=[28, 50]), "multiple of the patch size"),
-    (lambda r: r.update(method="magic"), "unknown method 'magic'"),
-    (lambda r: r.update(profile="huge"), "profile 'huge'"),
-    (lambda r: r["data"].update(domains=["domain_A", "domain_A"]), "data.domains"),
-    (lambda r: r.update(gem={"p": -1}, method="gem"), "section `gem`"),
-    (lambda r: r.update(seed=-1), "seed"),
-    (lambda r: r.update(seed=2**32), "seed"),
-    (lambda r: r["profiles"]["quick"].update(data={"root": "elsewhere"}), "profiles.quick.data.root"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda r: r["train"].update(steps=-1), "train.steps"),
+        (lambda r: r["train"].update(stpes=5), "train.stpes"),
+        (lambda r: r["runtime"].update(device="gpu"), "runtime.device"),
+        (lambda r: r["preprocess"].update(crop=[500, 500]), "preprocess"),
+        (lambda r: r["preprocess"].update(crop=[28, 50]), "multiple of the patch size"),
+        (lambda r: r.update(method="magic"), "unknown method 'magic'"),
+        (lambda r: r.update(profile="huge"), "profile 'huge'"),
+        (lambda r: r["data"].update(domains=["domain_A", "domain_A"]), "data.domains"),
+        (lambda r: r.update(gem={"p": -1}, method="gem"), "section `gem`"),
+        (lambda r: r.update(seed=-1), "seed"),
+        (lambda r: r.update(seed=2**32), "seed"),
+        (lambda r: r["profiles"]["quick"].update(data={"root": "elsewhere"}), "profiles.quick.data.root"),
+    ],
+)
 def test_bad_values_give_one_clear_line(edit, needle):
     raw = raw_params()
     edit(raw)
@@ -109,13 +112,23 @@ def test_unquoted_off_from_dvc_set_is_understood():
 def test_runtime_settings_do_not_change_the_training_config():
     raw = raw_params()
     base = parse_params(raw).training_config()
-    for key, value in (("device", "cpu"), ("num_threads", 1), ("log_every", 3), ("resume", "never"),
-                       ("feature_cache", "off"), ("checkpoint_every", 7)):
+    for key, value in (
+        ("device", "cpu"),
+        ("num_threads", 1),
+        ("log_every", 3),
+        ("resume", "never"),
+        ("feature_cache", "off"),
+        ("checkpoint_every", 7),
+    ):
         changed = raw_params()
         changed["runtime"][key] = value
         assert parse_params(changed).training_config() == base, key
-    for edit in (lambda r: r["train"].update(steps=151), lambda r: r.update(seed=43), lambda r: r["score"].update(top_ratio=0.02),
-                 lambda r: r["profiles"]["quick"].update(train={"lr": 0.001})):  # a change inside the active profile
+    for edit in (
+        lambda r: r["train"].update(steps=151),
+        lambda r: r.update(seed=43),
+        lambda r: r["score"].update(top_ratio=0.02),
+        lambda r: r["profiles"]["quick"].update(train={"lr": 0.001}),
+    ):  # a change inside the active profile
         changed = raw_params()
         edit(changed)
         assert parse_params(changed).training_config() != base

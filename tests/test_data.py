@@ -13,9 +13,16 @@ import tifffile
 from PIL import Image
 from rich.console import Console
 
-from hdmap_ad.pipeline.data import (DEFAULT_DOMAINS, PreparedData, folder_phases, prepare_dataset, read_map, scan_root,
-                           summary_table)
 from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.pipeline.data import (
+    DEFAULT_DOMAINS,
+    PreparedData,
+    folder_phases,
+    prepare_dataset,
+    read_map,
+    scan_root,
+    summary_table,
+)
 
 SPLIT_DIRS = ("train/good", "test/good", "test/fault")
 
@@ -41,6 +48,7 @@ def leftovers(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ read_map
+
 
 def test_float_tiff_values_are_kept_exactly(tmp_path):
     a = np.array([[0.0, 1e-7, 0.5, 1.0], [1.0000001, 2.94, 7.5, 123.456]], dtype=np.float32)
@@ -105,6 +113,7 @@ def test_each_bad_input_is_an_error_naming_the_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ scan_root
 
+
 def test_scan_labels_masks_and_phases(synthetic_root):
     records = scan_root(synthetic_root, list(DEFAULT_DOMAINS))
     assert len(records) == 4 * (8 + 6 + 6)
@@ -133,8 +142,9 @@ def test_folder_phases_and_natural_order(tmp_path):
     root = make_root(tmp_path / "r", domains=("domain_A",), n=1)
     folder = root / "domain_A" / "test" / "good"
     for name in ("2.tiff", "10.tiff", "1.png"):
-        Image.fromarray(np.zeros((4, 6), np.uint8)).save(folder / name) if name.endswith("png") else \
-            tifffile.imwrite(folder / name, np.zeros((4, 6), np.float32))
+        Image.fromarray(np.zeros((4, 6), np.uint8)).save(folder / name) if name.endswith("png") else tifffile.imwrite(
+            folder / name, np.zeros((4, 6), np.float32)
+        )
     (folder / "notes.txt").write_text("ignored")
     names = [r.path.name for r in scan_root(root, ["domain_A"]) if r.split == "test" and r.label == 0]
     assert names == ["000000.tiff", "1.png", "2.tiff", "10.tiff"]
@@ -170,6 +180,7 @@ def test_layout_errors_name_the_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ prepare
 
+
 def test_shape_mismatch_names_the_file_and_both_shapes(tmp_path):
     root = make_root(tmp_path / "root")
     odd = root / "domain_B" / "test" / "good" / "000001.tiff"
@@ -185,8 +196,20 @@ def test_prepared_arrays_match_read_map_of_each_file(prepared_dir, synthetic_roo
     data = PreparedData.load(prepared_dir)
     assert data.domains == list(DEFAULT_DOMAINS) and data.shape == (31, 95)
     m = data.manifest
-    assert list(m.columns) == ["domain", "split", "label", "index", "path", "height", "width", "min", "max", "mean",
-                               "phase", "mask_path"]
+    assert list(m.columns) == [
+        "domain",
+        "split",
+        "label",
+        "index",
+        "path",
+        "height",
+        "width",
+        "min",
+        "max",
+        "mean",
+        "phase",
+        "mask_path",
+    ]
     assert len(m) == 4 * 20
     for domain in DEFAULT_DOMAINS:
         masks = data.masks(domain)

@@ -14,8 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hdmap_ad.core.encoder import (DEFAULT_TARGET_BLOCKS, ENCODER_NAMES, FrozenEncoder, create_vit,
-                              default_target_blocks, load_weights)
+from hdmap_ad.core.encoder import (
+    DEFAULT_TARGET_BLOCKS,
+    ENCODER_NAMES,
+    FrozenEncoder,
+    create_vit,
+    default_target_blocks,
+    load_weights,
+)
 from hdmap_ad.core.errors import HdmapError
 
 TINY = {"depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -57,6 +63,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ex
 
 # --- names and defaults ---------------------------------------------------------------------------
 
+
 def test_names_and_default_targets():
     assert ENCODER_NAMES["base"] == "vit_base_patch14_reg4_dinov2"
     assert DEFAULT_TARGET_BLOCKS["small"] == DEFAULT_TARGET_BLOCKS["base"] == [2, 3, 4, 5, 6, 7, 8, 9]
@@ -67,13 +74,18 @@ def test_names_and_default_targets():
 
 def test_real_architectures_have_the_spec_sizes():
     with torch.device("meta"):  # shapes only
-        for alias, (dim, heads, depth) in {"small": (384, 6, 12), "base": (768, 12, 12), "large": (1024, 16, 24)}.items():
+        for alias, (dim, heads, depth) in {
+            "small": (384, 6, 12),
+            "base": (768, 12, 12),
+            "large": (1024, 16, 24),
+        }.items():
             vit = create_vit(alias, "random", (392, 392))
             assert (vit.embed_dim, vit.blocks[0].attn.num_heads, len(vit.blocks)) == (dim, heads, depth)
             assert vit.num_prefix_tokens == 5 and vit.pos_embed.shape[1] == 28 * 28
 
 
 # --- the frozen extractor -------------------------------------------------------------------------
+
 
 def test_blocks_after_the_last_target_never_run():
     vit = tiny_vit()
@@ -149,6 +161,7 @@ def test_bad_encoder_settings_are_user_errors():
 
 # --- weights ---------------------------------------------------------------------------------------
 
+
 def test_original_layout_pth_loads_strictly_and_exactly(tmp_path):
     source = tiny_vit(seed=1).state_dict()
     original = to_original_layout(source)
@@ -172,8 +185,14 @@ def test_our_loader_equals_timms_pretrained_file_path(tmp_path):
     path = tmp_path / "orig.pth"
     torch.save(to_original_layout(tiny_vit(seed=3).state_dict()), path)
     ours = create_vit("small", str(path), SIZE, TINY)
-    theirs = timm.create_model(ENCODER_NAMES["small"], pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                               img_size=SIZE, num_classes=0, **TINY)
+    theirs = timm.create_model(
+        ENCODER_NAMES["small"],
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(path)},
+        img_size=SIZE,
+        num_classes=0,
+        **TINY,
+    )
     assert_same_state(ours.state_dict(), theirs.state_dict())
 
 
@@ -183,7 +202,7 @@ def test_position_grid_of_another_size_is_resampled_as_timm_does(tmp_path):
     square = tiny_vit(size=(42, 42), seed=4).state_dict()  # 3×3 grid in the file
     path = tmp_path / "square.pth"
     torch.save(to_original_layout(square), path)
-    vit = tiny_vit()                                        # 2×3 grid in the model
+    vit = tiny_vit()  # 2×3 grid in the model
     load_weights(vit, path)
     expected = resample_abs_pos_embed(square["pos_embed"], new_size=(2, 3), num_prefix_tokens=0)
     assert vit.pos_embed.shape == (1, 6, 32)
@@ -246,15 +265,24 @@ def test_hub_offline_without_cache_names_the_file_to_download(tmp_path, monkeypa
 
 def test_hub_unreachable_fails_fast_in_a_fresh_process(tmp_path):
     """No offline flag: an unresolvable hub host must give the message at once, not retry for a minute."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid",
-           "PYTHONPATH": str(SRC)}
-    for var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                "ALL_PROXY", "all_proxy"):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://hub.invalid", "PYTHONPATH": str(SRC)}
+    for var in (
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
         env.pop(var, None)
-    code = ("from hdmap_ad.core.encoder import create_vit\n"
-            "from hdmap_ad.core.errors import HdmapError\n"
-            "try:\n    create_vit('small', 'hub', (28, 42), {'depth': 2, 'embed_dim': 32, 'num_heads': 2})\n"
-            "except HdmapError as e:\n    print('ERR', e)\n")
+    code = (
+        "from hdmap_ad.core.encoder import create_vit\n"
+        "from hdmap_ad.core.errors import HdmapError\n"
+        "try:\n    create_vit('small', 'hub', (28, 42), {'depth': 2, 'embed_dim': 32, 'num_heads': 2})\n"
+        "except HdmapError as e:\n    print('ERR', e)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "ERR" in done.stdout and "dinov2_vits14_reg4_pretrain.pth" in done.stdout, done.stdout + done.stderr
 
@@ -278,13 +306,16 @@ def test_hub_cache_is_used_offline(tmp_path, monkeypatch):
 
 # --- position embeddings: the original Dinomaly's per-size resize ------------------------------------
 
+
 def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
     """Keys' cubic convolution weights of the 4 taps around a sample at fraction t (a = -0.75)."""
+
     def near(x):  # |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
 
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
@@ -324,8 +355,11 @@ def reference_original_features(vit518, images: torch.Tensor, targets: list[int]
     """Target-block outputs of a 518-px DINOv2-reg ViT with the original's position handling, by hand."""
     b, _, h, w = images.shape
     grid = (h // 14, w // 14)
-    patches = torch.nn.functional.conv2d(images, vit518.patch_embed.proj.weight, vit518.patch_embed.proj.bias,
-                                         stride=14).flatten(2).transpose(1, 2)
+    patches = (
+        torch.nn.functional.conv2d(images, vit518.patch_embed.proj.weight, vit518.patch_embed.proj.bias, stride=14)
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = patches + reference_original_table(vit518.pos_embed.detach(), grid)
     x = torch.cat([vit518.cls_token.expand(b, -1, -1), vit518.reg_token.expand(b, -1, -1), x], dim=1)
     out = []
@@ -360,8 +394,10 @@ def test_original_pos_embed_equals_the_original_formula(size):
     timm_vit = create_vit("small", "random", size, TINY, pos_embed="timm")
     state = vit518.state_dict()
     from timm.layers import resample_abs_pos_embed
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(size[0] // 14, size[1] // 14),
-                                                num_prefix_tokens=0)
+
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=(size[0] // 14, size[1] // 14), num_prefix_tokens=0
+    )
     timm_vit.load_state_dict(state)
     other = FrozenEncoder(timm_vit, [1, 3, 5])(images)
     assert (other[0] - expected[0]).abs().max() > 1e-3
@@ -371,15 +407,15 @@ def test_original_table_is_cached_per_size_and_follows_the_parameter():
     torch.manual_seed(8)
     enc = FrozenEncoder(create_vit("small", "random", SIZE, TINY, pos_embed="original"), [1], pos_embed="original")
     first = enc.position_table((2, 3))
-    assert enc.position_table((2, 3)) is first                    # no work per step
-    assert enc.position_table((3, 9)).shape == (1, 27, 32)       # another input size, another table
-    enc(torch.randn(1, 3, 42, 126))                               # any multiple of the patch size runs
+    assert enc.position_table((2, 3)) is first  # no work per step
+    assert enc.position_table((3, 9)).shape == (1, 27, 32)  # another input size, another table
+    enc(torch.randn(1, 3, 42, 126))  # any multiple of the patch size runs
     with torch.no_grad():
-        enc.vit.pos_embed.mul_(2.0)                               # changed in place (e.g. load_state_dict)
+        enc.vit.pos_embed.mul_(2.0)  # changed in place (e.g. load_state_dict)
     assert torch.allclose(enc.position_table((2, 3)), 2 * first, atol=1e-6)
-    enc.double()                                                  # new storage and dtype
+    enc.double()  # new storage and dtype
     assert enc.position_table((2, 3)).dtype == torch.float64
-    with torch.inference_mode():                                  # made in inference mode, usable outside it
+    with torch.inference_mode():  # made in inference mode, usable outside it
         enc.to(torch.float32).position_table((1, 1))
     assert not enc.position_table((1, 1)).is_inference()
     with pytest.raises(ValueError, match="multiple of the patch size"):

@@ -14,17 +14,27 @@ import pytest
 
 import shipped
 import tiny
-from hdmap_ad.pipeline import evaluation, plots, training
 from hdmap_ad.apps.cli import main
 from hdmap_ad.core.config import load_params
+from hdmap_ad.pipeline import evaluation, plots, training
 from hdmap_ad.pipeline.data import PreparedData
 from hdmap_ad.pipeline.metrics import image_metrics, summarise
 
 DOMAINS = ["domain_A", "domain_B", "domain_C", "domain_D"]
 HEADLINE = {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc"}
-SETTINGS = ["method=baseline", "seed=3", "profile=quick", "preprocess.resize=[32, 96]", "train.val_every=2",
-            "runtime.checkpoint_every=4", "train.amp=off", "runtime.resume=never", "evaluate.n_examples=8",
-            "mlflow.experiment=eval-test", "mlflow.tracking_uri=null"]
+SETTINGS = [
+    "method=baseline",
+    "seed=3",
+    "profile=quick",
+    "preprocess.resize=[32, 96]",
+    "train.val_every=2",
+    "runtime.checkpoint_every=4",
+    "train.amp=off",
+    "runtime.resume=never",
+    "evaluate.n_examples=8",
+    "mlflow.experiment=eval-test",
+    "mlflow.tracking_uri=null",
+]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +124,7 @@ def test_mlflow_metrics_group_by_metric_and_the_run_records_its_dataset(inside, 
     assert metrics["test_tpr_at_fpr_1/mean"] == pytest.approx(details["mean"]["tpr_at_fpr_1"], abs=1e-12)
     assert "test_pixel_auroc/domain_C" in metrics and "val_auroc/mean" in metrics and "val_auroc/domain_D" in metrics
     tested = {k for k in metrics if k.startswith("test")}
-    assert all(k.split("/")[0][len("test_"):] in HEADLINE for k in tested), sorted(tested)
+    assert all(k.split("/")[0][len("test_") :] in HEADLINE for k in tested), sorted(tested)
     assert len(tested) == 6 * 4 + 6 + 5  # per domain, mean, pooled (no pixel AUROC pooled)
     assert not [k for k in metrics if k.startswith(("test/", "val/"))]
     (dataset_input,) = run.inputs.dataset_inputs
@@ -131,12 +141,23 @@ def test_dvc_roc_data_has_one_tpr_column_per_domain(inside):
         assert roc[d].is_monotonic_increasing and roc[d].iloc[-1] == 1
     points = pd.read_csv(root / "plots/data/roc_points.csv")
     assert list(points.columns) == ["domain", "fpr", "tpr", "threshold"] and set(points["domain"]) == set(DOMAINS)
-    assert sorted(p.name for p in (root / "plots").iterdir()) == ["data", "examples.png", "roc.png", "score_distributions.png"]
+    assert sorted(p.name for p in (root / "plots").iterdir()) == [
+        "data",
+        "examples.png",
+        "roc.png",
+        "score_distributions.png",
+    ]
 
 
 def test_a_failed_evaluate_leaves_the_previous_outputs(inside, monkeypatch):
     root, params, _ = inside
-    files = ["metrics/eval.json", "metrics/eval_details.json", "metrics/scores.csv", "plots/examples.png", "plots/data/roc.csv"]
+    files = [
+        "metrics/eval.json",
+        "metrics/eval_details.json",
+        "metrics/scores.csv",
+        "plots/examples.png",
+        "plots/data/roc.csv",
+    ]
     before = {f: (root / f).read_bytes() for f in files}
 
     def broken(*args, **kwargs):
@@ -170,7 +191,9 @@ def test_invalid_domain_and_mean_are_null_in_eval_json_and_not_logged():
     labels = np.array([0, 0, 0, 1, 1, 1])
     good = image_metrics(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.25]))
     bad = image_metrics(labels, np.array([0.1, np.nan, 0.3, 0.5, 0.6, 0.7]))
-    result = summarise({"domain_A": good, "domain_B": bad}, image_metrics(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7])))
+    result = summarise(
+        {"domain_A": good, "domain_B": bad}, image_metrics(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7]))
+    )
     headline = evaluation.headline(result)
     assert headline["domain_A"]["auroc"] == round(100 * good["auroc"], 2)
     assert all(v is None for v in headline["domain_B"].values())
@@ -189,8 +212,9 @@ def test_masks_are_resized_nearest_neighbour_by_hand():
     import torch
     import torch.nn.functional as F
 
-    params = load_params(shipped.params_file(), ["preprocess.resize=[14, 14]", "preprocess.crop=[14, 14]",
-                                                 "score.size=[14, 14]"])
+    params = load_params(
+        shipped.params_file(), ["preprocess.resize=[14, 14]", "preprocess.crop=[14, 14]", "score.size=[14, 14]"]
+    )
     grid = evaluation.masks_to_score_grid(np.array([[[0, 1, 0]]], dtype=np.uint8), params)
     expected_row = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=np.uint8)
     assert grid.shape == (1, 14, 14) and grid.dtype == np.uint8
@@ -214,10 +238,19 @@ def test_pixel_auroc_is_taken_on_the_blurred_maps(inside):
     trained = checkpoint.load_trained(root / "models/model.pt", torch.device("cpu"))
     prepared = PreparedData.load(Path(params.data.prepared))
     domain = "domain_A"
-    scored = score_maps(trained.model, trained.method, prepared.maps(domain, "test"), trained.params,
-                        torch.device("cpu"), 16, keep_maps=True, domain_id=0)
+    scored = score_maps(
+        trained.model,
+        trained.method,
+        prepared.maps(domain, "test"),
+        trained.params,
+        torch.device("cpu"),
+        16,
+        keep_maps=True,
+        domain_id=0,
+    )
     masks = evaluation.masks_to_score_grid(prepared.masks(domain), params)
-    blurred = gaussian_blur(torch.from_numpy(scored.maps)[:, None], params.score.blur_kernel,
-                            params.score.blur_sigma)[:, 0].numpy()
+    blurred = gaussian_blur(torch.from_numpy(scored.maps)[:, None], params.score.blur_kernel, params.score.blur_sigma)[
+        :, 0
+    ].numpy()
     assert details[domain]["pixel_auroc"] == pytest.approx(pixel_auroc(masks, blurred), abs=1e-12)
     assert abs(pixel_auroc(masks, scored.maps) - pixel_auroc(masks, blurred)) > 1e-4

@@ -46,8 +46,20 @@ def exported(tiny_pipeline, tmp_path_factory) -> Path:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", tiny_pipeline.tracking_uri)
-            rc = main(["export", "--params", str(tiny_pipeline.params_file), "--model", str(tiny_pipeline.checkpoint),
-                       "--format", "onnx", "--out", str(out), "--log-model"])
+            rc = main(
+                [
+                    "export",
+                    "--params",
+                    str(tiny_pipeline.params_file),
+                    "--model",
+                    str(tiny_pipeline.checkpoint),
+                    "--format",
+                    "onnx",
+                    "--out",
+                    str(out),
+                    "--log-model",
+                ]
+            )
     finally:
         os.chdir(old_cwd)
     assert rc == 0
@@ -67,8 +79,9 @@ def _torch_scores(trained, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     from hdmap_ad.core.inference import score_maps
 
-    scored = score_maps(trained.model, trained.method, maps, trained.params, torch.device("cpu"), 8,
-                        keep_maps=True, amp="off")
+    scored = score_maps(
+        trained.model, trained.method, maps, trained.params, torch.device("cpu"), 8, keep_maps=True, amp="off"
+    )
     return scored.scores, scored.maps
 
 
@@ -121,8 +134,12 @@ def test_onnx_scores_equal_pytorch_for_every_method(method, tiny_pipeline, tmp_p
 
     raw = tiny_params(tmp_path)
     raw["method"] = method
-    raw["model"].update(target_blocks=[0, 1], fuse_groups=[[0], [1]], decoder_depth=2,
-                        encoder_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2})
+    raw["model"].update(
+        target_blocks=[0, 1],
+        fuse_groups=[[0], [1]],
+        decoder_depth=2,
+        encoder_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
+    )
     raw["evaluate"]["amp"] = "off"
     params = parse_params(raw, source="test")
     torch.manual_seed(1)
@@ -132,7 +149,9 @@ def test_onnx_scores_equal_pytorch_for_every_method(method, tiny_pipeline, tmp_p
             p.add_(0.2 * torch.randn_like(p))
         if method == "scale":
             m.logits.copy_(torch.tensor([1.0, -0.5]))  # unequal group weights must be baked into the graph
-    trained = TrainedModel(model.eval(), m.eval(), params, list(tiny_pipeline.domains), {"pooled": 0.5}, {"sha256": "t"})
+    trained = TrainedModel(
+        model.eval(), m.eval(), params, list(tiny_pipeline.domains), {"pooled": 0.5}, {"sha256": "t"}
+    )
     out = export_onnx(trained, tmp_path / f"{method}.onnx", (31, 95))
     _, maps = _test_maps(tiny_pipeline)
     scores, amaps = OnnxScorer(out).score(maps, keep_maps=True)
@@ -171,7 +190,9 @@ def test_bad_input_is_one_clear_line(exported, tmp_path):
     plain = tmp_path / "plain.onnx"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])), str(plain))
+    onnx.save(
+        helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])), str(plain)
+    )
     with pytest.raises(HdmapError, match="no hdmap-ad metadata"):
         OnnxScorer(plain)
 
@@ -187,16 +208,47 @@ def test_predict_onnx_backend_matches_the_torch_backend(exported, tiny_pipeline,
 
     folders = [tiny_pipeline.data_root / d / "test" for d in tiny_pipeline.domains]
     common = ["--params", tiny_pipeline.params_file]
-    assert _predict([*common, "--model", tiny_pipeline.checkpoint, "--device", "cpu", "--precision", "off",
-                     "--out", tmp_path / "torch.csv", *folders]) == 0
+    assert (
+        _predict(
+            [
+                *common,
+                "--model",
+                tiny_pipeline.checkpoint,
+                "--device",
+                "cpu",
+                "--precision",
+                "off",
+                "--out",
+                tmp_path / "torch.csv",
+                *folders,
+            ]
+        )
+        == 0
+    )
     # an odd-sized map in the ONNX run: reported and skipped, the rest scored
     odd = tmp_path / "odd" / "domain_A"
     odd.mkdir(parents=True)
     tifffile.imwrite(odd / "small.tiff", np.full((20, 40), 0.2, dtype=np.float32))
     maps_dir = tmp_path / "pictures"
     capsys.readouterr()
-    assert _predict([*common, "--backend", "onnx", "--model", exported, "--out", tmp_path / "onnx.csv",
-                     "--maps", maps_dir, *folders, odd]) == 2
+    assert (
+        _predict(
+            [
+                *common,
+                "--backend",
+                "onnx",
+                "--model",
+                exported,
+                "--out",
+                tmp_path / "onnx.csv",
+                "--maps",
+                maps_dir,
+                *folders,
+                odd,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"error: {odd / 'small.tiff'}: shape 20x40, the exported model takes 31x95" in err and "Traceback" not in err
     ref = pd.read_csv(tmp_path / "torch.csv", keep_default_na=False).set_index("path")
@@ -212,7 +264,10 @@ def test_predict_onnx_backend_matches_the_torch_backend(exported, tiny_pipeline,
 
     capsys.readouterr()
     assert _predict([*common, "--backend", "onnx", "--device", "cuda", "--model", exported, *folders]) == 2
-    assert capsys.readouterr().err.strip() == "error: --device: not available with --backend onnx (float32 on the CPU, an exported file)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --device: not available with --backend onnx (float32 on the CPU, an exported file)"
+    )
 
 
 def test_served_onnx_model_scores_like_pytorch_without_importing_torch(exported, tiny_pipeline, tmp_path):
@@ -236,7 +291,7 @@ def test_served_onnx_model_scores_like_pytorch_without_importing_torch(exported,
         import numpy as np, mlflow.pyfunc
         from mlflow.exceptions import MlflowException
         model = mlflow.pyfunc.load_model("models:/{logged.model_id}")
-        maps = np.load({str(tmp_path / 'maps.npy')!r})
+        maps = np.load({str(tmp_path / "maps.npy")!r})
         out = model.predict(maps, params={{"domain": "domain_A"}})
         try:
             model.predict(np.zeros((1, 20, 40), np.float32)); odd = None
@@ -245,8 +300,14 @@ def test_served_onnx_model_scores_like_pytorch_without_importing_torch(exported,
         json.dump({{"scores": out["score"].tolist(), "flags": out["is_anomaly"].tolist(),
                    "threshold": out["threshold"].tolist(), "odd": odd, "torch": "torch" in sys.modules}}, sys.stdout)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
-                          env=tiny_pipeline.env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=tiny_pipeline.env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got["scores"], ref, rtol=SCORE_RTOL, atol=0)

@@ -8,23 +8,26 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 from hdmap_ad.core import features
 from hdmap_ad.core.checkpoint import build
 from hdmap_ad.core.features import cache_decision, make_feature_source
-import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-@pytest.mark.parametrize(("mode", "need", "max_gb", "free", "use", "says"), [
-    ("off", 1, 4.0, 100 * GIB, False, "runtime.feature_cache=off"),
-    ("auto", 1 * GIB, 4.0, 100 * GIB, True, "on"),
-    ("auto", 5 * GIB, 4.0, 100 * GIB, False, "feature_cache_max_gb=4"),
-    ("auto", 3 * GIB, 4.0, 5 * GIB, False, "50% of the 5.00 GiB free"),   # under max_gb, over half the free memory
-    ("on", 3 * GIB, 4.0, 5 * GIB, True, "on"),                           # on: the user's call, it fits
-    ("on", 6 * GIB, 100.0, 5 * GIB, False, "only 5.00 GiB free"),         # cannot fit at all: never tried
-])
+@pytest.mark.parametrize(
+    ("mode", "need", "max_gb", "free", "use", "says"),
+    [
+        ("off", 1, 4.0, 100 * GIB, False, "runtime.feature_cache=off"),
+        ("auto", 1 * GIB, 4.0, 100 * GIB, True, "on"),
+        ("auto", 5 * GIB, 4.0, 100 * GIB, False, "feature_cache_max_gb=4"),
+        ("auto", 3 * GIB, 4.0, 5 * GIB, False, "50% of the 5.00 GiB free"),  # under max_gb, over half the free memory
+        ("on", 3 * GIB, 4.0, 5 * GIB, True, "on"),  # on: the user's call, it fits
+        ("on", 6 * GIB, 100.0, 5 * GIB, False, "only 5.00 GiB free"),  # cannot fit at all: never tried
+    ],
+)
 def test_cache_decision(mode, need, max_gb, free, use, says):
     got, why = cache_decision(mode, need, max_gb, free)
     assert got is use and says in why

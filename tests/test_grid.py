@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import shipped
 from hdmap_ad.apps import grid
 from hdmap_ad.core import devices
-import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,30 @@ def workspace(tmp_path, monkeypatch):
 def test_dry_run_prints_the_exact_dvc_commands(workspace, capsys):
     from hdmap_ad.apps import cli
 
-    assert cli.main(["grid", "--dry-run", "--methods", "baseline,gem", "--seeds", "42,43", "-j", "2",
-                     "-S", "train.steps=50", "--set", "model.fuse_groups=[[0,1],[2,3]]"]) == 0
+    assert (
+        cli.main(
+            [
+                "grid",
+                "--dry-run",
+                "--methods",
+                "baseline,gem",
+                "--seeds",
+                "42,43",
+                "-j",
+                "2",
+                "-S",
+                "train.steps=50",
+                "--set",
+                "model.fuse_groups=[[0,1],[2,3]]",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert "dvc exp run --queue -S method=baseline,gem -S seed=42,43 -S train.steps=50 -S 'model.fuse_groups=[[0,1],[2,3]]'" in lines
+    assert (
+        "dvc exp run --queue -S method=baseline,gem -S seed=42,43 -S train.steps=50 -S 'model.fuse_groups=[[0,1],[2,3]]'"
+        in lines
+    )
     assert "dvc queue start -j 2" in lines
     assert any(line.startswith("hdmap-ad compare --methods baseline,gem") for line in lines)
     assert lines.index("dvc queue start -j 2") > [i for i, line in enumerate(lines) if "MLflow store" in line][0]
@@ -56,8 +76,9 @@ def test_worker_environment(monkeypatch):
     env = grid.worker_env()
     # stages import the experiment copy's src/ (not an editable install's live workspace), find hdmap-ad
     assert env["PYTHONPATH"].split(os.pathsep) == ["src", "/elsewhere"]
-    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent) or \
-        str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep)
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent) or str(
+        Path(sys.executable).parent
+    ) in env["PATH"].split(os.pathsep)
     assert env["DVC_NO_ANALYTICS"] == "1"
 
 
@@ -73,9 +94,15 @@ Worker status: 2 active, 1 idle
     tasks, workers = grid.parse_queue_status(text)
     assert workers == (2, 1)
     assert {t.rev: (t.name, t.status) for t in tasks.values()} == {
-        "e04e28e": ("major-syce", "Running"), "605d98c": ("", "Queued"),
-        "a9a027f": ("wight-runs", "Failed"), "f6b6da1": ("leady-raps", "Success")}
-    assert grid.parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n") == ({}, (0, 0))
+        "e04e28e": ("major-syce", "Running"),
+        "605d98c": ("", "Queued"),
+        "a9a027f": ("wight-runs", "Failed"),
+        "f6b6da1": ("leady-raps", "Success"),
+    }
+    assert grid.parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n") == (
+        {},
+        (0, 0),
+    )
 
 
 class FakeDvc:
@@ -119,29 +146,53 @@ class FakeDvc:
         return subprocess.CompletedProcess(cmd, 0, out, "")
 
     def workers_log_runs(self):
-        from test_compare import log_run
-
         import mlflow
+
+        from test_compare import log_run
 
         mlflow.set_tracking_uri(f"sqlite:///{self.db}")
         exp = mlflow.MlflowClient().get_experiment_by_name("hdmap-dinomaly")
         for task in self.tasks.values():
             if len(task) > 2:
                 m, s = task[2], task[3]
-                log_run(exp.experiment_id, m, s, status="FAILED" if (m, s) in self.fail else "FINISHED",
-                        evaluated=(m, s) not in self.fail)
+                log_run(
+                    exp.experiment_id,
+                    m,
+                    s,
+                    status="FAILED" if (m, s) in self.fail else "FINISHED",
+                    evaluated=(m, s) not in self.fail,
+                )
 
 
 def test_store_and_experiment_exist_before_workers_start_then_compare(workspace):
     fake = FakeDvc(workspace / "mlflow.db", fail={("gem", 43)})
     lines: list[str] = []
-    code = grid.run_grid("params.yaml", ["baseline", "gem"], [42, 43, 44], ["train.steps=5", "compare.metrics=[auroc]"], jobs=2,
-                         poll_s=0.01, runner=fake, out=lines.append)
+    code = grid.run_grid(
+        "params.yaml",
+        ["baseline", "gem"],
+        [42, 43, 44],
+        ["train.steps=5", "compare.metrics=[auroc]"],
+        jobs=2,
+        poll_s=0.01,
+        runner=fake,
+        out=lines.append,
+    )
     assert code == 1  # one experiment failed
     order = [" ".join(c[:3]) for c in fake.calls]
     assert order[:4] == ["queue status", "exp run --queue", "queue status", "queue start -j"]
-    assert fake.calls[1] == ["exp", "run", "--queue", "-S", "method=baseline,gem", "-S", "seed=42,43,44",
-                             "-S", "train.steps=5", "-S", "compare.metrics=[auroc]"]
+    assert fake.calls[1] == [
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "method=baseline,gem",
+        "-S",
+        "seed=42,43,44",
+        "-S",
+        "train.steps=5",
+        "-S",
+        "compare.metrics=[auroc]",
+    ]
     # the training and the compare experiment are created before `dvc queue start`
     assert fake.store_at_start == ["Default", "hdmap-dinomaly", "hdmap-dinomaly-compare"]
     text = "\n".join(lines)
@@ -153,15 +204,25 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
     assert (workspace / "reports/comparison.md").is_file()
     # plots: one per domain (+ mean) of each listed metric, each method's per-seed values; logged with the rest
     assert sorted(p.name for p in (workspace / "reports/plots").glob("*.png")) == [
-        f"auroc_{s}.png" for s in ("domain_A", "domain_B", "domain_C", "domain_D", "mean")]
+        f"auroc_{s}.png" for s in ("domain_A", "domain_B", "domain_C", "domain_D", "mean")
+    ]
     assert "gem,43," not in (workspace / "reports/plots/data/per_seed.csv").read_text()
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    assert client.search_runs([client.get_experiment_by_name("hdmap-dinomaly").experiment_id], "tags.kind = 'compare'") == []
-    (crun,) = client.search_runs([client.get_experiment_by_name("hdmap-dinomaly-compare").experiment_id], "tags.kind = 'compare'")
-    assert {a.path for a in client.list_artifacts(crun.info.run_id)} == {"compare.json", "comparison.md", "comparison.json",
-                                                                        "plots"}
+    assert (
+        client.search_runs([client.get_experiment_by_name("hdmap-dinomaly").experiment_id], "tags.kind = 'compare'")
+        == []
+    )
+    (crun,) = client.search_runs(
+        [client.get_experiment_by_name("hdmap-dinomaly-compare").experiment_id], "tags.kind = 'compare'"
+    )
+    assert {a.path for a in client.list_artifacts(crun.info.run_id)} == {
+        "compare.json",
+        "comparison.md",
+        "comparison.json",
+        "plots",
+    }
     assert "plots/auroc_domain_C.png" in {a.path for a in client.list_artifacts(crun.info.run_id, "plots")}
 
 
@@ -178,8 +239,13 @@ while not release.exists():
 def _holder(tmp_path: Path, name: str, mode: str = "nowait") -> tuple[subprocess.Popen, Path]:
     release = tmp_path / f"release-{name}"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "locks"), mode, str(release)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "locks"), mode, str(release)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     return p, release
 
 
@@ -200,7 +266,7 @@ def test_gpu_claim_gives_concurrent_processes_distinct_devices(tmp_path):
         assert "waiting for one" in waiter.stderr.readline()
         waiter_release.touch()
     finally:
-        for p, release in holders:
+        for _, release in holders:
             release.touch()
         for p, _ in holders:
             p.wait(timeout=10)
@@ -212,7 +278,9 @@ def test_gpu_claim_only_for_auto_with_several_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     try:
         assert devices.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"
-        assert devices.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"  # same process: same GPU
+        assert (
+            devices.claim_cuda_device("auto", device_count=2, lock_dir=tmp_path) == "cuda:0"
+        )  # same process: same GPU
         assert (tmp_path / "gpu-5.lock").read_text().startswith(f"pid {os.getpid()}")  # named after the physical GPU
     finally:
         devices.release_cuda_device()
@@ -245,11 +313,9 @@ for seed in range(6):  # as training.py + evaluation.py log them
 
 
 def test_two_concurrent_writers_lose_no_run(tmp_path, monkeypatch):
-    from test_compare import EXPERIMENT, settings
-
-    from hdmap_ad.pipeline import tracking
-
     from hdmap_ad.apps import compare
+    from hdmap_ad.pipeline import tracking
+    from test_compare import EXPERIMENT, settings
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -259,8 +325,10 @@ def test_two_concurrent_writers_lose_no_run(tmp_path, monkeypatch):
     go = tmp_path / "go"
     code = WRITER.format(exp=EXPERIMENT, go=str(go))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    procs = [subprocess.Popen([sys.executable, "-c", code, m], env=env, stderr=subprocess.PIPE, text=True)
-             for m in ("baseline", "gem")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, m], env=env, stderr=subprocess.PIPE, text=True)
+        for m in ("baseline", "gem")
+    ]
     time.sleep(0.5)
     go.touch()  # both start logging at once (after their ~4 s mlflow import)
     errs = [p.communicate(timeout=120)[1] for p in procs]

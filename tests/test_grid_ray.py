@@ -82,7 +82,7 @@ with mlflow.start_run(run_id=state["run_id"], experiment_id=exp_id, run_name=tra
 Path("models/run.txt").write_text(run.info.run_id + "\\n")
 Path("metrics").mkdir(exist_ok=True)
 Path("metrics/eval.json").write_text(json.dumps({"auroc": metrics["test_auroc/mean"]}))
-''' % {"step_s": STEP_S}
+''' % {"step_s": STEP_S}  # noqa: UP031 (a template of Python code with braces)
 
 DVC_YAML = """\
 stages:
@@ -116,8 +116,11 @@ def world(tmp_path_factory):
     with running_mlflow_server(root) as url, pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TMPDIR", str(ray_tmp))
         try:
-            cluster = Cluster(initialize_head=True, connect=False,
-                              head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
+            cluster = Cluster(
+                initialize_head=True,
+                connect=False,
+                head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False},
+            )
             workers = [cluster.add_node(**node_args) for _ in range(2)]
             cluster.wait_for_nodes()
             origin, remote, seed_repo, driver = root / "origin.git", root / "dvc-remote", root / "seed", root / "driver"
@@ -131,14 +134,26 @@ def world(tmp_path_factory):
             (seed_repo / "dvc.yaml").write_text(DVC_YAML)
             (seed_repo / "standin.py").write_text(STAND_IN)
             (seed_repo / ".gitignore").write_text("/models/train_state/\n/reports/\n/metrics/compare.json\n")
-            for cmd in (["git", "init", "-q", "-b", "main"], [str(BIN / "dvc"), "init", "-q"],
-                        [str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)], ["git", "add", "-A"],
-                        ["git", "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "tiny repo"],
-                        ["git", "remote", "add", "origin", str(origin)], ["git", "push", "-q", "origin", "main"]):
+            for cmd in (
+                ["git", "init", "-q", "-b", "main"],
+                [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)],
+                ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "tiny repo"],
+                ["git", "remote", "add", "origin", str(origin)],
+                ["git", "push", "-q", "origin", "main"],
+            ):
                 sh(cmd, seed_repo, env)
             sh(["git", "clone", "-q", "-b", "main", str(origin), str(driver)], root, env)
-            yield {"root": root, "url": url, "cluster": cluster, "workers": workers, "driver": driver,
-                   "env": dict(env, MLFLOW_TRACKING_URI=url, PYTHONUNBUFFERED="1"), "node_args": node_args}
+            yield {
+                "root": root,
+                "url": url,
+                "cluster": cluster,
+                "workers": workers,
+                "driver": driver,
+                "env": dict(env, MLFLOW_TRACKING_URI=url, PYTHONUNBUFFERED="1"),
+                "node_args": node_args,
+            }
         finally:
             if cluster is not None:
                 cluster.shutdown()
@@ -147,8 +162,17 @@ def world(tmp_path_factory):
 
 def grid(world, *args: str) -> subprocess.Popen:
     log = open(world["root"] / f"grid-{time.monotonic_ns()}.out", "w+")
-    cmd = [str(BIN / "hdmap-ad"), "grid", "--executor", "ray", "--cluster", world["cluster"].address,
-           "--shared-dir", str(world["root"] / "shared"), *args]
+    cmd = [
+        str(BIN / "hdmap-ad"),
+        "grid",
+        "--executor",
+        "ray",
+        "--cluster",
+        world["cluster"].address,
+        "--shared-dir",
+        str(world["root"] / "shared"),
+        *args,
+    ]
     proc = subprocess.Popen(cmd, cwd=world["driver"], env=world["env"], stdout=log, stderr=subprocess.STDOUT)
     proc.log = log
     return proc
@@ -223,7 +247,9 @@ def test_grid_survives_a_killed_node_and_counts_each_pair_once(world, monkeypatc
 
     # the driver has every experiment (refs from the git remote, outputs from the DVC remote)
     shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], world["driver"], world["env"]))
-    names = {e.get("name") for entry in shown for exp in (entry.get("experiments") or []) for e in (exp.get("revs") or [])}
+    names = {
+        e.get("name") for entry in shown for exp in (entry.get("experiments") or []) for e in (exp.get("revs") or [])
+    }
     assert {f"{m}-{s}" for m in ("baseline", "gem") for s in (42, 43)} <= {n.split("-", 1)[1] for n in names if n}
 
     from hdmap_ad.apps.compare import load_settings, run_compare

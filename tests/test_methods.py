@@ -4,21 +4,20 @@ validation, the aux head's gradient path, and a smoke test of every method on a 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from pydantic import ValidationError
 
+import shipped
+import tiny
 from hdmap_ad.core.config import parse_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods import REGISTRY, MethodContext, build
 from hdmap_ad.core.methods.topk import k_at, q_at
 from hdmap_ad.core.model import Dinomaly, Reconstruction, group_distances, point_distance
 from hdmap_ad.core.optim import StableAdamW
-import shipped
-import tiny
 
 REPO_PARAMS = shipped.params_file()
 DOMAINS = ("domain_A", "domain_B", "domain_C", "domain_D")
@@ -52,6 +51,7 @@ def dec_grads(name: str, step: int = 0, seed: int = 0, **section) -> tuple[torch
 
 # --- registry and params ---------------------------------------------------------------------------
 
+
 def test_registry_lists_all_six_methods():
     assert set(REGISTRY) == {"baseline", "gem", "focal", "aux", "scale", "topk"}
 
@@ -69,12 +69,21 @@ def test_params_yaml_sections_validate_to_the_spec_defaults():
 
 
 BAD = [
-    ("gem", {"p": 0}), ("gem", {"p": -1.0}), ("gem", {"factor": -0.1}), ("gem", {"factor": 1.5}),
+    ("gem", {"p": 0}),
+    ("gem", {"p": -1.0}),
+    ("gem", {"factor": -0.1}),
+    ("gem", {"factor": 1.5}),
     ("focal", {"gamma": -0.5}),
     ("aux", {"weight": -0.1}),
-    ("scale", {"lr_mult": 0}), ("scale", {"weights": [-0.5, 1.5]}), ("scale", {"weights": [0, 0]}),
-    ("scale", {"weights": []}), ("scale", {"weights": [float("nan"), 1.0]}),
-    ("topk", {"q": 0}), ("topk", {"q": 100.5}), ("topk", {"warmup": -1}), ("topk", {"min_k": 0}),
+    ("scale", {"lr_mult": 0}),
+    ("scale", {"weights": [-0.5, 1.5]}),
+    ("scale", {"weights": [0, 0]}),
+    ("scale", {"weights": []}),
+    ("scale", {"weights": [float("nan"), 1.0]}),
+    ("topk", {"q": 0}),
+    ("topk", {"q": 100.5}),
+    ("topk", {"warmup": -1}),
+    ("topk", {"min_k": 0}),
 ] + [(name, {"no_such_key": 1}) for name in ("baseline", "gem", "focal", "aux", "scale", "topk")]
 
 
@@ -94,6 +103,7 @@ def test_bad_method_value_is_reported_under_its_section(name):
 
 
 # --- gem -------------------------------------------------------------------------------------------
+
 
 def test_gem_with_p1_is_the_mean_loss_and_map():
     recon, _ = fake_recon()
@@ -121,8 +131,13 @@ def test_gem_hard_mining_scales_easy_points_gradients_by_factor():
     loss, info = make("gem", factor=factor).loss(recon, torch.zeros(B, dtype=torch.long), step)
     loss.backward()
     assert info["hard_mining/ratio"] == pytest.approx(0.45)
-    per_point = ((1 - torch.stack([torch.cosine_similarity(e, d.detach(), dim=1) for e, d in zip(recon.enc_groups, dec)], 1))
-                 .clamp_min(1e-6).pow(3).mean(1).pow(1 / 3))
+    per_point = (
+        (1 - torch.stack([torch.cosine_similarity(e, d.detach(), dim=1) for e, d in zip(recon.enc_groups, dec)], 1))
+        .clamp_min(1e-6)
+        .pow(3)
+        .mean(1)
+        .pow(1 / 3)
+    )
     easy = per_point < info["hard_mining/threshold"]  # B×h×w
     n_points = per_point.numel()
     assert int(easy.sum()) == n_points - max(1, math.floor((1 - 0.45) * n_points))
@@ -133,6 +148,7 @@ def test_gem_hard_mining_scales_easy_points_gradients_by_factor():
 
 
 # --- focal -----------------------------------------------------------------------------------------
+
 
 def test_focal_with_gamma0_is_the_mean_pointwise_cosine_distance():
     recon, _ = fake_recon()
@@ -156,14 +172,15 @@ def test_focal_weights_are_detached_distance_powers():
 
 # --- topk ------------------------------------------------------------------------------------------
 
+
 def test_topk_q_schedule():
     assert q_at(0, 2.0, 200) == 100.0
     assert q_at(100, 2.0, 200) == pytest.approx(51.0)
     assert q_at(200, 2.0, 200) == 2.0 and q_at(10_000, 2.0, 200) == 2.0
     assert q_at(0, 5.0, 0) == 5.0  # no warmup: q from the first step
-    assert k_at(1000, 2.0, 100) == 100          # min_k wins
-    assert k_at(100_000, 2.0, 100) == 2000      # ⌊N·q/100⌋
-    assert k_at(50, 2.0, 100) == 50             # capped at N
+    assert k_at(1000, 2.0, 100) == 100  # min_k wins
+    assert k_at(100_000, 2.0, 100) == 2000  # ⌊N·q/100⌋
+    assert k_at(50, 2.0, 100) == 50  # capped at N
     assert k_at(1000, 100.0, 100) == 1000
 
 
@@ -186,8 +203,12 @@ def test_topk_keeps_the_k_largest_points():
 
 # --- scale -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("section", [{"learnable": False, "weights": [0.5, 0.5]}, {"learnable": False, "weights": [2, 2]},
-                                     {"learnable": True}], ids=["fixed-half", "fixed-unnormalised", "learnable-init"])
+
+@pytest.mark.parametrize(
+    "section",
+    [{"learnable": False, "weights": [0.5, 0.5]}, {"learnable": False, "weights": [2, 2]}, {"learnable": True}],
+    ids=["fixed-half", "fixed-unnormalised", "learnable-init"],
+)
 def test_scale_with_equal_weights_equals_baseline(section):
     step = 600  # hard mining active, so the hook is part of what must match
     base_loss, base_grads = dec_grads("baseline", step=step)
@@ -216,8 +237,11 @@ def test_scale_alpha_diagnostics_and_lr_mult_group():
     loss.backward()
     assert method.logits.grad is not None and bool(method.logits.grad.abs().sum() > 0)
     dummy = torch.nn.Parameter(torch.zeros(1))
-    optimizer = StableAdamW([{"params": [dummy], "lr": 2e-3, "lr_mult": 1.0, "name": "model"},
-                             *({"lr_mult": 1.0, **g} for g in groups)], lr=2e-3, amsgrad=True)
+    optimizer = StableAdamW(
+        [{"params": [dummy], "lr": 2e-3, "lr_mult": 1.0, "name": "model"}, *({"lr_mult": 1.0, **g} for g in groups)],
+        lr=2e-3,
+        amsgrad=True,
+    )
     for g in optimizer.param_groups:
         g["lr"] = 1e-3 * g.get("lr_mult", 1.0)
     before = method.logits.detach().clone()
@@ -238,12 +262,14 @@ def test_scale_fixed_weights_are_normalised_and_checked_against_the_groups():
 
 # --- aux -------------------------------------------------------------------------------------------
 
+
 def test_aux_head_drops_prefix_tokens_and_predicts_per_sample():
     method = make("aux")
     recon, _ = fake_recon()
     with torch.no_grad():
         recon.bottleneck_out[:, :PREFIX] = 1e6  # prefix tokens must not reach the head
     from hdmap_ad.core.methods.aux import patch_token_mean
+
     assert torch.allclose(patch_token_mean(recon), recon.bottleneck_out[:, PREFIX:].mean(1))
     out = method.eval_batch(recon, torch.zeros(B, dtype=torch.long))
     assert set(out) == {"domain_pred"} and out["domain_pred"].shape == (B,) and out["domain_pred"].dtype == torch.long
@@ -267,7 +293,6 @@ def test_aux_loss_is_baseline_plus_weighted_ce_and_logs_accuracy():
 
 
 # --- tiny model ------------------------------------------------------------------------------------
-
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +328,13 @@ def test_aux_gradient_reaches_the_bottleneck_and_not_the_encoder(tiny_model):
 def test_every_method_trains_on_a_tiny_model(tiny_model, name):
     model = tiny_model
     model.zero_grad(set_to_none=True)
-    method = build(name, {}, MethodContext(embed_dim=model.encoder.embed_dim, num_groups=len(model.config.fuse_groups),
-                                           domains=DOMAINS, total_steps=10))
+    method = build(
+        name,
+        {},
+        MethodContext(
+            embed_dim=model.encoder.embed_dim, num_groups=len(model.config.fuse_groups), domains=DOMAINS, total_steps=10
+        ),
+    )
     recon = tiny_recon(model)
     loss, info = method.loss(recon, torch.tensor([0, 1, 2, 3]), 400)
     assert loss.ndim == 0 and torch.isfinite(loss)

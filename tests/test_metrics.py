@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from hdmap_ad.pipeline.metrics import (METRIC_NAMES, f1_max, image_metrics, pixel_auroc, roc_points_table, summarise,
-                              tpr_at_fpr, youden_threshold)
+from hdmap_ad.pipeline.metrics import (
+    METRIC_NAMES,
+    f1_max,
+    image_metrics,
+    pixel_auroc,
+    roc_points_table,
+    summarise,
+    tpr_at_fpr,
+    youden_threshold,
+)
 
 
 def random_case(seed: int, n_good: int = 120, n_fault: int = 40, decimals: int | None = None):
@@ -53,7 +61,7 @@ def test_tpr_at_fpr_boundary_counts_exactly_ten_false_alarms_in_1000():
     fault = np.r_[np.full(50, 10.0), np.full(30, 9.0), np.full(20, 8.0)]
     labels = np.r_[np.zeros(good.size, int), np.ones(fault.size, int)]
     scores = np.r_[good, fault]
-    assert tpr_at_fpr(labels, scores, 0.01) == pytest.approx(0.8)   # 10 false alarms = FPR 1% is allowed
+    assert tpr_at_fpr(labels, scores, 0.01) == pytest.approx(0.8)  # 10 false alarms = FPR 1% is allowed
     assert tpr_at_fpr(labels, scores, 0.0099) == pytest.approx(0.5)
     assert tpr_at_fpr(labels, scores, 0.05) == pytest.approx(1.0)
 
@@ -75,8 +83,14 @@ def test_tpr_at_fpr_matches_definition_on_random_data(seed):
     # brute force over thresholds: largest recall with at most floor(x * n_good) false alarms
     n_good = int((labels == 0).sum())
     for x in (0.01, 0.05):
-        best = max((np.mean(scores[labels == 1] >= t) for t in np.unique(scores)
-                    if np.sum(scores[labels == 0] >= t) <= np.floor(x * n_good)), default=0.0)
+        best = max(
+            (
+                np.mean(scores[labels == 1] >= t)
+                for t in np.unique(scores)
+                if np.sum(scores[labels == 0] >= t) <= np.floor(x * n_good)
+            ),
+            default=0.0,
+        )
         assert tpr_at_fpr(labels, scores, x) == pytest.approx(best)
 
 
@@ -220,6 +234,10 @@ def test_roc_points_table_is_on_the_curve_and_downsampled():
         assert lookup[row["threshold"]] == (row["fpr"], row["tpr"])
     assert all(r1["fpr"] <= r2["fpr"] and r1["tpr"] <= r2["tpr"] for r1, r2 in zip(rows, rows[1:]))
     small = roc_points_table([0, 1, 0, 1], [0.1, 0.4, 0.35, 0.8])
-    assert small == [{"fpr": 0.0, "tpr": 0.0, "threshold": None}, {"fpr": 0.0, "tpr": 0.5, "threshold": 0.8},
-                     {"fpr": 0.0, "tpr": 1.0, "threshold": 0.4}, {"fpr": 1.0, "tpr": 1.0, "threshold": 0.1}]
+    assert small == [
+        {"fpr": 0.0, "tpr": 0.0, "threshold": None},
+        {"fpr": 0.0, "tpr": 0.5, "threshold": 0.8},
+        {"fpr": 0.0, "tpr": 1.0, "threshold": 0.4},
+        {"fpr": 1.0, "tpr": 1.0, "threshold": 0.1},
+    ]
     assert roc_points_table([0, 0], [0.1, 0.2]) == []

@@ -13,10 +13,25 @@ import torch
 import torch.nn.functional as F
 
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.model import (BottleneckMLP, DecoderBlock, Dinomaly, DinomalyConfig, EncoderFeatures, LinearAttention,
-                            Reconstruction, ScoreConfig, anomaly_map, build_trainable, gaussian_kernel,
-                            global_cosine_hm_loss, group_distances, hard_mining_ratio, image_score,
-                            point_distance, scale_easy_gradients)
+from hdmap_ad.core.model import (
+    BottleneckMLP,
+    DecoderBlock,
+    Dinomaly,
+    DinomalyConfig,
+    EncoderFeatures,
+    LinearAttention,
+    Reconstruction,
+    ScoreConfig,
+    anomaly_map,
+    build_trainable,
+    gaussian_kernel,
+    global_cosine_hm_loss,
+    group_distances,
+    hard_mining_ratio,
+    image_score,
+    point_distance,
+    scale_easy_gradients,
+)
 from hdmap_ad.core.optim import StableAdamW
 from tiny import model_config as tiny_model_config
 
@@ -39,6 +54,7 @@ def images(b: int = 2, size=(28, 42), seed: int = 0) -> torch.Tensor:
 
 # --- linear attention ------------------------------------------------------------------------------
 
+
 def test_linear_attention_equals_the_quadratic_formula():
     torch.manual_seed(0)
     dim, heads, n, b = 12, 3, 7, 2
@@ -47,14 +63,14 @@ def test_linear_attention_equals_the_quadratic_formula():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(b, n, dim, dtype=torch.float64)
     qkv = x @ attn.qkv.weight.T + attn.qkv.bias
-    q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
+    q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
     d = dim // heads
     heads_out = []
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
         phi_q, phi_k = F.elu(q[..., sl]) + 1, F.elu(k[..., sl]) + 1
-        a = torch.einsum("bsd,btd->bst", phi_q, phi_k)     # N×N, no softmax, no 1/sqrt(d)
-        a = a / a.sum(dim=-1, keepdim=True)                # rows normalised
+        a = torch.einsum("bsd,btd->bst", phi_q, phi_k)  # N×N, no softmax, no 1/sqrt(d)
+        a = a / a.sum(dim=-1, keepdim=True)  # rows normalised
         heads_out.append(torch.einsum("bst,btd->bsd", a, v[..., sl]))
     expected = torch.cat(heads_out, dim=-1) @ attn.proj.weight.T + attn.proj.bias
     assert torch.allclose(attn(x), expected, rtol=1e-10, atol=1e-12)
@@ -82,12 +98,12 @@ def test_bottleneck_drops_input_hidden_and_output():
     mlp.train()
     out = mlp(x)
     zero_in = (seen["fc1_in"] == 0).float().mean().item()
-    assert 0.15 < zero_in < 0.25                              # dropout on the input
+    assert 0.15 < zero_in < 0.25  # dropout on the input
     kept = seen["fc1_in"] != 0
     assert torch.allclose(seen["fc1_in"][kept], (x / 0.8)[kept])
     hidden = F.gelu(mlp.fc1(seen["fc1_in"]))
-    assert ((seen["fc2_in"] == 0) & (hidden != 0)).float().mean().item() > 0.15   # after GELU
-    assert (out == 0).float().mean().item() > 0.15            # after the output layer
+    assert ((seen["fc2_in"] == 0) & (hidden != 0)).float().mean().item() > 0.15  # after GELU
+    assert (out == 0).float().mean().item() > 0.15  # after the output layer
     mlp.eval()
     assert torch.allclose(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
 
@@ -96,7 +112,7 @@ def test_trainable_parameter_count_of_vit_base_equals_the_original():
     with torch.device("meta"):  # shapes only: the whole ViT-B model, no memory, no time
         model = Dinomaly(DinomalyConfig(encoder="base", image_size=(392, 392)))
     assert sum(p.numel() for p in model.trainable_parameters()) == 61_425_408
-    assert len(model.encoder.vit.blocks) == 10   # blocks 10 and 11 of ViT-B are never needed
+    assert len(model.encoder.vit.blocks) == 10  # blocks 10 and 11 of ViT-B are never needed
     bottleneck, decoder = build_trainable(768, 12, DinomalyConfig())
     assert sum(p.numel() for m in (bottleneck, decoder) for p in m.parameters()) == 61_425_408
     # the original Dinomaly's state-dict layout, so its trained weights load as they are
@@ -122,10 +138,11 @@ def test_init_follows_the_spec():
         elif isinstance(m, torch.nn.LayerNorm):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
     std = torch.cat(weights).std().item()
-    assert 0.0095 < std < 0.0102   # N(0, 0.01) cut at ±3σ has std 0.00986
+    assert 0.0095 < std < 0.0102  # N(0, 0.01) cut at ±3σ has std 0.00986
 
 
 # --- fusion, pairing, shapes ----------------------------------------------------------------------
+
 
 def test_encoder_fusion_and_prefix_dropping(model):
     x = images()
@@ -134,7 +151,7 @@ def test_encoder_fusion_and_prefix_dropping(model):
     assert torch.allclose(feats.bottleneck_in, torch.stack(blocks).mean(0), atol=1e-6)
     h, w = 2, 3
     for g, idx in enumerate(model.config.fuse_groups):
-        fused = torch.stack([blocks[i] for i in idx]).mean(0)       # B×T×C
+        fused = torch.stack([blocks[i] for i in idx]).mean(0)  # B×T×C
         assert feats.groups[g].shape == (2, 32, h, w)
         for i in range(h):
             for j in range(w):  # patch token (i, j) is token PREFIX + i*w + j
@@ -197,6 +214,7 @@ def test_bad_fuse_groups_are_user_errors():
 
 # --- hard mining and loss -------------------------------------------------------------------------
 
+
 def test_hard_mining_ratio_schedule():
     assert hard_mining_ratio(0) == 0.0
     assert hard_mining_ratio(500) == pytest.approx(0.45)
@@ -210,11 +228,11 @@ def test_hook_scales_exactly_the_easy_points_gradients():
     b, c, h, w = 2, 5, 3, 4
     enc = torch.randn(b, c, h, w, generator=g)
     dec = torch.randn(b, c, h, w, generator=g, requires_grad=True)
-    weight = torch.randn(b, c, h, w, generator=g)   # d(loss)/d(dec) without the hook
+    weight = torch.randn(b, c, h, w, generator=g)  # d(loss)/d(dec) without the hook
     dist = point_distance(enc, dec).detach()
-    ratio, factor = 0.7, 0.1                         # (1 - ρ)·24 = 7.2: k is floored to 7
+    ratio, factor = 0.7, 0.1  # (1 - ρ)·24 = 7.2: k is floored to 7
 
-    t = dec * 1.0                                    # a non-leaf, like a decoder group
+    t = dec * 1.0  # a non-leaf, like a decoder group
     tau = scale_easy_gradients(t, dist, ratio, factor)
     (t * weight).sum().backward()
 
@@ -230,7 +248,7 @@ def test_hook_scales_exactly_the_easy_points_gradients():
 def test_threshold_keeps_at_least_one_hard_point():
     dist = torch.tensor([[[0.1, 0.4], [0.3, 0.2]]])
     t = torch.ones(1, 2, 2, requires_grad=True) * 1.0
-    assert scale_easy_gradients(t, dist, ratio=0.99, factor=0.0) == pytest.approx(0.4)   # k = max(1, 0)
+    assert scale_easy_gradients(t, dist, ratio=0.99, factor=0.0) == pytest.approx(0.4)  # k = max(1, 0)
     assert scale_easy_gradients(t.detach(), dist, ratio=0.0, factor=0.0) == pytest.approx(0.1)  # no grad: no hook
 
 
@@ -291,6 +309,7 @@ def test_group_distances_shape_and_value():
 
 # --- anomaly maps and score -----------------------------------------------------------------------
 
+
 def test_anomaly_map_align_corners_and_group_mean_by_hand():
     g0 = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
     g1 = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
@@ -301,8 +320,10 @@ def test_anomaly_map_align_corners_and_group_mean_by_hand():
     assert torch.allclose(maps[0, 0], (g0_up + 1.0) / 2)
     per_group = anomaly_map(torch.stack([g0, g1])[None], (3, 3), reduce="none")
     assert per_group.shape == (1, 2, 3, 3) and torch.allclose(per_group[0, 0], g0_up)
-    assert torch.allclose(anomaly_map(torch.stack([g0, g1])[None], (3, 3), reduce=lambda m: m.amax(1, keepdim=True))[0, 0],
-                          torch.maximum(g0_up, torch.ones(3, 3)))
+    assert torch.allclose(
+        anomaly_map(torch.stack([g0, g1])[None], (3, 3), reduce=lambda m: m.amax(1, keepdim=True))[0, 0],
+        torch.maximum(g0_up, torch.ones(3, 3)),
+    )
 
 
 def test_image_score_of_a_constant_map_is_the_constant():
@@ -312,11 +333,14 @@ def test_image_score_of_a_constant_map_is_the_constant():
 
 
 def test_image_score_blur_and_top_k_by_hand():
-    cfg = ScoreConfig(size=(8, 8), blur_kernel=3, blur_sigma=1.0, top_ratio=3.6 / 64)   # k = ⌊3.6⌋ = 3
+    cfg = ScoreConfig(size=(8, 8), blur_kernel=3, blur_sigma=1.0, top_ratio=3.6 / 64)  # k = ⌊3.6⌋ = 3
     a = math.exp(-0.5)
     center, edge, corner = 1 / (1 + 2 * a) ** 2, a / (1 + 2 * a) ** 2, a * a / (1 + 2 * a) ** 2
-    assert torch.allclose(gaussian_kernel(3, 1.0).double(), torch.tensor(
-        [[corner, edge, corner], [edge, center, edge], [corner, edge, corner]], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(
+        gaussian_kernel(3, 1.0).double(),
+        torch.tensor([[corner, edge, corner], [edge, center, edge], [corner, edge, corner]], dtype=torch.float64),
+        atol=1e-7,
+    )
     impulse = torch.zeros(1, 1, 8, 8)
     impulse[0, 0, 4, 4] = 1.0
     # top 3 of the blurred impulse: the centre and two of its four edge neighbours
@@ -341,12 +365,13 @@ def test_image_score_default_top_count_is_655_pixels():
     no_blur = ScoreConfig(blur_kernel=1)
     assert image_score(amap, no_blur).item() == pytest.approx(10.0)
     flat[flat == 10.0] = 0.0
-    flat[:654] = 10.0    # one fewer high pixel: the 655th is a zero
+    flat[:654] = 10.0  # one fewer high pixel: the 655th is a zero
     assert image_score(amap, no_blur).item() == pytest.approx(10.0 * 654 / 655)
     assert image_score(amap, ScoreConfig(blur_kernel=1, top_ratio=1e-9)).item() == pytest.approx(10.0)  # k >= 1
 
 
 # --- training and inference on CPU ----------------------------------------------------------------
+
 
 def test_training_step_moves_only_the_trainable_part():
     model = tiny()
@@ -377,7 +402,7 @@ def test_predict_is_deterministic_and_restores_the_mode(model):
     s1, m1 = model.predict(x)
     s2, m2 = model.predict(x)
     assert model.training and model.bottleneck.training and not model.encoder.training
-    assert torch.equal(s1, s2) and torch.equal(m1, m2)   # dropout off during predict
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)  # dropout off during predict
     model.eval()
     recon = model(x)
     expected = anomaly_map(group_distances(recon), (28, 42))
@@ -416,8 +441,9 @@ def test_gelu_linear_gives_autograds_gradients_and_saves_less():
     def saved_bytes(fn) -> int:
         storages = {}
         with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
-                lambda t: t):
+            lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t,
+        ):
             fn()
         return sum(storages.values())
 
@@ -430,7 +456,7 @@ def test_gelu_linear_gives_autograds_gradients_and_saves_less():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gelu_linear_under_cuda_autocast_matches_autograd():
-    from hdmap_ad.core.model import DecoderBlock, gelu_linear
+    from hdmap_ad.core.model import DecoderBlock
 
     torch.manual_seed(0)
     block = DecoderBlock(64, 4, 4.0, 1e-8).cuda()

@@ -89,8 +89,13 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
 
     from hdmap_ad.pipeline import tracking
 
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-               MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(REPO / "src"))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_TRACKING_URI=mlflow_server,
+        PYTHONPATH=str(REPO / "src"),
+    )
     env.pop("DVC_ROOT", None)
     origin, remote, seed_repo = tmp_path / "origin.git", tmp_path / "dvc-remote", tmp_path / "seed"
     sh(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
@@ -103,8 +108,12 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
     (seed_repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n/reports/\n/metrics/compare.json\n")
     sh([str(BIN / "dvc"), "init", "-q"], seed_repo, env)
     sh([str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)], seed_repo, env)
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "tiny repo"],
-                ["git", "remote", "add", "origin", str(origin)], ["git", "push", "-q", "origin", "main"]):
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "tiny repo"],
+        ["git", "remote", "add", "origin", str(origin)],
+        ["git", "push", "-q", "origin", "main"],
+    ):
         sh(cmd, seed_repo, env)
 
     machines = {}
@@ -134,22 +143,42 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
     assert "b-gem-42" in sh([dvc, "exp", "list", "origin", "--name-only"], a, env_a)
     sh([dvc, "exp", "pull", "origin", "b-gem-42"], a, env_a)
     shown = json.loads(sh([dvc, "exp", "show", "--json"], a, env_a))
-    names = {e.get("name") for entry in shown for exp in (entry.get("experiments") or [])
-             for e in (exp.get("revs") or [])}
+    names = {
+        e.get("name") for entry in shown for exp in (entry.get("experiments") or []) for e in (exp.get("revs") or [])
+    }
     assert {"a-baseline-42", "b-gem-42"} <= names
     sh([dvc, "exp", "apply", "b-gem-42"], a, env_a)  # B's output comes from the DVC remote's cache
     assert (a / "models/run.txt").read_text().strip() == run_id_b
 
     # machine A runs a real grid (DVC queue, 2 workers) for seed 43; it ends with compare against the server
     sh(["git", "checkout", "-q", "--", "."], a, env_a)
-    out = sh([str(BIN / "hdmap-ad"), "grid", "--methods", "baseline,gem", "--seeds", "43", "-j", "2", "--poll", "1",
-              "--set", "compare.metrics=[auroc]"], a, env_a, timeout=150)
+    out = sh(
+        [
+            str(BIN / "hdmap-ad"),
+            "grid",
+            "--methods",
+            "baseline,gem",
+            "--seeds",
+            "43",
+            "-j",
+            "2",
+            "--poll",
+            "1",
+            "--set",
+            "compare.metrics=[auroc]",
+        ],
+        a,
+        env_a,
+        timeout=150,
+    )
     (tmp_path / "grid.out").write_text(out)
     assert "2/2 done (0 failed)" in out, out
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([exp_id])  # (a filter `tags.kind != 'compare'` would also drop runs without the tag)
-    by_key = {(r.data.tags.get("method"), r.data.tags.get("seed")): r for r in runs if r.data.tags.get("kind") != "compare"}
+    by_key = {
+        (r.data.tags.get("method"), r.data.tags.get("seed")): r for r in runs if r.data.tags.get("kind") != "compare"
+    }
     assert set(by_key) == {("baseline", "42"), ("gem", "42"), ("baseline", "43"), ("gem", "43")}
     assert by_key[("gem", "42")].data.tags["dvc_exp_name"] == "b-gem-42"  # MLflow run <-> DVC experiment
     assert by_key[("gem", "42")].data.tags["machine"] == "B" and by_key[("baseline", "43")].data.tags["machine"] == "A"
@@ -160,5 +189,12 @@ def test_two_machines_share_one_server_and_a_dvc_remote(tmp_path, mlflow_server)
     c = [c for c in saved["comparisons"] if (c["method"], c["scope"], c["metric"]) == ("gem", "mean", "auroc")][0]
     assert c["seeds"] == [42, 43] and c["p_ttest"] is not None
     assert client.search_runs([exp_id], "tags.kind = 'compare'") == []  # compare runs have their own experiment
-    (crun,) = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-compare").experiment_id], "tags.kind = 'compare'")
-    assert {a.path for a in client.list_artifacts(crun.info.run_id)} >= {"compare.json", "comparison.md", "comparison.json", "plots"}
+    (crun,) = client.search_runs(
+        [client.get_experiment_by_name(f"{EXPERIMENT}-compare").experiment_id], "tags.kind = 'compare'"
+    )
+    assert {a.path for a in client.list_artifacts(crun.info.run_id)} >= {
+        "compare.json",
+        "comparison.md",
+        "comparison.json",
+        "plots",
+    }

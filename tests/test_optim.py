@@ -35,9 +35,11 @@ def reference_steps(p, grads, lr, betas, eps, wd, clip, amsgrad=True):
 @pytest.mark.parametrize("amsgrad", [True, False])
 def test_three_steps_by_hand_with_a_clipped_spike(amsgrad):
     p0 = [1.0, -2.0, 0.5]
-    grads = [[0.1, -0.2, 0.3],        # step 1: update ratio ±1, RMS just under 1: not clipped
-             [5.0, -10.0, 3.0],       # step 2: a spike, RMS ≈ 1.41: clipped
-             [0.01, 0.01, -0.01]]     # step 3: small; AMSGrad keeps the spike's second moment
+    grads = [
+        [0.1, -0.2, 0.3],  # step 1: update ratio ±1, RMS just under 1: not clipped
+        [5.0, -10.0, 3.0],  # step 2: a spike, RMS ≈ 1.41: clipped
+        [0.01, 0.01, -0.01],
+    ]  # step 3: small; AMSGrad keeps the spike's second moment
     kw = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, wd=0.1, clip=1.0)
     expected, shrinks = reference_steps(p0, grads, amsgrad=amsgrad, **kw)
     assert shrinks[0] == 1.0 and shrinks[1] > 1.3
@@ -50,7 +52,7 @@ def test_three_steps_by_hand_with_a_clipped_spike(amsgrad):
     assert p.detach().tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
     if amsgrad:
         without, _ = reference_steps(p0, grads, amsgrad=False, **kw)
-        assert abs(without[0] - expected[0]) > 1e-6   # the AMSGrad max matters in step 3
+        assert abs(without[0] - expected[0]) > 1e-6  # the AMSGrad max matters in step 3
 
 
 def test_equals_torch_adamw_amsgrad_when_the_clip_never_binds():
@@ -82,7 +84,7 @@ def test_clip_scales_the_step_by_the_update_rms():
     p1.grad, p2.grad = g.clone(), g.clone()
     loose.step()
     tight.step()
-    ratio = g / (g.abs() + 1e-8)                      # first step: update ratio g / (|g| + eps)
+    ratio = g / (g.abs() + 1e-8)  # first step: update ratio g / (|g| + eps)
     rms = ratio.square().mean().sqrt()
     assert torch.allclose(p2 - start, (p1 - start) * 0.25 / rms, rtol=1e-5, atol=1e-9)
 
@@ -91,7 +93,7 @@ def test_weight_decay_is_decoupled_and_skips_parameters_without_grad():
     a = torch.tensor([1.0, -3.0], requires_grad=True)
     b = torch.tensor([2.0, 2.0], requires_grad=True)
     opt = StableAdamW([a, b], lr=0.5, weight_decay=0.1, amsgrad=True)
-    a.grad = torch.zeros(2)            # zero gradient: only the decay moves it
+    a.grad = torch.zeros(2)  # zero gradient: only the decay moves it
     opt.step()
     assert a.detach().tolist() == pytest.approx([0.95, -2.85], rel=1e-7)
     assert b.detach().tolist() == [2.0, 2.0] and b not in opt.state
@@ -130,11 +132,11 @@ BASE, FINAL = 2e-3, 2e-4
 
 
 def test_warm_cosine_landmarks():
-    total, warm = 201, 100                            # cosine over steps 100..200: 100 intervals
+    total, warm = 201, 100  # cosine over steps 100..200: 100 intervals
     assert warm_cosine_lr(0, BASE, FINAL, total, warm) == 0.0
     assert warm_cosine_lr(33, BASE, FINAL, total, warm) == pytest.approx(BASE * 33 / 99)
-    assert warm_cosine_lr(99, BASE, FINAL, total, warm) == pytest.approx(BASE)     # warm-up end
-    assert warm_cosine_lr(100, BASE, FINAL, total, warm) == pytest.approx(BASE)    # cosine start
+    assert warm_cosine_lr(99, BASE, FINAL, total, warm) == pytest.approx(BASE)  # warm-up end
+    assert warm_cosine_lr(100, BASE, FINAL, total, warm) == pytest.approx(BASE)  # cosine start
     assert warm_cosine_lr(150, BASE, FINAL, total, warm) == pytest.approx((BASE + FINAL) / 2)  # mid
     assert warm_cosine_lr(200, BASE, FINAL, total, warm) == pytest.approx(FINAL, rel=1e-12)  # last step
     assert warm_cosine_lr(500, BASE, FINAL, total, warm) == FINAL
@@ -145,7 +147,8 @@ def test_warm_cosine_landmarks():
 def test_paper_schedule_ends_at_final_on_step_2999():
     assert warm_cosine_lr(2999, BASE, FINAL, 3000, 100) == pytest.approx(FINAL, rel=1e-12)
     assert warm_cosine_lr(1549, BASE, FINAL, 3000, 100) == pytest.approx(
-        FINAL + 0.5 * (BASE - FINAL) * (1 + math.cos(math.pi * 1449 / 2899)))
+        FINAL + 0.5 * (BASE - FINAL) * (1 + math.cos(math.pi * 1449 / 2899))
+    )
 
 
 def test_original_indexing_matches_the_original_schedule_array():

@@ -104,15 +104,31 @@ def test_repro_writes_every_output(repo):
     assert set(headline["domain_A"]) == {"auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc"}
     result = json.loads((repo / "metrics/eval_details.json").read_text())
     assert set(result) >= {"domain_A", "domain_B", "domain_C", "domain_D", "mean", "pooled"}
-    for key in ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1",
-                "accuracy", "threshold", "n_good", "n_fault", "pixel_auroc"):
+    for key in (
+        "auroc",
+        "ap",
+        "f1_max",
+        "tpr_at_fpr_1",
+        "tpr_at_fpr_5",
+        "precision",
+        "recall",
+        "f1",
+        "accuracy",
+        "threshold",
+        "n_good",
+        "n_fault",
+        "pixel_auroc",
+    ):
         assert key in result["domain_A"], key
     for name in ("roc.png", "score_distributions.png", "examples.png", "data/roc.csv"):
         assert (repo / "plots" / name).is_file(), name
     runs = mlflow_runs(repo)
     assert len(runs) == 1
     run = runs.iloc[0]
-    assert run["tags.mlflow.runName"] == f"baseline-seed42-{run['tags.comparison_key'][:6]}" and run["tags.evaluated"] == "true"
+    assert (
+        run["tags.mlflow.runName"] == f"baseline-seed42-{run['tags.comparison_key'][:6]}"
+        and run["tags.evaluated"] == "true"
+    )
     assert run["params.train.steps"] == "8"
     assert abs(run["metrics.test_auroc/domain_C"] - result["domain_C"]["auroc"]) < 1e-12
 
@@ -130,8 +146,16 @@ def test_eval_json_matches_sklearn_on_scores_csv(repo):
         assert result[domain]["n_good"] + result[domain]["n_fault"] == len(part)
 
 
-OUTPUTS = ("models/model.pt", "models/train_config.json", "metrics/train.json", "metrics/eval.json",
-           "metrics/scores.csv", "data/prepared/manifest.csv", "data/prepared/domain_A/train.npy", "plots/roc.png")
+OUTPUTS = (
+    "models/model.pt",
+    "models/train_config.json",
+    "metrics/train.json",
+    "metrics/eval.json",
+    "metrics/scores.csv",
+    "data/prepared/manifest.csv",
+    "data/prepared/domain_A/train.npy",
+    "plots/roc.png",
+)
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -181,9 +205,14 @@ def test_a_failing_train_keeps_the_last_good_model_and_metrics(repo):
 def test_a_killed_train_keeps_the_last_good_model_and_metrics(repo):
     before = snapshot(repo)
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-S", "seed=5", "-S", "train.steps=400"],
-                            cwd=repo, env=env_for(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "seed=5", "-S", "train.steps=400"],
+        cwd=repo,
+        env=env_for(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     state = repo / "models/train_state/last.pt"
     try:
         assert _wait_for(lambda: state.is_file() and state.stat().st_mtime > start, proc), "training never checkpointed"
@@ -209,8 +238,14 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
     """DVC's second `exp run` fails on its lock after writing its -S values into params.yaml; the first
     must then stop rather than record seed 12 beside a model trained with seed 11."""
     start = time.time()
-    first = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-S", "seed=11", "-S", "train.steps=400"],
-                             cwd=repo, env=env_for(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "seed=11", "-S", "train.steps=400"],
+        cwd=repo,
+        env=env_for(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     state = repo / "models/train_state/last.pt"
     assert _wait_for(lambda: state.is_file() and state.stat().st_mtime > start, first), "training never started"
     second = dvc(repo, "exp", "run", "-S", "seed=12", check=False)
@@ -226,7 +261,9 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
 
 
 def test_runtime_settings_never_retrain(repo):
-    out = dvc(repo, "exp", "run", "-S", "runtime.log_every=3", "-S", "runtime.num_threads=1", "-S", "runtime.device=cpu")
+    out = dvc(
+        repo, "exp", "run", "-S", "runtime.log_every=3", "-S", "runtime.num_threads=1", "-S", "runtime.device=cpu"
+    )
     assert "Running stage 'configure'" in out.stdout
     assert "Running stage 'train'" not in out.stdout and "Running stage 'evaluate'" not in out.stdout
     restore_params(repo)
@@ -247,13 +284,19 @@ def test_data_outside_the_repository_is_a_dependency_and_a_bad_map_keeps_prepare
     target = sorted((outside / "domain_B/train/good").iterdir())[3]
     tifffile.imwrite(target, tifffile.imread(target) * np.float32(1.01))
     assert "modified" in dvc(repo, "status", "prepare").stdout
-    before = (repo / "data/prepared/manifest.csv").read_bytes(), (repo / "data/prepared/domain_B/train.npy").read_bytes()
+    before = (
+        (repo / "data/prepared/manifest.csv").read_bytes(),
+        (repo / "data/prepared/domain_B/train.npy").read_bytes(),
+    )
     target.write_bytes(b"II*\x00garbage")
     out = dvc(repo, "repro", "prepare", check=False)
     assert out.returncode != 0
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and target.name in errors[0], out.stderr[-2000:]
-    assert ((repo / "data/prepared/manifest.csv").read_bytes(), (repo / "data/prepared/domain_B/train.npy").read_bytes()) == before
+    assert (
+        (repo / "data/prepared/manifest.csv").read_bytes(),
+        (repo / "data/prepared/domain_B/train.npy").read_bytes(),
+    ) == before
     sh(repo, "git", "checkout", "-q", "--", "params.yaml", "dvc.lock")
     dvc(repo, "checkout", "data/prepared")
     assert "prepare" not in dvc(repo, "status", "prepare").stdout
@@ -306,8 +349,15 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     reference_thresholds = checkpoint.load(repo / "models/model.pt")["thresholds"]
     shutil.rmtree(repo / "models/train_state", ignore_errors=True)
     env = env_for(repo)
-    proc = subprocess.Popen(["hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"],
-                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     state = repo / "models/train_state/last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -320,7 +370,9 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
         time.sleep(0.2)
     proc.wait(timeout=60)
     assert proc.returncode != 0, "training finished before it could be killed; make it longer"
-    out = sh(repo, "hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume")
+    out = sh(
+        repo, "hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"
+    )
     assert "resuming from" in out.stderr
     resumed = json.loads((repo / "metrics/train.json").read_text())
     assert resumed["val_auroc"] == reference["val_auroc"]

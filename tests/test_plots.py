@@ -17,9 +17,11 @@ def assert_png(path, out, folder):
 
 
 def small_curves():
-    return {"domain_A": (np.array([0, 0, 1, 1, 0]), np.array([0.1, 0.4, 0.35, 0.8, 0.2])),
-            "domain_B": (np.array([0, 1, 0, 1]), np.array([0.3, 0.9, 0.2, 0.5])),
-            "domain_C": (np.array([0, 0, 0]), np.array([0.3, 0.2, 0.1]))}  # one class: drawn as a note
+    return {
+        "domain_A": (np.array([0, 0, 1, 1, 0]), np.array([0.1, 0.4, 0.35, 0.8, 0.2])),
+        "domain_B": (np.array([0, 1, 0, 1]), np.array([0.3, 0.9, 0.2, 0.5])),
+        "domain_C": (np.array([0, 0, 0]), np.array([0.3, 0.2, 0.1])),
+    }  # one class: drawn as a note
 
 
 def test_plot_roc(tmp_path):
@@ -28,9 +30,11 @@ def test_plot_roc(tmp_path):
 
 
 def test_plot_score_distributions_with_thresholds_and_empty_class(tmp_path):
-    dists = {"domain_A": (np.array([0.1, 0.2, 0.4]), np.array([0.35, 0.8])),
-             "domain_B": (np.array([0.3, 0.2]), np.array([], dtype=float)),
-             "domain_C": (np.array([0.5, 0.5]), np.array([0.5]))}  # constant scores
+    dists = {
+        "domain_A": (np.array([0.1, 0.2, 0.4]), np.array([0.35, 0.8])),
+        "domain_B": (np.array([0.3, 0.2]), np.array([], dtype=float)),
+        "domain_C": (np.array([0.5, 0.5]), np.array([0.5])),
+    }  # constant scores
     out = tmp_path / "dist.png"
     path = plots.plot_score_distributions(dists, out, {"domain_A": 0.35, "domain_B": 0.3})
     assert_png(path, out, tmp_path)
@@ -38,8 +42,10 @@ def test_plot_score_distributions_with_thresholds_and_empty_class(tmp_path):
 
 def test_plot_examples_various_shapes(tmp_path):
     rng = np.random.default_rng(0)
-    items = [("domain_A a.tiff (good)", rng.random((31, 95)), rng.random((16, 16)), 0.12, 0),
-             ("domain_B b.tiff (fault)", rng.random((3, 31, 95)), rng.random((1, 16, 16)), 0.93, 1)]
+    items = [
+        ("domain_A a.tiff (good)", rng.random((31, 95)), rng.random((16, 16)), 0.12, 0),
+        ("domain_B b.tiff (fault)", rng.random((3, 31, 95)), rng.random((1, 16, 16)), 0.93, 1),
+    ]
     out = tmp_path / "examples.png"
     assert_png(plots.plot_examples(items, out), out, tmp_path)
     with pytest.raises(ValueError):
@@ -55,9 +61,11 @@ def test_plot_map_pair_replaces_existing_file(tmp_path):
 
 
 def test_plot_seed_comparison_with_missing_seed_and_nan(tmp_path):
-    values = {"baseline": {42: 0.97, 43: 0.96, 44: 0.98},
-              "gem": {42: 0.98, 43: float("nan"), 44: 0.985, 123: 0.99},
-              "focal": {42: 0.95}}
+    values = {
+        "baseline": {42: 0.97, 43: 0.96, 44: 0.98},
+        "gem": {42: 0.98, 43: float("nan"), 44: 0.985, 123: 0.99},
+        "focal": {42: 0.95},
+    }
     out = tmp_path / "seeds.png"
     assert_png(plots.plot_seed_comparison(values, "auroc", "mean", out), out, tmp_path)
 
@@ -72,10 +80,20 @@ def test_examples_keep_the_map_aspect_and_share_colour_scales(tmp_path):
     mask = np.zeros((31, 95), np.uint8)
     mask[10:14, 20:40] = 1
     region = (3.0, 6.0, 25.0, 83.0)  # (top, left, height, width): the centre crop the model saw
-    items = [plots.Example("domain_A a.tiff (good)", rng.random((31, 95)), 0.2 * rng.random((64, 64)), 0.1, 0,
-                           np.zeros((31, 95), np.uint8), region),
-             plots.Example("domain_A b.tiff (fault)", 3 + rng.random((31, 95)), 5 * rng.random((64, 64)), 0.9, 1,
-                           mask, region)]
+    items = [
+        plots.Example(
+            "domain_A a.tiff (good)",
+            rng.random((31, 95)),
+            0.2 * rng.random((64, 64)),
+            0.1,
+            0,
+            np.zeros((31, 95), np.uint8),
+            region,
+        ),
+        plots.Example(
+            "domain_A b.tiff (fault)", 3 + rng.random((31, 95)), 5 * rng.random((64, 64)), 0.9, 1, mask, region
+        ),
+    ]
     fig = plots.examples_figure(items, "Example maps, per domain: the highest-scoring good map")
     panels = [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
     inputs, amaps = panels[0::2], panels[1::2]
@@ -92,7 +110,9 @@ def test_examples_keep_the_map_aspect_and_share_colour_scales(tmp_path):
     lo, hi = a_clims.pop()
     assert lo == pytest.approx(min(float(e.anomaly_map.min()) for e in items))
     assert hi == pytest.approx(max(float(e.anomaly_map.max()) for e in items))
-    assert len(inputs[0].collections) == 0 and len(inputs[1].collections) == 1 == len(amaps[1].collections)  # mask outline
+    assert len(inputs[0].collections) == 0 and len(inputs[1].collections) == 1 == len(
+        amaps[1].collections
+    )  # mask outline
     assert "highest-scoring good map" in fig.get_suptitle() and "ground-truth" in fig.get_suptitle()
     out = tmp_path / "examples.png"
     assert_png(plots.plot_examples(items, out), out, tmp_path)
@@ -112,4 +132,6 @@ def test_roc_grid_table_has_one_column_per_domain_through_every_roc_vertex():
         for f, t in zip(fpr, tpr):  # the rows at each ROC vertex's FPR span its TPR: DVC's line keeps the steps
             at = table.loc[table["fpr"] == f, domain]
             assert at.min() <= t <= at.max(), (domain, f, t)
-        assert len(table) < 2 * len(np.unique(np.concatenate([roc_curve(*curves[d])[0] for d in ("domain_A", "domain_B")])))
+        assert len(table) < 2 * len(
+            np.unique(np.concatenate([roc_curve(*curves[d])[0] for d in ("domain_A", "domain_B")]))
+        )

@@ -17,11 +17,24 @@ from hdmap_ad.core.config import load_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import ScoreConfig, anomaly_map, global_cosine_hm_loss, group_distances, image_score
 
-TINY = ["preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]",
-        "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}", "model.weights=random",
-        "train.steps=5", "train.batch_size=4", "runtime.log_every=1", "train.val_every=1000",
-        "runtime.checkpoint_every=2", "train.warmup_steps=1", "evaluate.batch_size=16", "evaluate.n_examples=2",
-        "runtime.device=cpu", "data.domains=[domain_A, domain_C]", "train.amp=auto", "evaluate.amp=auto"]
+TINY = [
+    "preprocess.resize=[28, 84]",
+    "preprocess.crop=[28, 84]",
+    "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
+    "model.weights=random",
+    "train.steps=5",
+    "train.batch_size=4",
+    "runtime.log_every=1",
+    "train.val_every=1000",
+    "runtime.checkpoint_every=2",
+    "train.warmup_steps=1",
+    "evaluate.batch_size=16",
+    "evaluate.n_examples=2",
+    "runtime.device=cpu",
+    "data.domains=[domain_A, domain_C]",
+    "train.amp=auto",
+    "evaluate.amp=auto",
+]
 CPU = torch.device("cpu")
 
 
@@ -38,12 +51,13 @@ def workdir(tmp_path, monkeypatch):
 
 # --- what a setting resolves to ---------------------------------------------------------------------
 
+
 def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert runtime.resolve_precision(CPU, "auto") == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert runtime.resolve_precision(CPU, "auto") == "off"
-    assert runtime.resolve_precision(CPU, "bf16") == "bf16"   # asked for: emulated where not native
+    assert runtime.resolve_precision(CPU, "bf16") == "bf16"  # asked for: emulated where not native
     assert runtime.resolve_precision(CPU, "off") == "off"
     with pytest.raises(HdmapError, match=r"evaluate.amp=fp16 is CUDA-only"):
         runtime.resolve_precision(CPU, "fp16", "evaluate.amp")
@@ -65,6 +79,7 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
 
 # --- float32 where it matters -----------------------------------------------------------------------
 
+
 def test_float32_terms_stay_float32_under_cpu_bf16_autocast():
     params = load_params(shipped.params_file(), TINY)
     torch.manual_seed(0)
@@ -73,24 +88,27 @@ def test_float32_terms_stay_float32_under_cpu_bf16_autocast():
     cfg = ScoreConfig(size=(32, 32))
     with runtime.autocast(CPU, "bf16"):
         recon = model(images)
-        assert recon.dec_groups[0].dtype == torch.bfloat16       # the matmuls did run in bf16
+        assert recon.dec_groups[0].dtype == torch.bfloat16  # the matmuls did run in bf16
         dist = group_distances(recon)
         loss, info = global_cosine_hm_loss(recon, ratio=0.5)
         amap = anomaly_map(dist, (28, 84))
         score = image_score(amap, cfg)
     assert dist.dtype == loss.dtype == info["per_group"].dtype == amap.dtype == score.dtype == torch.float32
-    assert torch.equal(score, image_score(amap, cfg))            # blur and top-k: the same as outside autocast
+    assert torch.equal(score, image_score(amap, cfg))  # blur and top-k: the same as outside autocast
     loss.backward()
-    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
-               for p in model.trainable_parameters())
+    assert all(
+        p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+        for p in model.trainable_parameters()
+    )
 
 
 # --- training and resume in bf16 --------------------------------------------------------------------
 
+
 def test_bf16_training_is_finite_and_records_the_resolved_precision(workdir, prepared_dir, monkeypatch):
     from hdmap_ad.pipeline.training import MODEL_FILE, train
 
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)   # auto -> bf16, as on an AMX machine
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # auto -> bf16, as on an AMX machine
     summary = train(tiny_params(prepared_dir, "runtime.resume=never"))
     bf16_state = checkpoint.load(MODEL_FILE)
     assert bf16_state["precision"] == "bf16" and bf16_state["config"]["train"]["amp"] == "auto"
@@ -122,6 +140,7 @@ def test_a_state_does_not_resume_at_another_resolved_precision(workdir, prepared
 
 # --- bf16 inference of a float32 model --------------------------------------------------------------
 
+
 def test_bf16_inference_of_a_float32_model_matches_float32(workdir, prepared_dir):
     from hdmap_ad.core.inference import score_maps
     from hdmap_ad.pipeline.data import PreparedData
@@ -133,7 +152,7 @@ def test_bf16_inference_of_a_float32_model_matches_float32(workdir, prepared_dir
     maps = np.concatenate([prepared.maps(d, split) for d in ("domain_A", "domain_C") for split in ("train", "test")])
     f32 = score_maps(trained.model, trained.method, maps, trained.params, CPU, 16, amp="off").scores
     b16 = score_maps(trained.model, trained.method, maps, trained.params, CPU, 16, amp="bf16").scores
-    assert not np.array_equal(f32, b16)                                  # bf16 did run
+    assert not np.array_equal(f32, b16)  # bf16 did run
     rel = np.abs(b16 - f32) / np.abs(f32)
     assert rel.max() <= 1e-2, rel.max()
     i, j = np.triu_indices(len(f32), k=1)
@@ -149,7 +168,9 @@ def test_evaluate_reports_its_precision(workdir, prepared_dir, capsys):
     summary = train(params)
     capsys.readouterr()
     result = evaluation.evaluate(params)
-    assert "inference precision: bf16 autocast (evaluate.amp=bf16 on cpu; trained at float32)" in capsys.readouterr().err
+    assert (
+        "inference precision: bf16 autocast (evaluate.amp=bf16 on cpu; trained at float32)" in capsys.readouterr().err
+    )
     assert result["inference_precision"] == "bf16"
     assert json.loads((workdir / "metrics/eval_details.json").read_text())["inference_precision"] == "bf16"
     assert mlflow.MlflowClient().get_run(summary["run_id"]).data.tags["eval_precision"] == "bf16"

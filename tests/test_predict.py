@@ -106,7 +106,10 @@ def test_threshold_override_and_pooled_fallback(tiny_pipeline, tmp_path):
         shutil.copy(f, plain / f.name)
     out = tmp_path / "pooled.csv"
     maps_dir = tmp_path / "maps"
-    assert predict(["--model", tiny_pipeline.checkpoint, "--out", out, "--maps", maps_dir, plain, src[0]], tiny_pipeline) == 0
+    assert (
+        predict(["--model", tiny_pipeline.checkpoint, "--out", out, "--maps", maps_dir, plain, src[0]], tiny_pipeline)
+        == 0
+    )
     pred = read_predictions(out)
     by_name = {Path(p).parent.name: row for p, row in zip(pred["path"], pred.to_dict("records"))}
     assert by_name["no_domain_here"]["domain"] == "" and by_name["good"]["domain"] == "domain_C"
@@ -117,20 +120,30 @@ def test_threshold_override_and_pooled_fallback(tiny_pipeline, tmp_path):
 
     for threshold, expected in ((0.0, 1), (1e9, 0)):
         out = tmp_path / f"thr{threshold}.csv"
-        assert predict(["--model", tiny_pipeline.checkpoint, "--out", out, "--threshold", threshold, plain, src[0]], tiny_pipeline) == 0
+        assert (
+            predict(
+                ["--model", tiny_pipeline.checkpoint, "--out", out, "--threshold", threshold, plain, src[0]],
+                tiny_pipeline,
+            )
+            == 0
+        )
         assert (read_predictions(out)["is_anomaly"] == expected).all()
 
 
 def test_mlflow_run_id_and_registered_model(tiny_pipeline, tmp_path, capsys):
     files = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "good").glob("*.tif*"))[:2]
     a, b = tmp_path / "by_run.csv", tmp_path / "by_name.csv"
-    assert predict(["--model", tiny_pipeline.run_id, "--register", "hdmap-tiny", "--out", a, *files], tiny_pipeline) == 0
+    assert (
+        predict(["--model", tiny_pipeline.run_id, "--register", "hdmap-tiny", "--out", a, *files], tiny_pipeline) == 0
+    )
     assert "models:/hdmap-tiny/" in capsys.readouterr().err
     assert predict(["--model", "models:/hdmap-tiny/1", "--out", b, *files], tiny_pipeline) == 0
     ref = eval_scores(tiny_pipeline)
     for path in (a, b):
         pred = read_predictions(path)
-        np.testing.assert_allclose(pred["score"].to_numpy(float), ref.loc[pred.index, "score"].to_numpy(float), atol=TOL, rtol=0)
+        np.testing.assert_allclose(
+            pred["score"].to_numpy(float), ref.loc[pred.index, "score"].to_numpy(float), atol=TOL, rtol=0
+        )
     assert predict(["--model", "0" * 32, files[0]], tiny_pipeline) == 2
     assert "cannot fetch it from the MLflow store" in capsys.readouterr().err
     # the model file names no run: --register finds it through the run's model_sha256 tag
@@ -142,8 +155,11 @@ def _sample(pipeline: TinyPipeline, tmp_path: Path) -> tuple[np.ndarray, np.ndar
     """Four maps (good and faulty, two domains) and their scores from `hdmap-ad predict`."""
     from hdmap_ad.pipeline.data import read_map
 
-    files = [sorted((pipeline.data_root / d / "test" / kind).glob("*.tif*"))[0]
-             for d in pipeline.domains for kind in ("good", "fault")]
+    files = [
+        sorted((pipeline.data_root / d / "test" / kind).glob("*.tif*"))[0]
+        for d in pipeline.domains
+        for kind in ("good", "fault")
+    ]
     out = tmp_path / "ref.csv"
     assert predict(["--model", pipeline.checkpoint, "--out", out, *files], pipeline) == 0
     pred = read_predictions(out)
@@ -158,15 +174,16 @@ def test_pyfunc_model_in_a_fresh_process(tiny_pipeline, tmp_path):
         import json, sys
         import numpy as np, mlflow.pyfunc
         model = mlflow.pyfunc.load_model("runs:/{tiny_pipeline.run_id}/model")
-        maps = np.load({str(tmp_path / 'maps.npy')!r})
+        maps = np.load({str(tmp_path / "maps.npy")!r})
         out = model.predict(maps)
         pooled = model.predict(maps, params={{"threshold": 0.0}})
         import hdmap_ad
         json.dump({{"scores": out["score"].tolist(), "flags": out["is_anomaly"].tolist(),
                    "forced": pooled["is_anomaly"].tolist(), "package": hdmap_ad.__file__}}, sys.stdout)
     """)
-    proc = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=180,
-                          env=tiny_pipeline.env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=180, env=tiny_pipeline.env(), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(got["scores"], expected, atol=TOL, rtol=0)
@@ -204,13 +221,31 @@ def test_served_model_answers_like_predict(tiny_pipeline, tmp_path):
     maps, expected = _sample(tiny_pipeline, tmp_path)
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", tiny_pipeline.model_uri, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            # the server execs `uvicorn`, which must be on PATH (the venv's bin/)
-                            env=tiny_pipeline.env(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                                                  MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            tiny_pipeline.model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        # the server execs `uvicorn`, which must be on PATH (the venv's bin/)
+        env=tiny_pipeline.env(
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"
+        ),
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -222,7 +257,9 @@ def test_served_model_answers_like_predict(tiny_pipeline, tmp_path):
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            assert time.monotonic() < deadline, "server did not come up in 90 s:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "server did not come up in 90 s:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            )
             time.sleep(1)
 
         status, answer = _post(f"{base}/invocations", {"inputs": maps.tolist()})
@@ -320,9 +357,11 @@ def test_unwritable_outputs_fail_before_scoring(tiny_pipeline, tmp_path, monkeyp
     monkeypatch.setattr(inference, "score_arrays", no_scoring)
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
-    extra = {"out_is_folder": ["--out", tmp_path],
-             "out_under_a_file": ["--out", a_file / "pred.csv"],
-             "maps_is_a_file": ["--out", tmp_path / "pred.csv", "--maps", a_file]}[target]
+    extra = {
+        "out_is_folder": ["--out", tmp_path],
+        "out_under_a_file": ["--out", a_file / "pred.csv"],
+        "maps_is_a_file": ["--out", tmp_path / "pred.csv", "--maps", a_file],
+    }[target]
     src = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "good").glob("*.tif*"))[0]
     assert predict(["--model", tiny_pipeline.checkpoint, *extra, src], tiny_pipeline) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, PreparedData, read_map
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, PreparedData, read_map
 
 SIZES = [  # (resize, crop): the paper's square setting, the project's non-square defaults, odd margins (x.5 rounding)
     ((448, 448), (392, 392)),
@@ -31,8 +31,9 @@ def maps_like_hdmap(n: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("resize,crop", SIZES)
 def test_matches_torchvision_v2(resize, crop):
     x = maps_like_hdmap()
-    reference = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
-                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(x[:, None].repeat(1, 3, 1, 1))
+    reference = v2.Compose(
+        [v2.Resize(resize, antialias=True), v2.CenterCrop(crop), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )(x[:, None].repeat(1, 3, 1, 1))
     out = preprocess(x, resize, crop)
     assert out.shape == (3, 3, *crop) and out.dtype == torch.float32
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)

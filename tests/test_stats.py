@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from scipy.stats import ttest_rel, wilcoxon
 
-from hdmap_ad.pipeline.stats import (PairedResult, fill_holm, format_mean_std, holm_adjust, mean_std, paired_test,
-                            significance_mark)
+from hdmap_ad.pipeline.stats import (
+    PairedResult,
+    fill_holm,
+    format_mean_std,
+    holm_adjust,
+    mean_std,
+    paired_test,
+    significance_mark,
+)
 
 BASE = {42: 0.971, 43: 0.965, 44: 0.980, 123: 0.958, 456: 0.975}
 METH = {42: 0.982, 43: 0.970, 44: 0.981, 123: 0.969, 456: 0.990}
@@ -156,8 +163,20 @@ def test_format_mean_std():
 
 
 def test_paired_result_defaults():
-    r = PairedResult(seeds=[], n=0, baseline_mean=None, baseline_std=None, method_mean=None, method_std=None,
-                     delta=None, t_stat=None, p_ttest=None, w_stat=None, p_wilcoxon=None, d_z=None)
+    r = PairedResult(
+        seeds=[],
+        n=0,
+        baseline_mean=None,
+        baseline_std=None,
+        method_mean=None,
+        method_std=None,
+        delta=None,
+        t_stat=None,
+        p_ttest=None,
+        w_stat=None,
+        p_wilcoxon=None,
+        d_z=None,
+    )
     assert r.p_holm is None and r.note == ""
 
 

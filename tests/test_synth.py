@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from scipy import ndimage, stats
 
-from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases, scan_root
 from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases, scan_root
 from hdmap_ad.pipeline.synth import STYLES, SynthConfig, generate, make_domain
 
 REAL_RAW_MAX = {"domain_A": 0.324670, "domain_B": 1.324418, "domain_C": 0.087341, "domain_D": 0.418999}
@@ -36,6 +36,7 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------------ files
 
+
 def test_layout_names_types_and_masks(synthetic_root):
     summary = json.loads((synthetic_root / "synth.json").read_text())
     for domain in DEFAULT_DOMAINS:
@@ -50,8 +51,9 @@ def test_layout_names_types_and_masks(synthetic_root):
             mask = tifffile.imread(synthetic_root / domain / "ground_truth" / "fault" / f"{i:06d}.tiff")
             assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
             assert np.array_equal(mask > 0, truth.masks[i] == 1)
-            assert np.array_equal(tifffile.imread(synthetic_root / domain / "test" / "fault" / f"{i:06d}.tiff"),
-                                  truth.test_fault[i])
+            assert np.array_equal(
+                tifffile.imread(synthetic_root / domain / "test" / "fault" / f"{i:06d}.tiff"), truth.test_fault[i]
+            )
         assert summary["domains"][domain]["train"] == 8
 
 
@@ -88,14 +90,15 @@ def test_generate_is_atomic_and_validates(tmp_path):
 
 # ------------------------------------------------------------------------------ docs/design.md#data-synth properties
 
+
 def test_raw_scales_and_minmax_by_train_max_without_clipping(synthetic_root, sets):
     summary = json.loads((synthetic_root / "synth.json").read_text())
     above_1 = 0
     for domain in DEFAULT_DOMAINS:
         assert summary["domains"][domain]["raw_train_max"] == pytest.approx(REAL_RAW_MAX[domain], rel=1e-9)
         train = np.stack([tifffile.imread(p) for p in sorted((synthetic_root / domain / "train" / "good").iterdir())])
-        assert train.max() == np.float32(1.0)   # divided by the train set's global max
-        assert train.min() > 0.02               # min 0 in the scaling: the data's own minimum is not subtracted
+        assert train.max() == np.float32(1.0)  # divided by the train set's global max
+        assert train.min() > 0.02  # min 0 in the scaling: the data's own minimum is not subtracted
         m = sets[domain]
         assert m.train.max() == np.float32(1.0) and m.raw_train_max == pytest.approx(REAL_RAW_MAX[domain], rel=1e-9)
         test = np.concatenate([m.test_good, m.test_fault])
@@ -111,8 +114,8 @@ def test_fixed_periodic_structure_with_horizontal_orientation(sets):
     other_seed = SynthConfig(n_train=50, n_test_good=2, n_test_fault=2, seed=123)
     for domain, m in sets.items():
         train = m.train
-        vertical = np.mean(np.diff(train, axis=1) ** 2)     # changes from row to row
-        horizontal = np.mean(np.diff(train, axis=2) ** 2)   # changes along a row
+        vertical = np.mean(np.diff(train, axis=1) ** 2)  # changes from row to row
+        horizontal = np.mean(np.diff(train, axis=2) ** 2)  # changes along a row
         assert vertical > 3 * horizontal, domain
         profile = train.mean(axis=(0, 2))
         spectrum = np.abs(np.fft.rfft(profile - profile.mean()))
@@ -128,12 +131,12 @@ def test_per_image_jitter_noise_skew_and_mean(sets):
     for domain, m in sets.items():
         good = m.test_good[:20]  # one phase (cold): differences are jitter and noise, not temperature
         means = good.mean(axis=(1, 2))
-        assert means.std() / means.mean() > 0.02, domain           # per-image amplitude jitter
+        assert means.std() / means.mean() > 0.02, domain  # per-image amplitude jitter
         residual = good / good.mean(axis=0, keepdims=True)
-        assert 0.05 < residual.std() < 0.4, domain                   # pixel noise, not dominating
+        assert 0.05 < residual.std() < 0.4, domain  # pixel noise, not dominating
         assert not np.array_equal(good[0], good[1])
-        assert stats.skew(m.train.ravel()) > 0.3, domain           # right-skewed
-        assert 0.2 <= m.train.mean() <= 0.3, domain                 # scaled mean as in docs/design.md#data-layout
+        assert stats.skew(m.train.ravel()) > 0.3, domain  # right-skewed
+        assert 0.2 <= m.train.mean() <= 0.3, domain  # scaled mean as in docs/design.md#data-layout
         assert 0.06 <= m.train.std() <= 0.12, domain
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hdmap_ad.pipeline import tracking
 import shipped
+from hdmap_ad.pipeline import tracking
 
 
 def test_store_resolves_to_dvc_root(monkeypatch, tmp_path):
@@ -62,7 +62,9 @@ def test_runs_differing_only_in_method_and_seed_share_a_comparison_key():
 
     path = shipped.params_file()
     base = load_params(path, ["method=baseline", "seed=42"])
-    focal = load_params(path, ["method=focal", "seed=44", "focal.gamma=3.0", "runtime.device=cpu", "runtime.log_every=3"])
+    focal = load_params(
+        path, ["method=focal", "seed=44", "focal.gamma=3.0", "runtime.device=cpu", "runtime.log_every=3"]
+    )
     longer = load_params(path, ["method=focal", "seed=44", "train.steps=20"])
     assert base.comparison_key("m") == focal.comparison_key("m")
     assert base.comparison_key("m") != longer.comparison_key("m")

@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 from hdmap_ad.core import checkpoint
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods.baseline import Baseline
 from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
-import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING = ["train.steps=6", "runtime.log_every=1", "train.val_every=3", "runtime.checkpoint_every=1",
-            "train.warmup_steps=2", "runtime.device=auto"]
+TRAINING = [
+    "train.steps=6",
+    "runtime.log_every=1",
+    "train.val_every=3",
+    "runtime.checkpoint_every=1",
+    "train.warmup_steps=2",
+    "runtime.device=auto",
+]
 
 
 @pytest.fixture()

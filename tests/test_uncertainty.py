@@ -10,11 +10,21 @@ import pytest
 from scipy import stats as sst
 from sklearn.metrics import roc_auc_score
 
-from hdmap_ad.pipeline.uncertainty import (AurocScores, domain_replicate_deltas, PreparedScores, resample_counts,
-                                           _twice_weighted_auc_numerators, delong_pooled, delong_test,
-                                           describe_seeds_needed, hierarchical_bootstrap_auroc,
-                                           paired_delta_interval, paired_t_power, probability_of_improvement,
-                                           seeds_needed)
+from hdmap_ad.pipeline.uncertainty import (
+    AurocScores,
+    PreparedScores,
+    _twice_weighted_auc_numerators,
+    delong_pooled,
+    delong_test,
+    describe_seeds_needed,
+    domain_replicate_deltas,
+    hierarchical_bootstrap_auroc,
+    paired_delta_interval,
+    paired_t_power,
+    probability_of_improvement,
+    resample_counts,
+    seeds_needed,
+)
 
 
 def _auc(y, s) -> float:
@@ -30,6 +40,7 @@ def _json_ok(obj) -> None:
 
 # ------------------------------------------------------------------ paired Δ interval over seeds
 
+
 def test_t_interval_matches_scipy_ttest_rel_interval():
     base = np.array([0.971, 0.965, 0.980, 0.958, 0.975])
     meth = np.array([0.982, 0.970, 0.981, 0.969, 0.990])
@@ -38,8 +49,14 @@ def test_t_interval_matches_scipy_ttest_rel_interval():
         ref = sst.ttest_rel(meth, base).confidence_interval(conf)
         assert r.t_low == pytest.approx(ref.low, rel=1e-12) and r.t_high == pytest.approx(ref.high, rel=1e-12)
         assert r.delta == pytest.approx(np.mean(meth - base))
-        boot = sst.bootstrap(((meth - base),), np.mean, n_resamples=2000, confidence_level=conf,
-                             method="percentile", rng=np.random.default_rng(3))
+        boot = sst.bootstrap(
+            ((meth - base),),
+            np.mean,
+            n_resamples=2000,
+            confidence_level=conf,
+            method="percentile",
+            rng=np.random.default_rng(3),
+        )
         assert r.boot_low == pytest.approx(boot.confidence_interval.low)
         assert r.boot_high == pytest.approx(boot.confidence_interval.high)
         # percentile interval of a mean lies within the data's range and is narrower than t at n = 5
@@ -92,6 +109,7 @@ def test_t_interval_coverage_and_why_seed_only_intervals_are_not_enough():
 
 # ------------------------------------------------------------------ DeLong
 
+
 def _slow_delong(y, a, b):
     """Direct O(m·n) structural components (DeLong et al. 1988): ψ = 1, ½, 0 for >, =, <."""
     y = np.asarray(y).astype(bool)
@@ -135,10 +153,12 @@ def test_delong_matches_slow_structural_components_and_sklearn(m, n, levels):
 # Care Med 36:107) as distributed with the R package pROC, whose documented DeLong example is
 # roc.test(roc(outcome, wfns), roc(outcome, s100b)): Z = 2.20898359144091, p = 0.0271757822291882,
 # 95 % CI of the AUC difference 0.0104061769564846 .. 0.174214419249478, AUCs 0.8237 and 0.7314.
-ASAH_POOR = ("00001101001011001011101000000000100110110000000001100010001010011101101111000110100000010000000000"
-             "001111110001000")
-ASAH_WFNS = ("11113254125255125225211112121134214541425511241125521251222151125214524414121421232421451154221113"
-             "125225552445111")
+ASAH_POOR = (
+    "00001101001011001011101000000000100110110000000001100010001010011101101111000110100000010000000000001111110001000"
+)
+ASAH_WFNS = (
+    "11113254125255125225211112121134214541425511241125521251222151125214524414121421232421451154221113125225552445111"
+)
 ASAH_S100B_HUNDREDTHS = """\
 13 14 10 4 13 10 47 16 18 10 12 10 44 71 4 8 49 4 7 33 9 9 7 11 7 17 7 11 13 19 5 16 41 14 34 35 48
 9 96 25 50 46 16 7 43 45 11 8 9 86 52 8 6 13 207 10 14 15 7 6 77 5 9 30 3 9 4 23 70 9 27 71 8 26 8
@@ -202,7 +222,7 @@ def test_pooled_delong_is_the_contrast_over_all_seeds():
     assert r.p == pytest.approx(2 * sst.norm.sf(abs(r.delta / se)), abs=1e-12)
     assert [p.delta for p in r.per_seed] == pytest.approx(deltas, abs=1e-12)
     per_se = np.array([p.se for p in r.per_seed])
-    assert r.se_upper == pytest.approx(math.sqrt(np.mean(per_se ** 2)), abs=1e-12)
+    assert r.se_upper == pytest.approx(math.sqrt(np.mean(per_se**2)), abs=1e-12)
     assert r.se <= r.se_upper + 1e-15
     assert r.seeds == [42, 43, 44, 45]
     _json_ok(r)
@@ -229,6 +249,7 @@ def test_pooled_delong_degenerate_and_bad_seeds():
 
 # ------------------------------------------------------------------ hierarchical bootstrap
 
+
 def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
     rng = np.random.default_rng(5)
     m, n, seeds = 23, 31, 2
@@ -249,8 +270,10 @@ def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
     delta, sign = domain_replicate_deltas(prep, seed_w, pos_w, neg_w)
     for b in range(6):
         w = np.r_[pos_w[b], neg_w[b]]
-        per = [roc_auc_score(np.repeat(y, w), np.repeat(sm[s], w)) - roc_auc_score(np.repeat(y, w), np.repeat(sb[s], w))
-               for s in range(seeds)]
+        per = [
+            roc_auc_score(np.repeat(y, w), np.repeat(sm[s], w)) - roc_auc_score(np.repeat(y, w), np.repeat(sb[s], w))
+            for s in range(seeds)
+        ]
         assert delta[b] == pytest.approx(np.dot(seed_w[b], per) / seeds, abs=1e-12)
         assert sign[b] == np.sign(round(delta[b], 12))
 
@@ -281,8 +304,7 @@ def test_hierarchical_bootstrap_point_reproducibility_and_chunk_invariance():
     r3 = hierarchical_bootstrap_auroc(doms, n_resamples=300, seed=10)
     assert r3.domains["a"].low != r1.domains["a"].low
     for name, d in doms.items():
-        ref = np.mean([roc_auc_score(d.labels, d.method[s]) - roc_auc_score(d.labels, d.baseline[s])
-                       for s in range(4)])
+        ref = np.mean([roc_auc_score(d.labels, d.method[s]) - roc_auc_score(d.labels, d.baseline[s]) for s in range(4)])
         b = r1.domains[name]
         assert b.delta == pytest.approx(ref, abs=1e-12)
         assert b.low < b.delta < b.high and 0.0 <= b.p_improvement <= 1.0 and b.share_ties is not None
@@ -322,16 +344,17 @@ def test_hierarchical_bootstrap_degenerate_cases_are_not_computable():
     assert same.mean.low is None and "not computable" in same.mean.note
     one = hierarchical_bootstrap_auroc({"d": AurocScores(d.labels, d.method[:1], d.baseline[:1])}, n_resamples=50)
     assert one.domains["d"].low is None and "1 seed(s)" in one.domains["d"].note
-    assert one.domains["d"].delta == pytest.approx(roc_auc_score(d.labels, d.method[0])
-                                                   - roc_auc_score(d.labels, d.baseline[0]))
+    assert one.domains["d"].delta == pytest.approx(
+        roc_auc_score(d.labels, d.method[0]) - roc_auc_score(d.labels, d.baseline[0])
+    )
     nan_scores = d.method.copy()
     nan_scores[0, 0] = np.nan
-    mixed = hierarchical_bootstrap_auroc({"bad": AurocScores(d.labels, nan_scores, d.baseline), "good": d},
-                                         n_resamples=50)
+    mixed = hierarchical_bootstrap_auroc(
+        {"bad": AurocScores(d.labels, nan_scores, d.baseline), "good": d}, n_resamples=50
+    )
     assert mixed.domains["bad"].delta is None and "NaN" in mixed.domains["bad"].note
     assert mixed.domains["good"].low is not None and "left out (not computable): bad" in mixed.mean.note
-    one_class = hierarchical_bootstrap_auroc(
-        {"d": AurocScores(np.ones(20, int), d.method, d.baseline)}, n_resamples=50)
+    one_class = hierarchical_bootstrap_auroc({"d": AurocScores(np.ones(20, int), d.method, d.baseline)}, n_resamples=50)
     assert "not computable" in one_class.domains["d"].note
     for r in (same, one, mixed, one_class):
         _json_ok(r)
@@ -357,8 +380,8 @@ def test_hierarchical_bootstrap_coverage_with_seed_and_shared_test_set_noise():
     seeds, m, reps = 5, 60, 300
     mu = {"method": 1.3, "baseline": 1.2}
     sd_map, sd_map_method, sd_run, sd_seed, sd_seed_method = 0.6, 0.4, 0.3, 0.2, 0.1
-    c2 = 2 * (sd_map ** 2 + sd_map_method ** 2 + sd_run ** 2)
-    spread = math.sqrt(c2 + sd_seed ** 2 + sd_seed_method ** 2)
+    c2 = 2 * (sd_map**2 + sd_map_method**2 + sd_run**2)
+    spread = math.sqrt(c2 + sd_seed**2 + sd_seed_method**2)
     true = sst.norm.cdf(mu["method"] / spread) - sst.norm.cdf(mu["baseline"] / spread)
     y = np.r_[np.ones(m, int), np.zeros(m, int)]
     hit = hit_t = 0
@@ -368,10 +391,15 @@ def test_hierarchical_bootstrap_coverage_with_seed_and_shared_test_set_noise():
         scores = {}
         for name in ("method", "baseline"):
             sep = mu[name] + u + rng.normal(0, sd_seed_method, size=seeds)
-            scores[name] = (sep[:, None] * y + maps + rng.normal(0, sd_map_method, size=2 * m)
-                            + rng.normal(0, sd_run, size=(seeds, 2 * m)))
-        res = hierarchical_bootstrap_auroc({"d": AurocScores(y, scores["method"], scores["baseline"])},
-                                           n_resamples=200, seed=k).domains["d"]
+            scores[name] = (
+                sep[:, None] * y
+                + maps
+                + rng.normal(0, sd_map_method, size=2 * m)
+                + rng.normal(0, sd_run, size=(seeds, 2 * m))
+            )
+        res = hierarchical_bootstrap_auroc(
+            {"d": AurocScores(y, scores["method"], scores["baseline"])}, n_resamples=200, seed=k
+        ).domains["d"]
         hit += res.low <= true <= res.high
         diffs = [_auc(y, scores["method"][s]) - _auc(y, scores["baseline"][s]) for s in range(seeds)]
         t = paired_delta_interval(diffs, n_resamples=10)
@@ -381,6 +409,7 @@ def test_hierarchical_bootstrap_coverage_with_seed_and_shared_test_set_noise():
 
 
 # ------------------------------------------------------------------ probability of improvement
+
 
 def test_probability_of_improvement_counts_ties_apart():
     r = probability_of_improvement([0.01, -0.02, 0.0, 0.03, float("nan")])
@@ -393,6 +422,7 @@ def test_probability_of_improvement_counts_ties_apart():
 
 
 # ------------------------------------------------------------------ seeds needed
+
 
 def _diffs_with(d_z: float, n: int = 6) -> np.ndarray:
     """n values with mean d_z and sample sd exactly 1."""

@@ -18,11 +18,24 @@ import shipped
 
 ENCODER: dict[str, int] = {"depth": 10, "embed_dim": 32, "num_heads": 2}
 SIZE: tuple[int, int] = (28, 84)
-MODEL: list[str] = [f"preprocess.resize={list(SIZE)}", f"preprocess.crop={list(SIZE)}", "model.encoder=small",
-                    "model.weights=random", f"model.encoder_overrides={json.dumps(ENCODER)}"]
-TRAINING: list[str] = ["train.steps=4", "train.batch_size=4", "train.warmup_steps=1", "train.val_every=1000",
-                       "runtime.device=cpu", "runtime.log_every=2", "runtime.checkpoint_every=2",
-                       "evaluate.batch_size=16", "evaluate.n_examples=2"]
+MODEL: list[str] = [
+    f"preprocess.resize={list(SIZE)}",
+    f"preprocess.crop={list(SIZE)}",
+    "model.encoder=small",
+    "model.weights=random",
+    f"model.encoder_overrides={json.dumps(ENCODER)}",
+]
+TRAINING: list[str] = [
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.val_every=1000",
+    "runtime.device=cpu",
+    "runtime.log_every=2",
+    "runtime.checkpoint_every=2",
+    "evaluate.batch_size=16",
+    "evaluate.n_examples=2",
+]
 
 
 def params(*extra: str, prepared: Path | str | None = None):
@@ -37,5 +50,12 @@ def model_config(**overrides: Any):
     """A DinomalyConfig of the tiny encoder (image size 28×42 unless overridden)."""
     from hdmap_ad.core.model import DinomalyConfig
 
-    return DinomalyConfig(**{"encoder": "small", "weights": "random", "image_size": (28, 42),
-                             "encoder_overrides": dict(ENCODER), **overrides})
+    return DinomalyConfig(
+        **{
+            "encoder": "small",
+            "weights": "random",
+            "image_size": (28, 42),
+            "encoder_overrides": dict(ENCODER),
+            **overrides,
+        }
+    )

@@ -23,8 +23,11 @@ def run_migrate(args: argparse.Namespace) -> int:
     from hdmap_ad.core import checkpoint
 
     digest = checkpoint.migrate(Path(args.old), Path(args.new))
-    print(f"{args.new}: written as a format-{checkpoint.FORMAT_VERSION} checkpoint (sha256 {digest}); "
-          f"{args.old} is left as it was", file=sys.stderr)
+    print(
+        f"{args.new}: written as a format-{checkpoint.FORMAT_VERSION} checkpoint (sha256 {digest}); "
+        f"{args.old} is left as it was",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -33,18 +36,28 @@ def run_verify(args: argparse.Namespace) -> int:
 
     payload, digest = checkpoint.read(Path(args.file))
     kind = "training state" if "optimizer" in payload else "model"
-    print(f"{args.file}: format {checkpoint.FORMAT_VERSION} {kind}, content matches its hash (sha256 {digest}); "
-          f"step {payload.get('step')}, domains {', '.join(map(str, payload.get('domains') or [])) or '?'}")
+    print(
+        f"{args.file}: format {checkpoint.FORMAT_VERSION} {kind}, content matches its hash (sha256 {digest}); "
+        f"step {payload.get('step')}, domains {', '.join(map(str, payload.get('domains') or [])) or '?'}"
+    )
     return 0
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("checkpoint", parents=[common], help="verify a checkpoint file, or convert an old pickle-based one",
-                       description=__doc__.split("\n\nThis module")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "checkpoint",
+        parents=[common],
+        help="verify a checkpoint file, or convert an old pickle-based one",
+        description=__doc__.split("\n\nThis module")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     actions = p.add_subparsers(dest="checkpoint_action", required=True, metavar="ACTION")
-    m = actions.add_parser("migrate", help="convert a format-1 (torch.save) checkpoint to the current format",
-                           description="Read OLD with torch's restricted weights_only unpickler and write NEW in the "
-                                       "current format (OLD is not changed). Migrate only files you trust.")
+    m = actions.add_parser(
+        "migrate",
+        help="convert a format-1 (torch.save) checkpoint to the current format",
+        description="Read OLD with torch's restricted weights_only unpickler and write NEW in the "
+        "current format (OLD is not changed). Migrate only files you trust.",
+    )
     m.add_argument("old", metavar="OLD", help="the format-1 checkpoint")
     m.add_argument("new", metavar="NEW", help="the file to write")
     m.set_defaults(func=run_migrate)

@@ -39,22 +39,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     p = _params(args).synth
     cfg = SynthConfig(
-        n_train=args.n_train or p.n_train, n_test_good=args.n_test_good or p.n_test_good,
-        n_test_fault=args.n_test_fault or p.n_test_fault, height=args.height or p.height, width=args.width or p.width,
+        n_train=args.n_train or p.n_train,
+        n_test_good=args.n_test_good or p.n_test_good,
+        n_test_fault=args.n_test_fault or p.n_test_fault,
+        height=args.height or p.height,
+        width=args.width or p.width,
         seed=p.seed if args.seed is None else args.seed,
     )
     out = Path(args.out or p.out)
     generate(out, cfg)
-    print(f"synthetic HDMAP written to {out} (seed {cfg.seed}, {cfg.n_train} train, "
-          f"{cfg.n_test_good}+{cfg.n_test_fault} test maps per domain, {cfg.height}x{cfg.width})")
+    print(
+        f"synthetic HDMAP written to {out} (seed {cfg.seed}, {cfg.n_train} train, "
+        f"{cfg.n_test_good}+{cfg.n_test_fault} test maps per domain, {cfg.height}x{cfg.width})"
+    )
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from hdmap_ad.pipeline.data import prepare_dataset, summary_table
     from hdmap_ad.core.runtime import console
+    from hdmap_ad.pipeline.data import prepare_dataset, summary_table
 
     params = _params(args)
     out = Path(params.data.prepared)
@@ -70,8 +75,10 @@ def cmd_configure(args: argparse.Namespace) -> int:
     params = _params(args)  # validates everything: a typo in method or any value stops here, before DVC trains
     out = Path(args.out)
     write_json(params.training_config(), out)
-    print(f"{out}: {params.method} seed {params.seed}, profile {params.profile}, training fingerprint "
-          f"{params.training_fingerprint()}")
+    print(
+        f"{out}: {params.method} seed {params.seed}, profile {params.profile}, training fingerprint "
+        f"{params.training_fingerprint()}"
+    )
     return 0
 
 
@@ -97,7 +104,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     path = Path(args.file or EVAL_FILE)
     if not path.is_file():
-        raise HdmapError(f"{path}: no evaluation yet (run `dvc repro`)" if args.file is None else f"{path}: file not found")
+        raise HdmapError(
+            f"{path}: no evaluation yet (run `dvc repro`)" if args.file is None else f"{path}: file not found"
+        )
     metrics, details = read_results(path)
     out = Console()
     if not out.is_terminal:
@@ -112,31 +121,50 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
     params = _params(args)
     exp_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
     tracking.ensure_experiment(tracking.compare_experiment_name(params.mlflow.experiment), params.mlflow.tracking_uri)
-    print(f"MLflow experiment {params.mlflow.experiment!r} (id {exp_id}) at {tracking.tracking_uri(params.mlflow.tracking_uri)}")
+    print(
+        f"MLflow experiment {params.mlflow.experiment!r} (id {exp_id}) at {tracking.tracking_uri(params.mlflow.tracking_uri)}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hdmap-ad", description="Dinomaly anomaly detection on HDMAP maps, tracked with DVC and MLflow.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="hdmap-ad",
+        description="Dinomaly anomaly detection on HDMAP maps, tracked with DVC and MLflow.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter for this call, e.g. --set method=focal --set train.steps=500")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter for this call, e.g. --set method=focal --set train.steps=500",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=description or help_text,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=description or help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         return p
 
-    p = add("synth", cmd_synth, "write a synthetic HDMAP dataset (the embedded default data)",
-            "Write synthetic HDMAP maps in the real layout (<root>/domain_X/{train/good,test/good,test/fault}) as\n"
-            "float32 TIFFs, with a pixel mask per fault map under ground_truth/fault. Defaults come from the\n"
-            "`synth` section of params.yaml; flags override them.")
+    p = add(
+        "synth",
+        cmd_synth,
+        "write a synthetic HDMAP dataset (the embedded default data)",
+        "Write synthetic HDMAP maps in the real layout (<root>/domain_X/{train/good,test/good,test/fault}) as\n"
+        "float32 TIFFs, with a pixel mask per fault map under ground_truth/fault. Defaults come from the\n"
+        "`synth` section of params.yaml; flags override them.",
+    )
     p.add_argument("--out", help="output folder (default: synth.out)")
     p.add_argument("--seed", type=int, help="generator seed (default: synth.seed)")
     p.add_argument("--n-train", type=int, help="train/good maps per domain")
@@ -145,28 +173,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="map height (rows)")
     p.add_argument("--width", type=int, help="map width (columns)")
 
-    add("prepare", cmd_prepare, "validate the raw maps and pack them for training",
+    add(
+        "prepare",
+        cmd_prepare,
+        "validate the raw maps and pack them for training",
         "Read every map of the selected domains (data.root / data.domains), validate it\n"
         "(readable, finite, 2-D, one shape), and write data/prepared/: manifest.csv, per-domain packed\n"
-        "float32 arrays, and summary.json. On any error nothing in data/prepared/ changes.")
-    p = add("configure", cmd_configure, "validate params.yaml and write the resolved training config",
-            "Validate params.yaml, resolve the profile and the chosen method's section, and write what changes a\n"
-            "trained model (no run-time settings) to models/train_config.json. The DVC train stage depends on\n"
-            "that file, so DVC retrains exactly when it changes, and a bad value fails here with one line.")
+        "float32 arrays, and summary.json. On any error nothing in data/prepared/ changes.",
+    )
+    p = add(
+        "configure",
+        cmd_configure,
+        "validate params.yaml and write the resolved training config",
+        "Validate params.yaml, resolve the profile and the chosen method's section, and write what changes a\n"
+        "trained model (no run-time settings) to models/train_config.json. The DVC train stage depends on\n"
+        "that file, so DVC retrains exactly when it changes, and a bad value fails here with one line.",
+    )
     p.add_argument("--out", default=str(TRAIN_CONFIG_FILE), help=f"output file (default: {TRAIN_CONFIG_FILE})")
-    p = add("train", cmd_train, "train one multi-class model over all selected domains",
-            "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
-            "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (runtime.resume).")
-    p.add_argument("--expect-config", type=Path, metavar="FILE",
-                   help="refuse to train (or to finish) unless params still resolve to this training config\n"
-                        "(the DVC stage passes models/train_config.json: it catches a second `dvc exp run` that\n"
-                        "rewrote params.yaml in the same workspace while this one ran)")
-    add("evaluate", cmd_evaluate, "score every test map per domain and write metrics and plots",
+    p = add(
+        "train",
+        cmd_train,
+        "train one multi-class model over all selected domains",
+        "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
+        "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (runtime.resume).",
+    )
+    p.add_argument(
+        "--expect-config",
+        type=Path,
+        metavar="FILE",
+        help="refuse to train (or to finish) unless params still resolve to this training config\n"
+        "(the DVC stage passes models/train_config.json: it catches a second `dvc exp run` that\n"
+        "rewrote params.yaml in the same workspace while this one ran)",
+    )
+    add(
+        "evaluate",
+        cmd_evaluate,
+        "score every test map per domain and write metrics and plots",
         "Write metrics/eval.json (headline metrics in %), metrics/eval_details.json (counts, thresholds,\n"
-        "validity), metrics/scores.csv and plots/, and log them to the training run in MLflow.")
+        "validity), metrics/scores.csv and plots/, and log them to the training run in MLflow.",
+    )
     p = add("show", cmd_show, "print an evaluation's metrics table")
-    p.add_argument("file", nargs="?", help="eval.json to show (default: metrics/eval.json; the "
-                                           "eval_details.json beside it adds validity and counts)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        help="eval.json to show (default: metrics/eval.json; the eval_details.json beside it adds validity and counts)",
+    )
     add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (run once before parallel workers)")
 
     # the larger commands live beside their own module, each adding its subcommand

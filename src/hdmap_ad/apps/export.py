@@ -25,9 +25,9 @@ from pathlib import Path
 from hdmap_ad.core.errors import HdmapError
 
 FORMATS = ("onnx",)
-PARITY_MAPS = 4        # maps compared between onnxruntime and PyTorch after export
-PARITY_RTOL = 1e-3     # the export test holds 1e-4; this is the command's alarm threshold
-ONNX_MODEL_NAME = "model_onnx"   # the pyfunc model's name in the run with --log-model
+PARITY_MAPS = 4  # maps compared between onnxruntime and PyTorch after export
+PARITY_RTOL = 1e-3  # the export test holds 1e-4; this is the command's alarm threshold
+ONNX_MODEL_NAME = "model_onnx"  # the pyfunc model's name in the run with --log-model
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -95,7 +95,9 @@ def run_export(args: argparse.Namespace) -> int:
         trained = load_trained(resolved.checkpoint, torch.device("cpu"))
         shape = args.map_shape or expected_shape(trained)
         if shape is None:
-            raise HdmapError(f"--model {args.model}: the checkpoint does not record its maps' size; give --map-shape HxW")
+            raise HdmapError(
+                f"--model {args.model}: the checkpoint does not record its maps' size; give --map-shape HxW"
+            )
         run_id = _training_run(resolved, trained)
         # written beside --out and moved there only once it passed the parity check
         unchecked = out.with_name(f".{out.name}.unchecked-{os.getpid()}")
@@ -103,15 +105,21 @@ def run_export(args: argparse.Namespace) -> int:
         export_onnx(trained, unchecked, shape, run_id=run_id, commit=tracking.git_commit())
         rel, diff = parity(trained, unchecked, shape)
         if not rel <= PARITY_RTOL:
-            raise HdmapError(f"{out}: not written: onnxruntime scores differ from PyTorch's by {rel:.2e} relative "
-                             f"(> {PARITY_RTOL:g}), the exported graph is wrong; please report it")
+            raise HdmapError(
+                f"{out}: not written: onnxruntime scores differ from PyTorch's by {rel:.2e} relative "
+                f"(> {PARITY_RTOL:g}), the exported graph is wrong; please report it"
+            )
         os.replace(unchecked, out)
-        print(f"exported {out} ({out.stat().st_size / 2**20:.1f} MiB; input N×{shape[0]}×{shape[1]} float32; "
-              f"run {run_id or 'unknown'}); onnxruntime vs PyTorch: score rel. diff {rel:.1e}, map abs. diff {diff:.1e}",
-              file=sys.stderr)
+        print(
+            f"exported {out} ({out.stat().st_size / 2**20:.1f} MiB; input N×{shape[0]}×{shape[1]} float32; "
+            f"run {run_id or 'unknown'}); onnxruntime vs PyTorch: score rel. diff {rel:.1e}, map abs. diff {diff:.1e}",
+            file=sys.stderr,
+        )
         if args.log_model:
             if not run_id:
-                raise HdmapError(f"--log-model: no MLflow run is known for {args.model}; give the run (runs:/<run id>) as --model")
+                raise HdmapError(
+                    f"--log-model: no MLflow run is known for {args.model}; give the run (runs:/<run id>) as --model"
+                )
             import mlflow
 
             from hdmap_ad.pipeline import serving
@@ -123,16 +131,29 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", parents=[common], help="export a trained model as one ONNX file (scores without PyTorch)",
-                       description=__doc__.split("\n\nThis module")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>")
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export a trained model as one ONNX file (scores without PyTorch)",
+        description=__doc__.split("\n\nThis module")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>"
+    )
     p.add_argument("--format", default="onnx", choices=FORMATS, help="export format (default: onnx)")
     p.add_argument("--out", default="model.onnx", help="file to write (default: model.onnx)")
-    p.add_argument("--map-shape", type=_shape, metavar="HxW",
-                   help="H×W of the maps the graph takes (default: the training maps', recorded in the checkpoint)")
-    p.add_argument("--log-model", action="store_true",
-                   help=f"also log it as an MLflow pyfunc model ({ONNX_MODEL_NAME}) into the run that trained the model")
+    p.add_argument(
+        "--map-shape",
+        type=_shape,
+        metavar="HxW",
+        help="H×W of the maps the graph takes (default: the training maps', recorded in the checkpoint)",
+    )
+    p.add_argument(
+        "--log-model",
+        action="store_true",
+        help=f"also log it as an MLflow pyfunc model ({ONNX_MODEL_NAME}) into the run that trained the model",
+    )
     p.set_defaults(func=run_export)
     return p

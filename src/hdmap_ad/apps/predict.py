@@ -48,7 +48,6 @@ from hdmap_ad.core.errors import HdmapError
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
     from hdmap_ad.core.checkpoint import TrainedModel
 
@@ -86,6 +85,7 @@ takes the training maps' H×W only; maps of another size are reported as errors 
 # --------------------------------------------------------------------------------------------------
 # which domain a file belongs to, and the shape it should have
 
+
 def infer_domain(path: Path, domains: Sequence[str]) -> str | None:
     """The innermost path component (of the absolute path) that is one of the model's domains."""
     known = set(domains)
@@ -95,7 +95,7 @@ def infer_domain(path: Path, domains: Sequence[str]) -> str | None:
     return None
 
 
-def expected_shape(trained: "TrainedModel") -> tuple[int, int] | None:
+def expected_shape(trained: TrainedModel) -> tuple[int, int] | None:
     """The training maps' H×W when the checkpoint tells it (map_shape, or the synthetic data's size)."""
     shape = trained.info.get("map_shape")
     if shape:
@@ -109,16 +109,17 @@ def expected_shape(trained: "TrainedModel") -> tuple[int, int] | None:
 # --------------------------------------------------------------------------------------------------
 # inputs
 
+
 @dataclass
 class Input:
-    path: Path          # as found (relative paths stay relative)
-    rel: Path           # path below the INPUT argument it came from (names the --maps picture)
+    path: Path  # as found (relative paths stay relative)
+    rel: Path  # path below the INPUT argument it came from (names the --maps picture)
 
 
 @dataclass
 class Collected:
     inputs: list[Input] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)   # (path, what)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, what)
 
 
 def _walk(folder: Path) -> Iterable[Path]:
@@ -158,6 +159,7 @@ def collect_inputs(items: Sequence[str | Path]) -> Collected:
 # --------------------------------------------------------------------------------------------------
 # model references
 
+
 def is_mlflow_reference(spec: str) -> bool:
     return spec.startswith(("runs:/", "models:/")) or bool(_RUN_ID.match(spec))
 
@@ -181,8 +183,8 @@ def find_checkpoint(folder: Path, suffix: str = ".pt") -> Path:
 @dataclass
 class ResolvedModel:
     checkpoint: Path
-    run_id: str | None        # the MLflow run the reference names, when it names one
-    source: str               # the --model value, for messages
+    run_id: str | None  # the MLflow run the reference names, when it names one
+    source: str  # the --model value, for messages
 
 
 def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".pt") -> ResolvedModel:
@@ -194,7 +196,9 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".p
     if local.is_dir():  # e.g. a downloaded pyfunc model folder
         return ResolvedModel(find_checkpoint(local, suffix), None, spec)
     if not is_mlflow_reference(spec):
-        raise HdmapError(f"--model {spec}: not a checkpoint file, an MLflow run id, runs:/<run id>/... or models:/<name>/<version>")
+        raise HdmapError(
+            f"--model {spec}: not a checkpoint file, an MLflow run id, runs:/<run id>/... or models:/<name>/<version>"
+        )
 
     import os
 
@@ -208,7 +212,7 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".p
         if _RUN_ID.match(spec):
             run_id, uri = spec, f"runs:/{spec}/{CHECKPOINT_ARTIFACT}"
         elif spec.startswith("runs:/"):
-            rest = spec[len("runs:/"):].strip("/")
+            rest = spec[len("runs:/") :].strip("/")
             run_id, _, artifact = rest.partition("/")
             uri = f"runs:/{run_id}/{artifact or CHECKPOINT_ARTIFACT}"
             mlflow.MlflowClient().get_run(run_id)  # a clear "run not found" before any download
@@ -225,7 +229,7 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".p
     return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec)
 
 
-def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracking_uri: str) -> str:
+def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking_uri: str) -> str:
     """Register the run's pyfunc model as a new version of `name`; log it from the checkpoint if missing."""
     import logging
 
@@ -240,15 +244,25 @@ def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracki
     if not run_id and trained.info.get("sha256"):  # a model file names no run: find the run that logged it
         try:
             experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = client.search_runs(experiments, filter_string=f"tags.model_sha256 = '{trained.info['sha256']}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+            runs = (
+                client.search_runs(
+                    experiments,
+                    filter_string=f"tags.model_sha256 = '{trained.info['sha256']}'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
+                if experiments
+                else []
+            )
         except MlflowException as err:
             first = (str(err).strip().splitlines() or ["?"])[0][:300]
             raise HdmapError(f"--register {name}: MLflow store {tracking_uri}: {first}") from None
         run_id = runs[0].info.run_id if runs else None
     if not run_id:
-        raise HdmapError(f"--register {name}: no run in the MLflow store {tracking_uri} logged {resolved.source} "
-                         "(no run is tagged with its model_sha256); give the run id as --model")
+        raise HdmapError(
+            f"--register {name}: no run in the MLflow store {tracking_uri} logged {resolved.source} "
+            "(no run is tagged with its model_sha256); give the run id as --model"
+        )
     try:
         run = client.get_run(run_id)
         logged = serving.find_logged_model(run, serving.DEFAULT_NAME)
@@ -271,6 +285,7 @@ def register(resolved: ResolvedModel, trained: "TrainedModel", name: str, tracki
 
 # --------------------------------------------------------------------------------------------------
 # the command
+
 
 def _tracking_uri(args: argparse.Namespace) -> str:
     from hdmap_ad.pipeline import tracking
@@ -300,7 +315,7 @@ def _picture_paths(inputs: Sequence[Input], root: Path) -> list[Path]:
     return out
 
 
-def _display_map(amap: "np.ndarray", crop: Sequence[int]) -> "np.ndarray":
+def _display_map(amap: np.ndarray, crop: Sequence[int]) -> np.ndarray:
     """The anomaly map (computed at the square score size) back at the model input's aspect, for display."""
     import numpy as np
     import torch
@@ -343,9 +358,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from hdmap_ad.core import inference
     from hdmap_ad.core.checkpoint import load_trained
-    from hdmap_ad.pipeline.data import read_map
     from hdmap_ad.core.files import write_text
     from hdmap_ad.core.runtime import progress_iter, select_device
+    from hdmap_ad.pipeline.data import read_map
 
     if not args.inputs and not args.register:
         raise HdmapError("predict: give at least one INPUT file or folder (or --register NAME)")
@@ -355,8 +370,11 @@ def run_predict(args: argparse.Namespace) -> int:
         raise HdmapError(f"--threshold {args.threshold}: must be a finite number")
     onnx = args.backend == "onnx"
     if onnx:  # the exported graph runs in float32 on onnxruntime's CPU provider, and is no MLflow run's model
-        for flag, bad in (("--device", args.device not in ("auto", "cpu")), ("--register", bool(args.register)),
-                          ("--precision", args.precision not in (None, "off"))):
+        for flag, bad in (
+            ("--device", args.device not in ("auto", "cpu")),
+            ("--register", bool(args.register)),
+            ("--precision", args.precision not in (None, "off")),
+        ):
             if bad:
                 raise HdmapError(f"{flag}: not available with --backend onnx (float32 on the CPU, an exported file)")
     if args.inputs:  # before the scoring work, not after it
@@ -387,8 +405,10 @@ def run_predict(args: argparse.Namespace) -> int:
             from hdmap_ad.core.onnx_scorer import OnnxScorer
 
             if resolved.checkpoint.suffix != ".onnx":
-                raise HdmapError(f"--model {args.model}: --backend onnx needs an exported .onnx model (hdmap-ad export), "
-                                 f"not {resolved.checkpoint.name}")
+                raise HdmapError(
+                    f"--model {args.model}: --backend onnx needs an exported .onnx model (hdmap-ad export), "
+                    f"not {resolved.checkpoint.name}"
+                )
             scorer = OnnxScorer(resolved.checkpoint)
             trained = scorer  # domains and thresholds, as the decision rule reads them
         else:
@@ -406,7 +426,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 except HdmapError as err:
                     message = str(err)
                     prefix = f"{item.path}: "
-                    report(str(item.path), message[len(prefix):] if message.startswith(prefix) else message)
+                    report(str(item.path), message[len(prefix) :] if message.startswith(prefix) else message)
                     failed += 1
                 bar.update(1)
         if not args.inputs:
@@ -418,8 +438,11 @@ def run_predict(args: argparse.Namespace) -> int:
         if onnx:  # the graph takes the training maps' H×W only: other maps are reported and skipped
             keep = [i for i, m in enumerate(maps) if tuple(m.shape) == want]
             for i in sorted(set(range(len(maps))) - set(keep)):
-                report(str(inputs[i].path), f"shape {maps[i].shape[0]}x{maps[i].shape[1]}, the exported model takes "
-                                            f"{want[0]}x{want[1]} maps (--backend torch resizes other sizes)")
+                report(
+                    str(inputs[i].path),
+                    f"shape {maps[i].shape[0]}x{maps[i].shape[1]}, the exported model takes "
+                    f"{want[0]}x{want[1]} maps (--backend torch resizes other sizes)",
+                )
             failed += len(maps) - len(keep)
             inputs, maps = [inputs[i] for i in keep], [maps[i] for i in keep]
             if not inputs:
@@ -430,8 +453,11 @@ def run_predict(args: argparse.Namespace) -> int:
                 if tuple(m.shape) != want:
                     odd[tuple(m.shape)] = odd.get(tuple(m.shape), 0) + 1
             for shape, count in odd.items():
-                print(f"warning: {count} map(s) of shape {shape[0]}x{shape[1]}, the model was trained on {want[0]}x{want[1]}: "
-                      "scored after resizing, but the threshold was not chosen for them", file=sys.stderr)
+                print(
+                    f"warning: {count} map(s) of shape {shape[0]}x{shape[1]}, the model was trained on {want[0]}x{want[1]}: "
+                    "scored after resizing, but the threshold was not chosen for them",
+                    file=sys.stderr,
+                )
 
         if onnx:
             print(f"backend: onnxruntime (float32 on the CPU), {resolved.checkpoint}", file=sys.stderr)
@@ -443,19 +469,29 @@ def run_predict(args: argparse.Namespace) -> int:
             amp = args.precision or trained.params.evaluate.amp
             precision = resolve_precision(device, amp, "--precision" if args.precision else "evaluate.amp")
             print(f"precision: {precision_label(precision)} ({amp} on {device})", file=sys.stderr)
-            scores, amaps = inference.score_arrays(trained, maps, device, batch_size, keep_maps=args.maps is not None,
-                                         description="predict", amp=precision)
+            scores, amaps = inference.score_arrays(
+                trained, maps, device, batch_size, keep_maps=args.maps is not None, description="predict", amp=precision
+            )
         domains = [infer_domain(item.path, trained.domains) for item in inputs]
         rows, thresholds = [], []
         for item, domain, score in zip(inputs, domains, scores):
             thr = inference.threshold_for(trained, domain, args.threshold)
             thresholds.append(thr)
             flag = inference.decide(np.asarray([score]), thr)[0]
-            rows.append({"path": str(item.path), "domain": domain or "", "score": float(score),
-                         "is_anomaly": "" if flag is None else int(flag)})
+            rows.append(
+                {
+                    "path": str(item.path),
+                    "domain": domain or "",
+                    "score": float(score),
+                    "is_anomaly": "" if flag is None else int(flag),
+                }
+            )
         if any(t is None for t in thresholds):
-            print("warning: the checkpoint stores no usable threshold for some maps (is_anomaly left empty); "
-                  "pass --threshold", file=sys.stderr)
+            print(
+                "warning: the checkpoint stores no usable threshold for some maps (is_anomaly left empty); "
+                "pass --threshold",
+                file=sys.stderr,
+            )
         bad_scores = int(np.sum(~np.isfinite(scores)))
         if bad_scores:
             print(f"warning: {bad_scores} map(s) got a NaN/Inf score (is_anomaly left empty)", file=sys.stderr)
@@ -475,26 +511,44 @@ def run_predict(args: argparse.Namespace) -> int:
 
         n_anomalous = sum(1 for r in rows if r["is_anomaly"] == 1)
         note = f" (--threshold {args.threshold:g})" if args.threshold is not None else " (validation thresholds)"
-        print(f"scored {len(rows)} map(s), {n_anomalous} anomalous{note}, {failed} failed -> {out}"
-              + (f"; anomaly maps in {args.maps}" if args.maps is not None else ""), file=sys.stderr)
+        print(
+            f"scored {len(rows)} map(s), {n_anomalous} anomalous{note}, {failed} failed -> {out}"
+            + (f"; anomaly maps in {args.maps}" if args.maps is not None else ""),
+            file=sys.stderr,
+        )
     return 2 if failed else 0
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", parents=[common], help="score map files with a trained model (CSV of scores and decisions)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="score map files with a trained model (CSV of scores and decisions)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="map files or folders (.tif/.tiff/.png, recursive)")
-    p.add_argument("--model", required=True,
-                   help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>")
+    p.add_argument(
+        "--model", required=True, help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>"
+    )
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--maps", metavar="DIR", help="also write one PNG per input: the map and its anomaly map")
-    p.add_argument("--threshold", type=float, help="decision threshold for every map (default: the stored validation thresholds)")
+    p.add_argument(
+        "--threshold", type=float, help="decision threshold for every map (default: the stored validation thresholds)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, help="maps per batch (default: the model's evaluate.batch_size)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "off"],
-                   help="inference precision (default: the model's evaluate.amp; auto: bf16 where native, else float32)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "off"],
+        help="inference precision (default: the model's evaluate.amp; auto: bf16 where native, else float32)",
+    )
     p.add_argument("--register", metavar="NAME", help="register the run's MLflow pyfunc model as a new version of NAME")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="torch: the checkpoint on PyTorch (default); onnx: an exported model (hdmap-ad export) on onnxruntime")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the checkpoint on PyTorch (default); onnx: an exported model (hdmap-ad export) on onnxruntime",
+    )
     p.set_defaults(func=run_predict)
     return p

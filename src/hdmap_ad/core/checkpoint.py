@@ -40,7 +40,7 @@ from hdmap_ad.core.model import Dinomaly, DinomalyConfig, ScoreConfig
 RANDOM_ENCODER_SEED = 0
 FORMAT_VERSION = 2
 METADATA_KEY = "hdmap_ad"
-MODEL_KEYS = ("config", "domains", "model", "method")           # what scoring a model needs
+MODEL_KEYS = ("config", "domains", "model", "method")  # what scoring a model needs
 STATE_KEYS = ("model", "method", "optimizer", "rng", "step", "fingerprint")  # what resuming needs
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 _TAGS = (_TENSOR, _TUPLE, _DICT, _FLOAT)
@@ -49,10 +49,18 @@ _TAGS = (_TENSOR, _TUPLE, _DICT, _FLOAT)
 def dinomaly_config(params: Params) -> DinomalyConfig:
     m = params.model
     return DinomalyConfig(
-        encoder=m.encoder, weights=m.weights, image_size=tuple(params.preprocess.crop),
-        target_blocks=m.target_blocks, fuse_groups=[list(g) for g in m.fuse_groups],
-        decoder_depth=m.decoder_depth, mlp_ratio=m.mlp_ratio, bottleneck_dropout=m.bottleneck_dropout,
-        ln_eps=m.ln_eps, init_std=m.init_std, init_cutoff=m.init_cutoff, encoder_overrides=dict(m.encoder_overrides),
+        encoder=m.encoder,
+        weights=m.weights,
+        image_size=tuple(params.preprocess.crop),
+        target_blocks=m.target_blocks,
+        fuse_groups=[list(g) for g in m.fuse_groups],
+        decoder_depth=m.decoder_depth,
+        mlp_ratio=m.mlp_ratio,
+        bottleneck_dropout=m.bottleneck_dropout,
+        ln_eps=m.ln_eps,
+        init_std=m.init_std,
+        init_cutoff=m.init_cutoff,
+        encoder_overrides=dict(m.encoder_overrides),
         pos_embed=m.pos_embed,
     )
 
@@ -72,9 +80,13 @@ def build(params: Params, domains: list[str], device: torch.device) -> tuple[Din
     torch.set_rng_state(trainable_rng)
     model.init_trainable()
     ctx = methods.MethodContext(
-        embed_dim=model.encoder.embed_dim, num_groups=len(params.model.fuse_groups), domains=tuple(domains),
-        total_steps=params.train.steps, hard_mining_factor=params.train.hard_mining.factor,
-        hard_mining_max_ratio=params.train.hard_mining.max_ratio, hard_mining_ramp_steps=params.train.hard_mining.ramp_steps,
+        embed_dim=model.encoder.embed_dim,
+        num_groups=len(params.model.fuse_groups),
+        domains=tuple(domains),
+        total_steps=params.train.steps,
+        hard_mining_factor=params.train.hard_mining.factor,
+        hard_mining_max_ratio=params.train.hard_mining.max_ratio,
+        hard_mining_ramp_steps=params.train.hard_mining.ramp_steps,
     )
     method = methods.build(params.method, params.method_params, ctx)
     return model.to(device), method.to(device)
@@ -88,6 +100,7 @@ def trainable_state(model: Dinomaly) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------
 # the file format: payload <-> (JSON tree, named tensors)
+
 
 def _escape(part: str) -> str:
     return part.replace("~", "~0").replace("/", "~1")
@@ -133,7 +146,9 @@ class _Encoder:
             plain = all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in _TAGS)
             if plain:
                 return {k: self.encode(v, (*path, k)) for k, v in value.items()}
-            return {_DICT: [[self.encode(k, (*path, "key")), self.encode(v, (*path, str(k)))] for k, v in value.items()]}
+            return {
+                _DICT: [[self.encode(k, (*path, "key")), self.encode(v, (*path, str(k)))] for k, v in value.items()]
+            }
         raise TypeError(f"checkpoint payload at {'/'.join(path) or '<root>'}: cannot store a {type(value).__name__}")
 
 
@@ -215,7 +230,8 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
     if _is_pickle(head):
         raise HdmapError(
             f"{path}: an old pickle-based checkpoint (format 1); it is not loaded because unpickling can run code. "
-            f"If you trust its origin, convert it: hdmap-ad checkpoint migrate {path} NEW.pt")
+            f"If you trust its origin, convert it: hdmap-ad checkpoint migrate {path} NEW.pt"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = (f.metadata() or {}).get(METADATA_KEY)
@@ -231,15 +247,19 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
     except (ValueError, AttributeError, RecursionError):
         raise HdmapError(f"{path}: damaged checkpoint metadata (not valid JSON)") from None
     if version != FORMAT_VERSION:
-        raise HdmapError(f"{path}: checkpoint format {version!r}, this hdmap-ad reads format {FORMAT_VERSION} "
-                         "(written by another version?)")
+        raise HdmapError(
+            f"{path}: checkpoint format {version!r}, this hdmap-ad reads format {FORMAT_VERSION} "
+            "(written by another version?)"
+        )
     try:
         actual = content_hash(tree, tensors)
     except (ValueError, RecursionError):  # e.g. NaN literals, which saving never writes
         actual = None
     if not isinstance(recorded, str) or actual != recorded:
-        raise HdmapError(f"{path}: checkpoint content does not match its recorded hash (damaged or altered file); "
-                         "restore it (`dvc pull` / `dvc checkout`) or retrain it")
+        raise HdmapError(
+            f"{path}: checkpoint content does not match its recorded hash (damaged or altered file); "
+            "restore it (`dvc pull` / `dvc checkout`) or retrain it"
+        )
     used: set[str] = set()
     try:
         payload = _decode(tree, tensors, used)
@@ -274,8 +294,13 @@ def migrate(old: Path, new: Path) -> str:
     if new.resolve() == old.resolve():
         raise HdmapError(f"{new}: give a new file name (the old file is kept as it is)")
     reconstruct = np._core.multiarray._reconstruct
-    numpy_arrays = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),  # numpy 2 and 1 names
-                    np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    numpy_arrays = [
+        reconstruct,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),  # numpy 2 and 1 names
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
     try:
         with torch.serialization.safe_globals(numpy_arrays):
             payload = torch.load(old, map_location="cpu", weights_only=True)
@@ -344,10 +369,18 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
         missing, unexpected = model.load_state_dict(payload["model"], strict=False)
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:
-            raise HdmapError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise HdmapError(
+                f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         method.load_state_dict(payload["method"])
         thresholds = {str(k): v for k, v in dict(payload.get("thresholds") or {}).items()}
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:  # a well-formed file of the wrong shapes
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+    ) as err:  # a well-formed file of the wrong shapes
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise HdmapError(f"{path}: checkpoint does not match the model ({type(err).__name__}: {first})") from None
     model.eval()
@@ -357,8 +390,9 @@ def load_trained(path: Path, device: torch.device) -> TrainedModel:
     return TrainedModel(model, method, params, list(payload["domains"]), thresholds, info)
 
 
-def find_run(model_path: Path, model_sha256: str, experiment: str, uri: str, run_file: Path,
-             fallback_run_id: str | None = None) -> str:
+def find_run(
+    model_path: Path, model_sha256: str, experiment: str, uri: str, run_file: Path, fallback_run_id: str | None = None
+) -> str:
     """The active MLflow run that trained the model file with content hash `model_sha256`.
 
     `run_file` (models/run.json, written by training) when it records this hash; else the newest
@@ -370,10 +404,12 @@ def find_run(model_path: Path, model_sha256: str, experiment: str, uri: str, run
 
     for scheme in ("sqlite:///", "file:"):  # a local store that is gone must not be silently recreated empty
         if uri.startswith(scheme):
-            local = Path(unquote(uri[len(scheme):] if scheme == "sqlite:///" else urlparse(uri).path))
+            local = Path(unquote(uri[len(scheme) :] if scheme == "sqlite:///" else urlparse(uri).path))
             if not local.exists():
-                raise HdmapError(f"MLflow store {uri}: not found, so the run that trained {model_path} cannot be "
-                                 "updated; restore the store or point MLFLOW_TRACKING_URI (mlflow.tracking_uri) at it")
+                raise HdmapError(
+                    f"MLflow store {uri}: not found, so the run that trained {model_path} cannot be "
+                    "updated; restore the store or point MLFLOW_TRACKING_URI (mlflow.tracking_uri) at it"
+                )
     import mlflow
 
     recorded: dict[str, Any] = {}
@@ -398,8 +434,12 @@ def find_run(model_path: Path, model_sha256: str, experiment: str, uri: str, run
             return recorded["run_id"]
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
-            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.model_sha256 = '{model_sha256}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.model_sha256 = '{model_sha256}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             if runs:
                 return runs[0].info.run_id
         if active(fallback_run_id):
@@ -413,6 +453,8 @@ def find_run(model_path: Path, model_sha256: str, experiment: str, uri: str, run
         why = f"its run {recorded.get('run_id')} in {run_file} is gone"
     else:
         why = f"{run_file} records another model" if recorded.get("model_sha256") else f"no {run_file}"
-    raise HdmapError(f"{model_path}: no run in the MLflow store {uri} (experiment {experiment!r}) trained this model "
-                     f"(model_sha256 {model_sha256[:12]}; {why}); retrain it (`dvc repro train`) or point "
-                     "MLFLOW_TRACKING_URI (mlflow.tracking_uri) at the store that holds its run")
+    raise HdmapError(
+        f"{model_path}: no run in the MLflow store {uri} (experiment {experiment!r}) trained this model "
+        f"(model_sha256 {model_sha256[:12]}; {why}); retrain it (`dvc repro train`) or point "
+        "MLFLOW_TRACKING_URI (mlflow.tracking_uri) at the store that holds its run"
+    )

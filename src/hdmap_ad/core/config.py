@@ -60,7 +60,7 @@ class PreprocessParams(Section):
     crop: tuple[int, int] = (392, 392)
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "PreprocessParams":
+    def _crop_fits(self) -> PreprocessParams:
         if any(s <= 0 for s in (*self.resize, *self.crop)):
             raise ValueError(f"sizes must be positive, got resize={self.resize} crop={self.crop}")
         if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
@@ -179,7 +179,7 @@ class MlflowParams(Section):
 
 class CompareParams(Section):
     baseline: str = "baseline"
-    methods: list[str] | None = None   # None: every method found in MLflow
+    methods: list[str] | None = None  # None: every method found in MLflow
     metrics: list[str] = Field(default_factory=lambda: ["auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"])
     # Uncertainty of each Δ (docs/design.md#stats-intervals): interval level, bootstrap size and seed
     # (seeded: the same runs give the same intervals), and the α and power behind "seeds needed".
@@ -201,7 +201,7 @@ class CompareParams(Section):
 
 class Params(Section):
     method: str = "baseline"
-    seed: int = Field(42, ge=0, lt=2**32)   # numpy's generators take 0 <= seed < 2**32
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's generators take 0 <= seed < 2**32
     profile: str = "quick"
     data: DataParams = DataParams()
     synth: SynthParams = SynthParams()
@@ -291,8 +291,10 @@ def _check_no_legacy_runtime_keys(tree: dict[str, Any], where: str, source: str)
     train = tree.get("train")
     stale = [k for k in RUNTIME_TRAIN_KEYS if isinstance(train, dict) and k in train]
     if stale:
-        raise HdmapError(f"{source}: {where}train.{stale[0]} moved to {where}runtime.{stale[0]} (run-time settings "
-                         f"have their own section; move {', '.join(stale)} there)")
+        raise HdmapError(
+            f"{source}: {where}train.{stale[0]} moved to {where}runtime.{stale[0]} (run-time settings "
+            f"have their own section; move {', '.join(stale)} there)"
+        )
 
 
 def _digest(tree: Any) -> str:
@@ -341,15 +343,19 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     profiles = raw.pop("profiles", {}) or {}
     profile = raw.get("profile", "quick")
     if profile not in profiles:
-        raise HdmapError(f"{source}: profile {profile!r} is not defined under `profiles` (known: {', '.join(profiles) or 'none'})")
+        raise HdmapError(
+            f"{source}: profile {profile!r} is not defined under `profiles` (known: {', '.join(profiles) or 'none'})"
+        )
     chosen = profiles[profile] or {}
     # dvc.yaml names these keys in stage paths/params (e.g. the prepare stage depends on ${data.root}); DVC
     # reads them from the top level and cannot see a profile's value, so a profile must not set them.
     for section, key in DVC_TEMPLATED_KEYS:
         if isinstance(chosen.get(section), dict) and key in chosen[section]:
-            raise HdmapError(f"{source}: profiles.{profile}.{section}.{key}: not allowed inside a profile (DVC tracks "
-                             f"{section}.{key} itself); set it at the top level, e.g. "
-                             f"`dvc exp run -S profile={profile} -S {section}.{key}=...`")
+            raise HdmapError(
+                f"{source}: profiles.{profile}.{section}.{key}: not allowed inside a profile (DVC tracks "
+                f"{section}.{key} itself); set it at the top level, e.g. "
+                f"`dvc exp run -S profile={profile} -S {section}.{key}=...`"
+            )
     _check_no_legacy_runtime_keys(raw, "", source)
     _check_no_legacy_runtime_keys(chosen, f"profiles.{profile}.", source)
     merged = deep_merge(raw, chosen)
@@ -362,7 +368,9 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         merged.pop(name, None)
     try:
         method_params = METHOD_PARAMS[method].model_validate(method_section)
-        return Params.model_validate({**merged, "method_params": method_params.model_dump(mode="json"), "source": source})
+        return Params.model_validate(
+            {**merged, "method_params": method_params.model_dump(mode="json"), "source": source}
+        )
     except ValidationError as err:
         if err.title != "Params":
             err_source = f"{source}: section `{method}`"

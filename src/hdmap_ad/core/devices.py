@@ -33,8 +33,15 @@ def _lock_names(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def claim_cuda_device(spec: str = "auto", *, device_count: int | None = None, lock_dir: Path | str | None = None,
-                      wait: bool = True, poll_s: float = 2.0, timeout_s: float | None = None) -> str | None:
+def claim_cuda_device(
+    spec: str = "auto",
+    *,
+    device_count: int | None = None,
+    lock_dir: Path | str | None = None,
+    wait: bool = True,
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> str | None:
     """Claim a CUDA device of its own for this process; return "cuda:N", or None to keep the default choice.
 
     Only acts when `spec` is "auto" and more than one CUDA device is visible (`device_count` fakes the
@@ -76,8 +83,11 @@ def claim_cuda_device(spec: str = "auto", *, device_count: int | None = None, lo
         if not wait or (timeout_s is not None and time.monotonic() - started >= timeout_s):
             return None
         if not announced:
-            print(f"all {n} GPUs are claimed by other processes of this repository ({folder}); waiting for one",
-                  file=sys.stderr, flush=True)
+            print(
+                f"all {n} GPUs are claimed by other processes of this repository ({folder}); waiting for one",
+                file=sys.stderr,
+                flush=True,
+            )
             announced = True
         time.sleep(poll_s)
 

@@ -105,8 +105,13 @@ def _original_file_hint(name: str) -> str:
     return f"{url.rsplit('/', 1)[-1]} from {url}" if url else f"the weights of {name}"
 
 
-def create_vit(encoder: str, weights: str, img_size: tuple[int, int],
-               overrides: Mapping[str, Any] | None = None, pos_embed: str = "timm") -> VisionTransformer:
+def create_vit(
+    encoder: str,
+    weights: str,
+    img_size: tuple[int, int],
+    overrides: Mapping[str, Any] | None = None,
+    pos_embed: str = "timm",
+) -> VisionTransformer:
     """A timm VisionTransformer for `encoder` (alias or timm name) at input size `img_size` (H, W).
 
     pos_embed "timm": the position embedding is made for the (H/p)×(W/p) grid, so pretrained weights
@@ -120,7 +125,9 @@ def create_vit(encoder: str, weights: str, img_size: tuple[int, int],
     overrides = dict(overrides or {})
     for key in ("img_size", "num_classes", "pretrained"):
         if key in overrides:
-            raise HdmapError(f"model.encoder_overrides: {key!r} is set by the pipeline (image size: preprocess.crop); remove it")
+            raise HdmapError(
+                f"model.encoder_overrides: {key!r} is set by the pipeline (image size: preprocess.crop); remove it"
+            )
     h, w = (int(s) for s in img_size)
     patch = int(overrides.get("patch_size", 14))
     if h <= 0 or w <= 0 or h % patch or w % patch:
@@ -135,8 +142,9 @@ def create_vit(encoder: str, weights: str, img_size: tuple[int, int],
     return vit
 
 
-def _create(encoder: str, name: str, weights: str, kwargs: dict[str, Any],
-            overrides: Mapping[str, Any]) -> VisionTransformer:
+def _create(
+    encoder: str, name: str, weights: str, kwargs: dict[str, Any], overrides: Mapping[str, Any]
+) -> VisionTransformer:
     import timm
 
     if weights == "hub":
@@ -146,8 +154,9 @@ def _create(encoder: str, name: str, weights: str, kwargs: dict[str, Any],
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise HdmapError(f"model.encoder: {encoder!r} is not a timm model ({err})") from None
     except (TypeError, ValueError, AssertionError) as err:  # unknown kwarg, embed_dim % num_heads != 0, ...
-        raise HdmapError(f"model.encoder_overrides: {dict(overrides)} not accepted by {name} "
-                         f"({type(err).__name__}: {err})") from None
+        raise HdmapError(
+            f"model.encoder_overrides: {dict(overrides)} not accepted by {name} ({type(err).__name__}: {err})"
+        ) from None
     if weights == "random":
         return vit
     load_weights(vit, Path(weights).expanduser(), name)
@@ -181,7 +190,9 @@ def _hub_unreachable() -> str | None:
     """
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
         return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return None  # a proxy may resolve what this machine cannot
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
@@ -201,13 +212,15 @@ def _create_from_hub(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
     except Exception:  # unknown model name
         repo_id = None
     if not repo_id:
-        raise HdmapError(f"model.weights=hub: timm knows no hub weights for {name!r}; "
-                         f"set model.weights to a local weights file")
+        raise HdmapError(
+            f"model.weights=hub: timm knows no hub weights for {name!r}; set model.weights to a local weights file"
+        )
 
     def fail(why: str) -> HdmapError:
         return HdmapError(
             f"model.weights=hub: cannot get {repo_id} from the Hugging Face hub ({why}) and it is not in the "
-            f"cache {_hf_cache_dir()}. Download {_original_file_hint(name)} and set model.weights to its local path")
+            f"cache {_hf_cache_dir()}. Download {_original_file_hint(name)} and set model.weights to its local path"
+        )
 
     cached = _hub_cached_file(repo_id)
     if cached is not None:  # strict local load, same conversion as timm's own hub path
@@ -226,8 +239,10 @@ def _create_from_hub(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.exists():
-        raise HdmapError(f"model.weights: {path} does not exist (use 'random', 'hub' or the path of a "
-                         f"dinov2_vit*14_reg4_pretrain.pth / timm .safetensors file)")
+        raise HdmapError(
+            f"model.weights: {path} does not exist (use 'random', 'hub' or the path of a "
+            f"dinov2_vit*14_reg4_pretrain.pth / timm .safetensors file)"
+        )
     if not path.is_file():
         raise HdmapError(f"model.weights: {path} is not a file")
     try:
@@ -257,12 +272,17 @@ def load_weights(vit: nn.Module, path: Path, name: str = "the encoder") -> None:
     try:
         state = checkpoint_filter_fn(state, vit)
     except Exception as err:  # a malformed tensor breaks the conversion arithmetic
-        raise HdmapError(f"model.weights: {path} cannot be converted for {name} ({type(err).__name__}: {err})") from None
+        raise HdmapError(
+            f"model.weights: {path} cannot be converted for {name} ({type(err).__name__}: {err})"
+        ) from None
     expected = vit.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {_first(missing)}")
@@ -271,8 +291,10 @@ def load_weights(vit: nn.Module, path: Path, name: str = "the encoder") -> None:
     if mismatched:
         problems.append(f"shape mismatch {_first(mismatched)}")
     if problems:
-        raise HdmapError(f"model.weights: {path} does not fit {name} (model.encoder / model.encoder_overrides): "
-                         + "; ".join(problems))
+        raise HdmapError(
+            f"model.weights: {path} does not fit {name} (model.encoder / model.encoder_overrides): "
+            + "; ".join(problems)
+        )
     vit.load_state_dict(state, strict=True)
 
 
@@ -293,8 +315,10 @@ class FrozenEncoder(nn.Module):
         targets = [int(i) for i in target_blocks]
         depth = len(vit.blocks)
         if not targets or any(b <= a for a, b in zip(targets, targets[1:])) or targets[0] < 0 or targets[-1] >= depth:
-            raise HdmapError(f"model.target_blocks: {targets} must be strictly increasing block indices in "
-                             f"[0, {depth - 1}] for this {depth}-block encoder")
+            raise HdmapError(
+                f"model.target_blocks: {targets} must be strictly increasing block indices in "
+                f"[0, {depth - 1}] for this {depth}-block encoder"
+            )
         vit.blocks = vit.blocks[: targets[-1] + 1]
         # The final norm and any head are never used (features are raw block outputs).
         for attr in ("norm", "fc_norm", "head", "head_drop"):
@@ -326,14 +350,18 @@ class FrozenEncoder(nn.Module):
         size = tuple(images.shape[-2:])
         if self.pos_embed_mode == "original":
             if size[0] % self.patch_size or size[1] % self.patch_size:
-                raise ValueError(f"encoder input is {size[0]}x{size[1]}, not a multiple of the patch size {self.patch_size}")
+                raise ValueError(
+                    f"encoder input is {size[0]}x{size[1]}, not a multiple of the patch size {self.patch_size}"
+                )
             x = vit.patch_embed(images)
             x = self._add_original_pos_embed(x, self.grid(size))
         else:
             if not getattr(vit, "dynamic_img_size", False) and size != tuple(vit.patch_embed.img_size):
                 # The position grid was built (and pretrained weights resampled) for one input size.
-                raise ValueError(f"encoder input is {size[0]}x{size[1]} but the model was built for "
-                                 f"{vit.patch_embed.img_size[0]}x{vit.patch_embed.img_size[1]} (model image_size)")
+                raise ValueError(
+                    f"encoder input is {size[0]}x{size[1]} but the model was built for "
+                    f"{vit.patch_embed.img_size[0]}x{vit.patch_embed.img_size[1]} (model image_size)"
+                )
             x = vit.patch_embed(images)
             x = vit._pos_embed(x)  # timm: add position embedding, prepend CLS and register tokens
         x = vit.patch_drop(x)
@@ -358,7 +386,9 @@ class FrozenEncoder(nn.Module):
         (timm's token order and prefix handling, the original's resize)."""
         vit = self.vit
         table = self.position_table(grid)  # the parameter's dtype: the sum promotes as timm's does
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
+        prefix = [
+            t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None
+        ]
         if self._prefix_rows() == 0:
             x = torch.cat([*prefix, x + table], dim=1)
         else:
@@ -371,7 +401,9 @@ class FrozenEncoder(nn.Module):
         pos = self.vit.pos_embed
         key = (int(grid[0]), int(grid[1]))
         if torch.compiler.is_exporting():  # traced by torch.export (ONNX export): no storage to stamp, no cache
-            return original_resize(pos.detach(), self.vit.patch_embed.grid_size, grid, self._prefix_rows()).to(pos.dtype)
+            return original_resize(pos.detach(), self.vit.patch_embed.grid_size, grid, self._prefix_rows()).to(
+                pos.dtype
+            )
         stamp = (pos.device, pos.dtype, pos.data_ptr(), pos._version)
         hit = self._pos_tables.get(key)
         if hit is not None and hit[0] == stamp:
@@ -387,8 +419,9 @@ class FrozenEncoder(nn.Module):
         return table
 
 
-def original_resize(pos_embed: Tensor, pretrained_grid: Sequence[int], grid: tuple[int, int],
-                    prefix_rows: int = 0) -> Tensor:
+def original_resize(
+    pos_embed: Tensor, pretrained_grid: Sequence[int], grid: tuple[int, int], prefix_rows: int = 0
+) -> Tensor:
     """A 1×(prefix + gh·gw)×C position table resized to `grid` as the original Dinomaly's DINOv2 does.
 
     The patch rows (a pretrained_grid raster) are resized bicubically by the scale factors

@@ -34,6 +34,7 @@ from hdmap_ad.core.methods import Method
 from hdmap_ad.core.model import Dinomaly, ScoreConfig
 from hdmap_ad.core.onnx_scorer import FORMAT, INPUT_NAME, METADATA_PREFIX, OUTPUT_NAMES
 from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+
 # opset 18 is the first whose Resize has `antialias`, which the preprocessing resize uses
 OPSET = 18
 
@@ -41,8 +42,9 @@ OPSET = 18
 class MapScorer(nn.Module):
     """Raw maps N×H×W float32 -> (anomaly maps N×S×S, scores N), through the PyTorch scoring path."""
 
-    def __init__(self, model: Dinomaly, method: Method, resize: tuple[int, int], crop: tuple[int, int],
-                 score: ScoreConfig) -> None:
+    def __init__(
+        self, model: Dinomaly, method: Method, resize: tuple[int, int], crop: tuple[int, int], score: ScoreConfig
+    ) -> None:
         super().__init__()
         self.model, self.method = model.eval(), method.eval()
         self.resize, self.crop, self.score = tuple(resize), tuple(crop), score
@@ -58,8 +60,9 @@ def map_scorer(trained: TrainedModel) -> MapScorer:
     return MapScorer(trained.model, trained.method, tuple(p.resize), tuple(p.crop), score_config(trained.params)).eval()
 
 
-def metadata(trained: TrainedModel, map_shape: tuple[int, int], run_id: str | None,
-             commit: str | None) -> dict[str, str]:
+def metadata(
+    trained: TrainedModel, map_shape: tuple[int, int], run_id: str | None, commit: str | None
+) -> dict[str, str]:
     """The model's metadata_props: each value a JSON text, keys prefixed `hdmap_ad.`."""
     import hdmap_ad
 
@@ -72,24 +75,32 @@ def metadata(trained: TrainedModel, map_shape: tuple[int, int], run_id: str | No
         "domains": list(trained.domains),
         "thresholds": {k: (float(v) if v is not None else None) for k, v in trained.thresholds.items()},
         "method": p.method,
-        "preprocess": {"resize": list(p.preprocess.resize), "crop": list(p.preprocess.crop),
-                       "interpolation": "bilinear antialiased", "channels": 3,
-                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "score": {"size": list(s.size), "blur_kernel": s.blur_kernel, "blur_sigma": s.blur_sigma,
-                  "top_ratio": s.top_ratio},
+        "preprocess": {
+            "resize": list(p.preprocess.resize),
+            "crop": list(p.preprocess.crop),
+            "interpolation": "bilinear antialiased",
+            "channels": 3,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "score": {
+            "size": list(s.size),
+            "blur_kernel": s.blur_kernel,
+            "blur_sigma": s.blur_sigma,
+            "top_ratio": s.top_ratio,
+        },
         "encoder": {"name": p.model.encoder, "weights": p.model.weights},
         "batch_size": p.evaluate.batch_size,
         "model_sha256": trained.info.get("sha256"),
         "training_step": trained.info.get("step"),
-        "run_id": run_id,           # the MLflow run that trained the model, when known
-        "git_commit": commit,       # the code that exported it (the graph is this code traced)
+        "run_id": run_id,  # the MLflow run that trained the model, when known
+        "git_commit": commit,  # the code that exported it (the graph is this code traced)
         "opset": OPSET,
         "torch": torch.__version__,
         "precision": "float32",
     }
     # NaN thresholds are stored as null (JSON has no NaN); the scorer then falls back to pooled
-    return {METADATA_PREFIX + k: json.dumps(v, allow_nan=False, default=str)
-            for k, v in _finite(values).items()}
+    return {METADATA_PREFIX + k: json.dumps(v, allow_nan=False, default=str) for k, v in _finite(values).items()}
 
 
 def _finite(value: Any) -> Any:
@@ -100,8 +111,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def export_onnx(trained: TrainedModel, out: Path, map_shape: tuple[int, int], run_id: str | None = None,
-                commit: str | None = None, example_batch: int = 2) -> Path:
+def export_onnx(
+    trained: TrainedModel,
+    out: Path,
+    map_shape: tuple[int, int],
+    run_id: str | None = None,
+    commit: str | None = None,
+    example_batch: int = 2,
+) -> Path:
     """Export `trained` (on the CPU, float32) as an ONNX model at `out`, written atomically.
 
     `map_shape` is the H×W of the maps the graph accepts (the training maps'). The batch axis is
@@ -117,9 +134,17 @@ def export_onnx(trained: TrainedModel, out: Path, map_shape: tuple[int, int], ru
         warnings.simplefilter("ignore")  # exporter chatter (deprecations of its own internals)
         try:
             program = torch.onnx.export(
-                scorer, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: Dim("batch", min=1)},), opset_version=OPSET, dynamo=True,
-                external_data=False, verbose=False, optimize=True)
+                scorer,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: Dim("batch", min=1)},),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                optimize=True,
+            )
         except Exception as err:  # the exporter raises many types; the first line says which op failed
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise HdmapError(f"ONNX export of the model failed ({type(err).__name__}: {first})") from None

@@ -113,8 +113,10 @@ def cache_decision(mode: str, need: int, max_gb: float, free: int) -> tuple[bool
     if mode == "auto" and need > max_gb * 2**30:
         return False, f"feature cache off: needs {gib:.2f} GiB > runtime.feature_cache_max_gb={max_gb:g}"
     if mode == "auto" and need > CACHE_SHARE_OF_FREE * free:
-        return False, (f"feature cache off: needs {gib:.2f} GiB, more than {CACHE_SHARE_OF_FREE:.0%} of the "
-                       f"{free / 2**30:.2f} GiB free (set runtime.feature_cache=on to force it)")
+        return False, (
+            f"feature cache off: needs {gib:.2f} GiB, more than {CACHE_SHARE_OF_FREE:.0%} of the "
+            f"{free / 2**30:.2f} GiB free (set runtime.feature_cache=on to force it)"
+        )
     return True, f"feature cache on: {gib:.3f} GiB"
 
 
@@ -123,7 +125,9 @@ def make_feature_source(model: Dinomaly, maps: np.ndarray, params: Params, devic
     device memory while being built falls back to per-batch encoding."""
     source = OnTheFly(model, maps, params, device)
     need = cache_bytes(model, len(maps), params, device)
-    use, why = cache_decision(params.runtime.feature_cache, need, params.runtime.feature_cache_max_gb, available_bytes(device))
+    use, why = cache_decision(
+        params.runtime.feature_cache, need, params.runtime.feature_cache_max_gb, available_bytes(device)
+    )
     if not use:
         if params.runtime.feature_cache != "off":
             console.print(why)

@@ -47,8 +47,10 @@ class ScaleParams(BaseModel):
 
     learnable: bool = Field(True, description="learn α = softmax(w); false: α = the fixed `weights`")
     lr_mult: float = Field(10.0, gt=0, description="learning-rate multiplier of the logits w")
-    weights: list[float] = Field(default_factory=lambda: [0.5, 0.5],
-                                 description="fixed per-group weights (learnable: false); normalised to sum 1")
+    weights: list[float] = Field(
+        default_factory=lambda: [0.5, 0.5],
+        description="fixed per-group weights (learnable: false); normalised to sum 1",
+    )
 
     @field_validator("weights")
     @classmethod

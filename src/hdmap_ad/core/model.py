@@ -26,17 +26,16 @@ from torch import Tensor, nn
 from hdmap_ad.core.encoder import FrozenEncoder, create_vit, default_target_blocks, resolve_pos_embed
 from hdmap_ad.core.errors import HdmapError
 
-
 # --------------------------------------------------------------------------------------------------
 # configuration and the data passed between stages
 
 
 @dataclass
 class DinomalyConfig:
-    encoder: str = "base"                      # small | base | large | a timm model name
-    weights: str = "random"                    # random | hub | path to a weights file
-    image_size: tuple[int, int] = (392, 392)   # (H, W) input size, multiples of the patch size
-    target_blocks: list[int] | None = None     # None: DEFAULT_TARGET_BLOCKS of the encoder size
+    encoder: str = "base"  # small | base | large | a timm model name
+    weights: str = "random"  # random | hub | path to a weights file
+    image_size: tuple[int, int] = (392, 392)  # (H, W) input size, multiples of the patch size
+    target_blocks: list[int] | None = None  # None: DEFAULT_TARGET_BLOCKS of the encoder size
     fuse_groups: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
     decoder_depth: int = 8
     mlp_ratio: float = 4.0
@@ -45,15 +44,15 @@ class DinomalyConfig:
     init_std: float = 0.01
     init_cutoff: float = 0.03
     encoder_overrides: dict = field(default_factory=dict)  # timm kwargs, e.g. tiny test encoders
-    pos_embed: str = "auto"                    # auto | original | timm (docs/design.md#model-encoder)
+    pos_embed: str = "auto"  # auto | original | timm (docs/design.md#model-encoder)
 
 
 @dataclass
 class EncoderFeatures:
     """What the frozen encoder yields for a batch; depends only on the image, so it can be cached."""
 
-    bottleneck_in: Tensor   # B×T×C: mean of the target-block outputs, all tokens
-    groups: list[Tensor]    # per fuse group B×C×h×w: mean of the group's blocks, patch tokens only
+    bottleneck_in: Tensor  # B×T×C: mean of the target-block outputs, all tokens
+    groups: list[Tensor]  # per fuse group B×C×h×w: mean of the group's blocks, patch tokens only
 
     def to(self, device: torch.device | str) -> EncoderFeatures:
         return EncoderFeatures(self.bottleneck_in.to(device), [g.to(device) for g in self.groups])
@@ -64,23 +63,24 @@ class EncoderFeatures:
 
     @staticmethod
     def cat(items: Sequence[EncoderFeatures]) -> EncoderFeatures:
-        return EncoderFeatures(torch.cat([f.bottleneck_in for f in items]),
-                               [torch.cat(gs) for gs in zip(*(f.groups for f in items))])
+        return EncoderFeatures(
+            torch.cat([f.bottleneck_in for f in items]), [torch.cat(gs) for gs in zip(*(f.groups for f in items))]
+        )
 
 
 @dataclass
 class Reconstruction:
-    enc_groups: list[Tensor]   # per group B×C×h×w, detached targets
-    dec_groups: list[Tensor]   # per group B×C×h×w with grad; dec_groups[g] reconstructs enc_groups[g]
-    bottleneck_out: Tensor     # B×T×C, the decoder's input (used by the aux method's head)
+    enc_groups: list[Tensor]  # per group B×C×h×w, detached targets
+    dec_groups: list[Tensor]  # per group B×C×h×w with grad; dec_groups[g] reconstructs enc_groups[g]
+    bottleneck_out: Tensor  # B×T×C, the decoder's input (used by the aux method's head)
 
 
 @dataclass
 class ScoreConfig:
-    size: tuple[int, int] = (256, 256)   # the anomaly map is resized to this before blur and top-k
-    blur_kernel: int = 5                 # Gaussian kernel size (odd)
+    size: tuple[int, int] = (256, 256)  # the anomaly map is resized to this before blur and top-k
+    blur_kernel: int = 5  # Gaussian kernel size (odd)
     blur_sigma: float = 4.0
-    top_ratio: float = 0.01              # image score = mean of the top ⌊ratio·H·W⌋ pixels (≥ 1)
+    top_ratio: float = 0.01  # image score = mean of the top ⌊ratio·H·W⌋ pixels (≥ 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,10 +124,10 @@ class LinearAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0                      # B×H×N×d, positive
-        kv = k.transpose(-2, -1) @ v                               # B×H×d×d: Σ_t φ(k_t) v_tᵀ
-        norm = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)   # B×H×N×1: φ(q_s)ᵀ Σ_t φ(k_t)
-        out = (q @ kv) / norm                                      # no eps, as in the original
+        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0  # B×H×N×d, positive
+        kv = k.transpose(-2, -1) @ v  # B×H×d×d: Σ_t φ(k_t) v_tᵀ
+        norm = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)  # B×H×N×1: φ(q_s)ᵀ Σ_t φ(k_t)
+        out = (q @ kv) / norm  # no eps, as in the original
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -251,16 +251,21 @@ class Dinomaly(nn.Module):
     def __init__(self, cfg: DinomalyConfig) -> None:
         super().__init__()
         targets = list(cfg.target_blocks) if cfg.target_blocks is not None else default_target_blocks(cfg.encoder)
-        self.config = cfg = replace(cfg, target_blocks=targets, image_size=tuple(int(s) for s in cfg.image_size),
-                                    fuse_groups=[list(g) for g in cfg.fuse_groups],
-                                    pos_embed=resolve_pos_embed(cfg.encoder, cfg.pos_embed))
+        self.config = cfg = replace(
+            cfg,
+            target_blocks=targets,
+            image_size=tuple(int(s) for s in cfg.image_size),
+            fuse_groups=[list(g) for g in cfg.fuse_groups],
+            pos_embed=resolve_pos_embed(cfg.encoder, cfg.pos_embed),
+        )
         if cfg.decoder_depth < 1:
             raise HdmapError(f"model.decoder_depth: {cfg.decoder_depth} must be at least 1")
         for g in cfg.fuse_groups or [[]]:
             if not g or any(not 0 <= i < min(len(targets), cfg.decoder_depth) for i in g):
                 raise HdmapError(
                     f"model.fuse_groups: {cfg.fuse_groups} must be non-empty lists of indices into the "
-                    f"{len(targets)} target blocks and the {cfg.decoder_depth} decoder blocks")
+                    f"{len(targets)} target blocks and the {cfg.decoder_depth} decoder blocks"
+                )
         vit = create_vit(cfg.encoder, cfg.weights, cfg.image_size, cfg.encoder_overrides, cfg.pos_embed)
         self.encoder = FrozenEncoder(vit, targets, cfg.pos_embed)
         self.bottleneck, self.decoder = build_trainable(self.encoder.embed_dim, self.encoder.num_heads, cfg)
@@ -306,8 +311,9 @@ class Dinomaly(nn.Module):
         return self.decode(self.encode(images))
 
     @torch.no_grad()
-    def predict(self, images: Tensor, reduce: str | Callable[[Tensor], Tensor] = "mean",
-                score: ScoreConfig | None = None) -> tuple[Tensor, Tensor]:
+    def predict(
+        self, images: Tensor, reduce: str | Callable[[Tensor], Tensor] = "mean", score: ScoreConfig | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Image scores (B) and anomaly maps (B×1×H×W at the input size), in eval mode."""
         was_training = self.training
         self.eval()  # bottleneck dropout off; restored below so a training loop is not surprised
@@ -353,9 +359,9 @@ def scale_easy_gradients(t: Tensor, point_dist: Tensor, ratio: float, factor: fl
     loss value is untouched. Returns τ. A `t` without grad gets no hook.
     """
     tau = hard_mining_threshold(point_dist, ratio)
-    easy = point_dist.detach() < tau                        # B×h×w
+    easy = point_dist.detach() < tau  # B×h×w
     if t.dim() == easy.dim() + 1:
-        easy = easy.unsqueeze(1)                            # broadcast over channels
+        easy = easy.unsqueeze(1)  # broadcast over channels
     if t.requires_grad:
         t.register_hook(lambda grad: torch.where(easy, grad * factor, grad))
     return float(tau)
@@ -384,8 +390,9 @@ def global_cosine_hm_loss(recon: Reconstruction, ratio: float, factor: float = 0
 # anomaly maps and image score
 
 
-def anomaly_map(dist_maps: Tensor, out_size: tuple[int, int],
-                reduce: str | Callable[[Tensor], Tensor] = "mean") -> Tensor:
+def anomaly_map(
+    dist_maps: Tensor, out_size: tuple[int, int], reduce: str | Callable[[Tensor], Tensor] = "mean"
+) -> Tensor:
     """Group distance maps B×G×h×w -> bilinear (align_corners=True) to `out_size` -> reduced map.
 
     reduce: "mean" (docs/design.md#model-score) -> B×1×H×W; "none" -> B×G×H×W; or a callable
@@ -401,8 +408,9 @@ def anomaly_map(dist_maps: Tensor, out_size: tuple[int, int],
     raise ValueError(f"reduce must be 'mean', 'none' or a callable, not {reduce!r}")
 
 
-def gaussian_kernel(size: int, sigma: float, device: torch.device | None = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+def gaussian_kernel(
+    size: int, sigma: float, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Normalised size×size Gaussian centred on the middle pixel."""
     x = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2.0 * sigma**2))
@@ -421,9 +429,10 @@ def gaussian_blur(maps: Tensor, size: int, sigma: float) -> Tensor:
     return out.reshape(b, c, h, w)
 
 
-def image_score(amap: Tensor, cfg: ScoreConfig = ScoreConfig()) -> Tensor:
+def image_score(amap: Tensor, cfg: ScoreConfig | None = None) -> Tensor:
     """Anomaly map B×1×H×W -> score B: resize to cfg.size (bilinear, align_corners=False, as the
     original evaluation), Gaussian blur, mean of the top ⌊top_ratio·H·W⌋ pixels (at least 1)."""
+    cfg = cfg or ScoreConfig()
     maps = amap.float()
     if tuple(maps.shape[-2:]) != tuple(cfg.size):
         maps = F.interpolate(maps, size=tuple(cfg.size), mode="bilinear", align_corners=False)

@@ -55,12 +55,15 @@ class OnnxScorer:
         for key, text in raw.items():
             if key.startswith(METADATA_PREFIX):
                 try:
-                    info[key[len(METADATA_PREFIX):]] = json.loads(text)
+                    info[key[len(METADATA_PREFIX) :]] = json.loads(text)
                 except ValueError:
                     raise HdmapError(f"{self.path}: damaged metadata entry {key!r} (not JSON)") from None
         if info.get("format") != FORMAT:
-            what = "no hdmap-ad metadata (not exported by `hdmap-ad export`)" if not info else \
-                f"metadata format {info.get('format')!r}, this hdmap-ad reads format {FORMAT}"
+            what = (
+                "no hdmap-ad metadata (not exported by `hdmap-ad export`)"
+                if not info
+                else f"metadata format {info.get('format')!r}, this hdmap-ad reads format {FORMAT}"
+            )
             raise HdmapError(f"{self.path}: {what}")
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME] or [o.name for o in self.session.get_outputs()] != list(OUTPUT_NAMES):
@@ -78,19 +81,27 @@ class OnnxScorer:
     def check(self, maps: Any) -> np.ndarray:
         """`maps` as a float32 N×H×W array, or an HdmapError naming what is wrong with it."""
         if not isinstance(maps, np.ndarray):
-            raise HdmapError(f"ONNX model {self.path.name}: expected a numpy array of maps, got a {type(maps).__name__}")
+            raise HdmapError(
+                f"ONNX model {self.path.name}: expected a numpy array of maps, got a {type(maps).__name__}"
+            )
         if maps.dtype != np.float32:
-            raise HdmapError(f"ONNX model {self.path.name}: maps must be float32, got {maps.dtype} "
-                             "(cast with .astype(numpy.float32))")
+            raise HdmapError(
+                f"ONNX model {self.path.name}: maps must be float32, got {maps.dtype} "
+                "(cast with .astype(numpy.float32))"
+            )
         if maps.ndim == 2:
             maps = maps[None]
         h, w = self.input_shape
         if maps.ndim != 3:
-            raise HdmapError(f"ONNX model {self.path.name}: expected maps of shape (N, {h}, {w}) or one ({h}, {w}) map, "
-                             f"got an array of shape {tuple(maps.shape)}")
+            raise HdmapError(
+                f"ONNX model {self.path.name}: expected maps of shape (N, {h}, {w}) or one ({h}, {w}) map, "
+                f"got an array of shape {tuple(maps.shape)}"
+            )
         if tuple(maps.shape[1:]) != (h, w):
-            raise HdmapError(f"ONNX model {self.path.name}: maps are {maps.shape[1]}x{maps.shape[2]}, the model takes "
-                             f"{h}x{w} (the training maps' size; the torch backend resizes other sizes)")
+            raise HdmapError(
+                f"ONNX model {self.path.name}: maps are {maps.shape[1]}x{maps.shape[2]}, the model takes "
+                f"{h}x{w} (the training maps' size; the torch backend resizes other sizes)"
+            )
         finite = np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
@@ -105,11 +116,14 @@ class OnnxScorer:
             amaps, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: maps})
         except Exception as err:  # a runtime failure inside onnxruntime: one line, the rest is its internals
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise HdmapError(f"ONNX model {self.path.name}: onnxruntime failed on a batch of {len(maps)} ({first})") from None
+            raise HdmapError(
+                f"ONNX model {self.path.name}: onnxruntime failed on a batch of {len(maps)} ({first})"
+            ) from None
         return amaps, scores
 
-    def score(self, maps: Any, batch_size: int | None = None,
-              keep_maps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def score(
+        self, maps: Any, batch_size: int | None = None, keep_maps: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Scores (float64, N) and, with `keep_maps`, anomaly maps (float32, N×S×S) of N×H×W maps."""
         maps = self.check(maps)
         size = int(batch_size or self.batch_size)
@@ -117,7 +131,7 @@ class OnnxScorer:
             raise HdmapError(f"batch size {size}: must be positive")
         scores, kept = [], []
         for start in range(0, len(maps), size):
-            amaps, s = self.run(maps[start:start + size])
+            amaps, s = self.run(maps[start : start + size])
             scores.append(s.astype(np.float64))
             if keep_maps:
                 kept.append(amaps)

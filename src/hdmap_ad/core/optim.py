@@ -36,9 +36,17 @@ from torch import Tensor
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with per-tensor update-RMS clipping (see the module docstring for the update)."""
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, clip_threshold: float = 1.0, fused: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        clip_threshold: float = 1.0,
+        fused: bool | None = None,
+    ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not eps >= 0.0:
@@ -49,8 +57,14 @@ class StableAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid weight_decay {weight_decay}")
         if not clip_threshold > 0.0:
             raise ValueError(f"invalid clip_threshold {clip_threshold}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        clip_threshold=clip_threshold)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            clip_threshold=clip_threshold,
+        )
         super().__init__(params, defaults)
         self.fused = fused
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # not state: never saved
@@ -58,7 +72,12 @@ class StableAdamW(torch.optim.Optimizer):
     def _use_fused(self, p: Tensor) -> bool:
         if self.fused is False or not hasattr(torch, "_fused_adamw_"):
             return False
-        return p.device.type in ("cpu", "cuda") and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+        return p.device.type in ("cpu", "cuda") and p.dtype in (
+            torch.float64,
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        )
 
     def _buffer(self, like: Tensor) -> Tensor:
         """A scratch tensor shaped like `like`, carved from one growing flat buffer per device/dtype."""
@@ -126,13 +145,13 @@ class StableAdamW(torch.optim.Optimizer):
         c = 1.0 / math.sqrt(1.0 - beta2**t)
         ratio = self._buffer(grad)
         torch.mul(grad, grad, out=ratio)
-        torch.lerp(state["exp_avg_sq"], ratio, 1.0 - beta2, out=ratio)      # v_t = beta2*v + (1-beta2)*g^2
+        torch.lerp(state["exp_avg_sq"], ratio, 1.0 - beta2, out=ratio)  # v_t = beta2*v + (1-beta2)*g^2
         if amsgrad:
-            torch.maximum(ratio, state["max_exp_avg_sq"], out=ratio)        # max(v_max, v_t)
-        ratio.sqrt_().add_(eps / c)                                           # d / c
-        torch.div(grad, ratio, out=ratio)                                     # c * g / d
-        norm = torch.linalg.vector_norm(ratio)                                # c * sqrt(n) * RMS(g/d)
-        k = 1.0 / (c * math.sqrt(grad.numel()) * group["clip_threshold"])   # s = max(1, k * norm)
+            torch.maximum(ratio, state["max_exp_avg_sq"], out=ratio)  # max(v_max, v_t)
+        ratio.sqrt_().add_(eps / c)  # d / c
+        torch.div(grad, ratio, out=ratio)  # c * g / d
+        norm = torch.linalg.vector_norm(ratio)  # c * sqrt(n) * RMS(g/d)
+        k = 1.0 / (c * math.sqrt(grad.numel()) * group["clip_threshold"])  # s = max(1, k * norm)
         if p.device.type == "cpu":
             # A host value is free here: plain floats instead of tiny tensor ops, and the decay
             # goes into the kernel as wd*s, so that its factor 1 - (lr/s)(wd*s) is the unclipped one.
@@ -140,19 +159,35 @@ class StableAdamW(torch.optim.Optimizer):
             lr_t: float | Tensor = lr / shrink
             kernel_wd = wd * shrink
         else:  # a device tensor: no host sync per parameter; the decay is a pass of its own
-            lr_t = (lr / torch.clamp(norm * k, min=1.0)).to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+            lr_t = (lr / torch.clamp(norm * k, min=1.0)).to(
+                torch.float64 if p.dtype == torch.float64 else torch.float32
+            )
             kernel_wd = 0.0
             p.mul_(1.0 - lr * wd)
         key = (p.device, t)
         if key not in self._steps:
             self._steps[key] = torch.full((), float(t), device=p.device, dtype=torch.float32)
         max_sq = [state["max_exp_avg_sq"]] if amsgrad else []
-        torch._fused_adamw_([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], max_sq, [self._steps[key]],
-                            lr=lr_t, beta1=beta1, beta2=beta2, weight_decay=kernel_wd, eps=eps, amsgrad=amsgrad, maximize=False)
+        torch._fused_adamw_(
+            [p],
+            [grad],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            max_sq,
+            [self._steps[key]],
+            lr=lr_t,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=kernel_wd,
+            eps=eps,
+            amsgrad=amsgrad,
+            maximize=False,
+        )
 
 
-def warm_cosine_lr(step: int, base_lr: float, final_lr: float, total_steps: int, warmup_steps: int,
-                   *, reach_final_at_last: bool = True) -> float:
+def warm_cosine_lr(
+    step: int, base_lr: float, final_lr: float, total_steps: int, warmup_steps: int, *, reach_final_at_last: bool = True
+) -> float:
     """Learning rate for 0-based `step`: linear warm-up, then cosine decay.
 
     Warm-up (step < W): ``base·step/(W−1)``, i.e. ``linspace(0, base, W)`` as in the original, so

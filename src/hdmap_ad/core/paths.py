@@ -20,17 +20,17 @@ def repo_root() -> Path:
 
 
 # models/: written by the configure and train stages
-TRAIN_CONFIG_FILE = Path("models/train_config.json")   # what changes a trained model (configure)
-MODEL_FILE = Path("models/model.pt")                    # the trained model (safetensors)
-STATE_FILE = Path("models/train_state/last.pt")         # resume state: scratch, not a DVC output
-RUN_FILE = Path("models/run.json")                      # which MLflow run trained MODEL_FILE: machine-specific
+TRAIN_CONFIG_FILE = Path("models/train_config.json")  # what changes a trained model (configure)
+MODEL_FILE = Path("models/model.pt")  # the trained model (safetensors)
+STATE_FILE = Path("models/train_state/last.pt")  # resume state: scratch, not a DVC output
+RUN_FILE = Path("models/run.json")  # which MLflow run trained MODEL_FILE: machine-specific
 # metrics/ and plots/: the train and evaluate stages
-TRAIN_METRICS = Path("metrics/train.json")              # DVC metric
-EVAL_FILE = Path("metrics/eval.json")                   # DVC metric: the headline metrics in percent
-EVAL_DETAILS_FILE = Path("metrics/eval_details.json")   # everything else evaluate computes (fractions)
+TRAIN_METRICS = Path("metrics/train.json")  # DVC metric
+EVAL_FILE = Path("metrics/eval.json")  # DVC metric: the headline metrics in percent
+EVAL_DETAILS_FILE = Path("metrics/eval_details.json")  # everything else evaluate computes (fractions)
 SCORES_FILE = Path("metrics/scores.csv")
 PLOTS_DIR = Path("plots")
 # the compare stage
-COMPARE_FILE = Path("metrics/compare.json")             # headline numbers of the comparison
-REPORT_FILE = Path("reports/comparison.md")             # reports/: a view of the MLflow store, git-ignored
+COMPARE_FILE = Path("metrics/compare.json")  # headline numbers of the comparison
+REPORT_FILE = Path("reports/comparison.md")  # reports/: a view of the MLflow store, git-ignored
 REPORT_PLOTS_DIR = Path("reports/plots")

@@ -27,8 +27,12 @@ def _pair(name: str, size: int | Sequence[int]) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def preprocess(maps: torch.Tensor | np.ndarray, resize: Sequence[int], crop: Sequence[int],
-               device: torch.device | str | None = None) -> torch.Tensor:
+def preprocess(
+    maps: torch.Tensor | np.ndarray,
+    resize: Sequence[int],
+    crop: Sequence[int],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(B,H,W) or (H,W) float maps -> (B,3,crop_h,crop_w) float32 on `device` (default: the input
     tensor's device; NumPy input goes to the CPU).
 
@@ -51,7 +55,7 @@ def preprocess(maps: torch.Tensor | np.ndarray, resize: Sequence[int], crop: Seq
     if x.shape[-2:] != (rh, rw):  # torchvision leaves an image of the target size untouched
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
     top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
-    x = x[..., top:top + ch, left:left + cw].expand(-1, 3, -1, -1)
+    x = x[..., top : top + ch, left : left + cw].expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -88,7 +88,9 @@ def resolve_precision(device: torch.device, amp: str, key: str = "train.amp") ->
         return amp
     if device.type == "cpu":
         if amp == "fp16":
-            raise HdmapError(f"{key}=fp16 is CUDA-only (fp16 autocast with a loss scaler); on CPU use bf16, auto or off")
+            raise HdmapError(
+                f"{key}=fp16 is CUDA-only (fp16 autocast with a loss scaler); on CPU use bf16, auto or off"
+            )
         if amp == "auto":
             return "bf16" if cpu_has_native_bf16() else "off"
         return "bf16"
@@ -127,9 +129,17 @@ def rng_state() -> dict[str, Any]:
     """Every generator's state as tuples, lists, numbers and CPU uint8 tensors (what a checkpoint
     stores without pickle; the numpy key array becomes a list of ints)."""
     bit_generator, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": str(bit_generator), "key": [int(k) for k in key], "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -144,8 +154,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_tuples(state["python"]))
     npy = state["numpy"]
     if isinstance(npy, dict):
-        np.random.set_state((npy["bit_generator"], np.asarray(npy["key"], dtype=np.uint32), int(npy["pos"]),
-                             int(npy["has_gauss"]), float(npy["gauss"])))
+        np.random.set_state(
+            (
+                npy["bit_generator"],
+                np.asarray(npy["key"], dtype=np.uint32),
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["gauss"]),
+            )
+        )
     else:  # the legacy tuple (a state migrated from format 1: its key array may be a tensor)
         np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
@@ -168,12 +185,18 @@ class StepProgress:
         self._progress: Progress | None = None
         if self.interactive:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
             )
             self._task = self._progress.add_task(description, total=total, completed=start, info="")
 
-    def __enter__(self) -> "StepProgress":
+    def __enter__(self) -> StepProgress:
         self._start_done, self._t0 = self.done, self.clock()
         if self._progress is not None:
             self._progress.start()

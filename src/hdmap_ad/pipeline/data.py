@@ -29,11 +29,24 @@ from hdmap_ad.core.files import atomic_dir
 DEFAULT_DOMAINS = HDMAP_DOMAINS
 MAP_SUFFIXES = (".tif", ".tiff", ".png")
 SPLITS = (("train", "good", 0), ("test", "good", 0), ("test", "fault", 1))  # folder -> label
-MANIFEST_COLUMNS = ["domain", "split", "label", "index", "path", "height", "width", "min", "max", "mean",
-                    "phase", "mask_path"]
+MANIFEST_COLUMNS = [
+    "domain",
+    "split",
+    "label",
+    "index",
+    "path",
+    "height",
+    "width",
+    "min",
+    "max",
+    "mean",
+    "phase",
+    "mask_path",
+]
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
 
 def _read_raw(path: Path) -> np.ndarray:
     """The stored array; unsigned 8/16-bit data is scaled to [0, 1] (PNG or TIFF alike)."""
@@ -143,14 +156,15 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- layout
 
+
 @dataclass(frozen=True)
 class MapRecord:
     path: Path
     domain: str
-    split: str                 # "train" | "test"
-    label: int                 # 0 good, 1 fault
+    split: str  # "train" | "test"
+    label: int  # 0 good, 1 fault
     mask_path: Path | None
-    phase: str                 # "cold" | "warm" for test maps, "n/a" for train maps
+    phase: str  # "cold" | "warm" for test maps, "n/a" for train maps
 
 
 def folder_phases(n: int) -> list[str]:
@@ -164,8 +178,9 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _list_maps(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir()
-             if p.suffix.lower() in MAP_SUFFIXES and not p.name.startswith(".") and p.is_file()]
+    files = [
+        p for p in folder.iterdir() if p.suffix.lower() in MAP_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    ]
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
@@ -187,12 +202,16 @@ def _check_domains(root: Path, domains: Sequence[str]) -> list[str]:
     seen = set()
     for d in domains:
         if not d or d in (".", "..") or "/" in d or "\\" in d or d != d.strip():
-            raise HdmapError(f"domain {d!r}: not a folder name (domains present in {root}: {', '.join(present) or 'none'})")
+            raise HdmapError(
+                f"domain {d!r}: not a folder name (domains present in {root}: {', '.join(present) or 'none'})"
+            )
         if d in seen:
             raise HdmapError(f"domain {d!r}: listed twice")
         seen.add(d)
         if not (root / d).is_dir():
-            raise HdmapError(f"{root / d}: domain folder not found (domains present in {root}: {', '.join(present) or 'none'})")
+            raise HdmapError(
+                f"{root / d}: domain folder not found (domains present in {root}: {', '.join(present) or 'none'})"
+            )
     return sorted(domains)
 
 
@@ -209,7 +228,9 @@ def scan_root(root: Path, domains: Sequence[str]) -> list[MapRecord]:
         for split, kind, label in SPLITS:
             folder = domain_dir / split / kind
             if not folder.is_dir():
-                raise HdmapError(f"{folder}: split folder not found (each domain needs train/good, test/good and test/fault)")
+                raise HdmapError(
+                    f"{folder}: split folder not found (each domain needs train/good, test/good and test/fault)"
+                )
             files = _list_maps(folder)
             if not files:
                 raise HdmapError(f"{folder}: no maps (*.tif, *.tiff, *.png) in this folder")
@@ -221,6 +242,7 @@ def scan_root(root: Path, domains: Sequence[str]) -> list[MapRecord]:
 
 
 # ---------------------------------------------------------------------------------------------- prepare
+
 
 def _stats(values: np.ndarray) -> dict[str, float]:
     return {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean(dtype=np.float64))}
@@ -234,8 +256,10 @@ def _read_all(records: list[MapRecord], progress: bool) -> tuple[list[np.ndarray
             m, stored = read_map_stored(rec.path)
             stored_as.setdefault(_storage_kind(stored), []).append(rec.path)
             if maps and m.shape != maps[0].shape:
-                raise HdmapError(f"{rec.path}: shape {m.shape} differs from {maps[0].shape} of {records[0].path} "
-                                 "(all maps must have one shape)")
+                raise HdmapError(
+                    f"{rec.path}: shape {m.shape} differs from {maps[0].shape} of {records[0].path} "
+                    "(all maps must have one shape)"
+                )
             if rec.mask_path is not None:
                 masks[rec.path] = read_mask(rec.mask_path, m.shape)
             maps.append(m)
@@ -245,9 +269,11 @@ def _read_all(records: list[MapRecord], progress: bool) -> tuple[list[np.ndarray
         # share one scale, and the model would learn the storage type instead of the signal.
         odd_kind = min(stored_as, key=lambda k: len(stored_as[k]))
         counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(stored_as.items()))
-        raise HdmapError(f"{stored_as[odd_kind][0]}: stored as {odd_kind}, but the dataset mixes storage types "
-                         f"({counts}); integer maps are rescaled to [0, 1] and float maps are not, so they would "
-                         "not share one scale: convert the maps to one type")
+        raise HdmapError(
+            f"{stored_as[odd_kind][0]}: stored as {odd_kind}, but the dataset mixes storage types "
+            f"({counts}); integer maps are rescaled to [0, 1] and float maps are not, so they would "
+            "not share one scale: convert the maps to one type"
+        )
     return maps, masks
 
 
@@ -255,8 +281,9 @@ def _storage_kind(dtype_name: str) -> str:
     return "float" if dtype_name.startswith("float") else dtype_name
 
 
-def _pack_domain(folder: Path, items: list[tuple[MapRecord, np.ndarray]], masks: dict[Path, np.ndarray],
-                 rows: list[dict]) -> dict[str, Any]:
+def _pack_domain(
+    folder: Path, items: list[tuple[MapRecord, np.ndarray]], masks: dict[Path, np.ndarray], rows: list[dict]
+) -> dict[str, Any]:
     """Write one domain's arrays into `folder`, append its manifest rows, return its summary entry."""
     folder.mkdir()
     parts = {split: [(r, m) for r, m in items if r.split == split] for split in ("train", "test")}
@@ -266,9 +293,20 @@ def _pack_domain(folder: Path, items: list[tuple[MapRecord, np.ndarray]], masks:
         np.save(folder / f"{split}.npy", packed)
         stats[split] = _stats(packed)
         for i, (r, m) in enumerate(part):
-            rows.append({"domain": r.domain, "split": split, "label": r.label, "index": i, "path": r.path.as_posix(),
-                         "height": m.shape[0], "width": m.shape[1], **_stats(m), "phase": r.phase,
-                         "mask_path": r.mask_path.as_posix() if r.mask_path is not None else ""})
+            rows.append(
+                {
+                    "domain": r.domain,
+                    "split": split,
+                    "label": r.label,
+                    "index": i,
+                    "path": r.path.as_posix(),
+                    "height": m.shape[0],
+                    "width": m.shape[1],
+                    **_stats(m),
+                    "phase": r.phase,
+                    "mask_path": r.mask_path.as_posix() if r.mask_path is not None else "",
+                }
+            )
     test = parts["test"]
     labels = np.array([r.label for r, _ in test], dtype=np.int64)
     np.save(folder / "test_labels.npy", labels)
@@ -277,7 +315,10 @@ def _pack_domain(folder: Path, items: list[tuple[MapRecord, np.ndarray]], masks:
     if n_masks == n_faults:  # masks only when every fault has one; good maps get empty masks
         np.save(folder / "test_masks.npy", np.stack([masks.get(r.path, np.zeros(m.shape, np.uint8)) for r, m in test]))
     return {
-        "train": len(parts["train"]), "test_good": len(test) - n_faults, "test_fault": n_faults, "masks": n_masks,
+        "train": len(parts["train"]),
+        "test_good": len(test) - n_faults,
+        "test_fault": n_faults,
+        "masks": n_masks,
         "n_test_above_1": sum(float(m.max()) > 1.0 for _, m in test),
         **{key: {split: stats[split][key] for split in parts} for key in ("min", "max", "mean")},
     }
@@ -319,21 +360,44 @@ class _NoProgress:
 def summary_table(summary: dict) -> Table:
     """Per-domain counts and value ranges of a prepared dataset (its summary.json), for the terminal."""
     h, w = summary["shape"]
-    table = Table(title=f"prepared HDMAP: {h}×{w} maps", box=box.SIMPLE_HEAD,
-                  padding=(0, 1), collapse_padding=True, pad_edge=False, show_edge=False)
-    for name in ("domain", "train", "test\ngood", "test\nfault", "masks", "train\nmin–max", "train\nmean",
-                 "test\nmin–max", "test\nmean", "test\n> 1"):
+    table = Table(
+        title=f"prepared HDMAP: {h}×{w} maps",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+        show_edge=False,
+    )
+    for name in (
+        "domain",
+        "train",
+        "test\ngood",
+        "test\nfault",
+        "masks",
+        "train\nmin–max",
+        "train\nmean",
+        "test\nmin–max",
+        "test\nmean",
+        "test\n> 1",
+    ):
         table.add_column(name, justify="left" if name == "domain" else "right")
     for domain, d in summary["domains"].items():
-        masks = "yes" if d["masks"] == d["test_fault"] else ("no" if d["masks"] == 0 else f"{d['masks']}/{d['test_fault']}")
-        stats = [f"{d[key][split]:.2f}" if key == "mean" else f"{d['min'][split]:.2f}–{d['max'][split]:.2f}"
-                 for split in ("train", "test") for key in ("range", "mean")]
-        table.add_row(domain, str(d["train"]), str(d["test_good"]), str(d["test_fault"]), masks, *stats,
-                      str(d["n_test_above_1"]))
+        masks = (
+            "yes" if d["masks"] == d["test_fault"] else ("no" if d["masks"] == 0 else f"{d['masks']}/{d['test_fault']}")
+        )
+        stats = [
+            f"{d[key][split]:.2f}" if key == "mean" else f"{d['min'][split]:.2f}–{d['max'][split]:.2f}"
+            for split in ("train", "test")
+            for key in ("range", "mean")
+        ]
+        table.add_row(
+            domain, str(d["train"]), str(d["test_good"]), str(d["test_fault"]), masks, *stats, str(d["n_test_above_1"])
+        )
     return table
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
 
 class PreparedData:
     """The output of `prepare_dataset`: packed arrays per domain and split, and the manifest."""
@@ -346,7 +410,7 @@ class PreparedData:
         self.shape: tuple[int, int] = tuple(summary["shape"])
 
     @classmethod
-    def load(cls, out_dir: Path) -> "PreparedData":
+    def load(cls, out_dir: Path) -> PreparedData:
         out_dir = Path(out_dir)
         hint = "run `dvc repro prepare` first"
         if not out_dir.is_dir():
@@ -357,8 +421,11 @@ class PreparedData:
         try:
             summary = json.loads((out_dir / "summary.json").read_text())
             domains, _ = list(summary["domains"]), tuple(summary["shape"])
-            manifest = pd.read_csv(out_dir / "manifest.csv", keep_default_na=False,
-                                   dtype={"path": str, "mask_path": str, "phase": str, "domain": str, "split": str})
+            manifest = pd.read_csv(
+                out_dir / "manifest.csv",
+                keep_default_na=False,
+                dtype={"path": str, "mask_path": str, "phase": str, "domain": str, "split": str},
+            )
         except (ValueError, KeyError, TypeError) as err:
             raise HdmapError(f"{out_dir}: prepared data unreadable ({err}); {hint}") from None
         for d in domains:
@@ -369,7 +436,9 @@ class PreparedData:
 
     def _check(self, domain: str, split: str | None = None) -> None:
         if domain not in self.domains:
-            raise HdmapError(f"{self.out_dir}: no domain {domain!r} in the prepared data (has {', '.join(self.domains)})")
+            raise HdmapError(
+                f"{self.out_dir}: no domain {domain!r} in the prepared data (has {', '.join(self.domains)})"
+            )
         if split is not None and split not in ("train", "test"):
             raise HdmapError(f"split {split!r}: expected 'train' or 'test'")
 

@@ -13,20 +13,25 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from hdmap_ad.core import checkpoint
-
-from hdmap_ad.pipeline import plots, tracking
 from hdmap_ad.core.config import Params
-from hdmap_ad.pipeline.data import PreparedData
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.paths import EVAL_DETAILS_FILE, EVAL_FILE, MODEL_FILE, PLOTS_DIR, RUN_FILE, SCORES_FILE
 from hdmap_ad.core.files import atomic_dir, write_json, write_text
 from hdmap_ad.core.inference import score_maps
 from hdmap_ad.core.model import gaussian_blur
-from hdmap_ad.pipeline.metrics import HEADLINE_METRICS, image_metrics, pixel_auroc, roc_points_table, summarise
+from hdmap_ad.core.paths import EVAL_DETAILS_FILE, EVAL_FILE, MODEL_FILE, PLOTS_DIR, RUN_FILE, SCORES_FILE
 from hdmap_ad.core.runtime import console, precision_label, resolve_precision, select_device, set_threads
+from hdmap_ad.pipeline import plots, tracking
+from hdmap_ad.pipeline.data import PreparedData
+from hdmap_ad.pipeline.metrics import HEADLINE_METRICS, image_metrics, pixel_auroc, roc_points_table, summarise
 
-TABLE_COLUMNS = [("auroc", "AUROC"), ("ap", "AP"), ("f1_max", "F1-max"), ("tpr_at_fpr_1", "TPR@FPR1%"),
-                 ("tpr_at_fpr_5", "TPR@FPR5%"), ("pixel_auroc", "pixel AUROC")]
+TABLE_COLUMNS = [
+    ("auroc", "AUROC"),
+    ("ap", "AP"),
+    ("f1_max", "F1-max"),
+    ("tpr_at_fpr_1", "TPR@FPR1%"),
+    ("tpr_at_fpr_5", "TPR@FPR5%"),
+    ("pixel_auroc", "pixel AUROC"),
+]
 assert HEADLINE_METRICS == tuple(k for k, _ in TABLE_COLUMNS)  # the terminal table shows exactly those
 
 
@@ -38,7 +43,7 @@ def masks_to_score_grid(masks: np.ndarray, params: Params) -> np.ndarray:
     t = F.interpolate(t, size=tuple(params.preprocess.resize), mode="nearest")
     (h, w), (ch, cw) = params.preprocess.resize, params.preprocess.crop
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-    t = t[..., top:top + ch, left:left + cw]
+    t = t[..., top : top + ch, left : left + cw]
     t = F.interpolate(t, size=tuple(params.score.size), mode="nearest")
     return (t[:, 0] > 0.5).numpy().astype(np.uint8)
 
@@ -63,8 +68,9 @@ def headline(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         if not isinstance(m, dict):
             continue
         ok = m.get("valid") is not False
-        out[scope] = {k: (round(100.0 * float(m[k]), 2) if ok and _is_number(m[k]) else None)
-                      for k in HEADLINE_METRICS if k in m}
+        out[scope] = {
+            k: (round(100.0 * float(m[k]), 2) if ok and _is_number(m[k]) else None) for k in HEADLINE_METRICS if k in m
+        }
     return out
 
 
@@ -157,8 +163,10 @@ def evaluate(params: Params) -> dict[str, Any]:
     run_params = trained.params.model_copy(update={"score": params.score, "evaluate": params.evaluate})
     precision = resolve_precision(device, params.evaluate.amp, "evaluate.amp")
     trained_at = trained.info.get("precision") or "not recorded"
-    console.print(f"inference precision: {precision_label(precision)} (evaluate.amp={params.evaluate.amp} on {device}; "
-                  f"trained at {precision_label(trained_at) if trained_at in ('off', 'bf16', 'fp16') else trained_at})")
+    console.print(
+        f"inference precision: {precision_label(precision)} (evaluate.amp={params.evaluate.amp} on {device}; "
+        f"trained at {precision_label(trained_at) if trained_at in ('off', 'bf16', 'fp16') else trained_at})"
+    )
 
     per_domain, rows, curves, dists, examples, roles = {}, [], {}, {}, [], set()
     all_labels, all_scores = [], []
@@ -167,14 +175,28 @@ def evaluate(params: Params) -> dict[str, Any]:
         maps = prepared.maps(domain, "test")
         labels = np.asarray(prepared.labels(domain, "test"))
         masks = prepared.masks(domain)
-        scored = score_maps(trained.model, trained.method, maps, run_params, device, params.evaluate.batch_size,
-                            keep_maps=True, domain_id=i, description=f"test {domain}", amp=precision)
+        scored = score_maps(
+            trained.model,
+            trained.method,
+            maps,
+            run_params,
+            device,
+            params.evaluate.batch_size,
+            keep_maps=True,
+            domain_id=i,
+            description=f"test {domain}",
+            amp=precision,
+        )
         m = image_metrics(labels, scored.scores)
         if not m["valid"]:
-            console.print(f"[bold red]{domain}: metrics INVALID — {m.get('n_bad_scores', 0)} NaN/Inf scores "
-                          f"({m.get('reason', 'non-finite scores')})[/]")
+            console.print(
+                f"[bold red]{domain}: metrics INVALID — {m.get('n_bad_scores', 0)} NaN/Inf scores "
+                f"({m.get('reason', 'non-finite scores')})[/]"
+            )
         if masks is not None:
-            m["pixel_auroc"] = pixel_auroc(masks_to_score_grid(masks, run_params), blurred_maps(scored.maps, run_params))
+            m["pixel_auroc"] = pixel_auroc(
+                masks_to_score_grid(masks, run_params), blurred_maps(scored.maps, run_params)
+            )
         if scored.extras and "domain_pred" in scored.extras:
             m["aux_domain_accuracy"] = float(np.mean(scored.extras["domain_pred"] == i))
         per_domain[domain] = m
@@ -185,10 +207,17 @@ def evaluate(params: Params) -> dict[str, Any]:
         dists[domain] = (scored.scores[finite & (labels == 0)], scored.scores[finite & (labels == 1)])
         for j, role in _pick_examples(domain, labels, np.where(finite, scored.scores, -np.inf), per_example):
             roles.add(role)
-            examples.append(plots.Example(
-                f"{domain} {Path(paths[j]).name} ({'fault' if labels[j] else 'good'})", np.asarray(maps[j]),
-                scored.maps[j], float(scored.scores[j]), int(labels[j]),
-                mask=None if masks is None else masks[j], region=crop_region(tuple(maps.shape[-2:]), run_params)))
+            examples.append(
+                plots.Example(
+                    f"{domain} {Path(paths[j]).name} ({'fault' if labels[j] else 'good'})",
+                    np.asarray(maps[j]),
+                    scored.maps[j],
+                    float(scored.scores[j]),
+                    int(labels[j]),
+                    mask=None if masks is None else masks[j],
+                    region=crop_region(tuple(maps.shape[-2:]), run_params),
+                )
+            )
         all_labels.append(labels)
         all_scores.append(scored.scores)
 
@@ -202,21 +231,31 @@ def evaluate(params: Params) -> dict[str, Any]:
     # The stage's outputs persist between runs: each is replaced whole, and only once everything is
     # computed, so a failure leaves the previous evaluation in place.
     with atomic_dir(PLOTS_DIR) as folder:
-        plot_names = [f.relative_to(folder) for f in write_plots(curves, dists, examples, result, folder, example_title)]
+        plot_names = [
+            f.relative_to(folder) for f in write_plots(curves, dists, examples, result, folder, example_title)
+        ]
     plot_files = [PLOTS_DIR / name for name in plot_names]
     write_text(scores.to_csv(index=False), SCORES_FILE)
-    write_json({**result, "units": "fractions in [0, 1]; metrics/eval.json has the headline metrics in percent"},
-               EVAL_DETAILS_FILE)
+    write_json(
+        {**result, "units": "fractions in [0, 1]; metrics/eval.json has the headline metrics in percent"},
+        EVAL_DETAILS_FILE,
+    )
     write_json(headline(result), EVAL_FILE)
-    console.print(metrics_table(headline(result), f"{trained.params.method} seed {trained.params.seed}: test metrics (%)",
-                                result))
+    console.print(
+        metrics_table(headline(result), f"{trained.params.method} seed {trained.params.seed}: test metrics (%)", result)
+    )
     log_to_mlflow(params, trained, result, plot_files)
     return result
 
 
-def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], dists: dict[str, tuple[np.ndarray, np.ndarray]],
-                examples: list[plots.Example], result: dict[str, Any], out_dir: Path = PLOTS_DIR,
-                example_title: str = "Example maps") -> list[Path]:
+def write_plots(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    dists: dict[str, tuple[np.ndarray, np.ndarray]],
+    examples: list[plots.Example],
+    result: dict[str, Any],
+    out_dir: Path = PLOTS_DIR,
+    example_title: str = "Example maps",
+) -> list[Path]:
     """The figures and the DVC plot data under `out_dir`: data/roc.csv (fpr + one TPR column per domain,
     for `dvc plots`), data/roc_points.csv (every domain's ROC points with their thresholds) and the PNGs.
     Returns the PNG paths."""
@@ -227,11 +266,15 @@ def write_plots(curves: dict[str, tuple[np.ndarray, np.ndarray]], dists: dict[st
     for domain, (labels, scores) in curves.items():
         if len(np.unique(labels)) == 2:
             roc_rows += [{"domain": domain, **p} for p in roc_points_table(labels, scores)]
-    write_text(pd.DataFrame(roc_rows, columns=["domain", "fpr", "tpr", "threshold"]).to_csv(index=False),
-               data_dir / "roc_points.csv")
+    write_text(
+        pd.DataFrame(roc_rows, columns=["domain", "fpr", "tpr", "threshold"]).to_csv(index=False),
+        data_dir / "roc_points.csv",
+    )
     thresholds = {d: result[d]["threshold"] for d in curves if result[d].get("threshold") is not None}
-    files = [plots.plot_roc(curves, out_dir / "roc.png"),
-             plots.plot_score_distributions(dists, out_dir / "score_distributions.png", thresholds)]
+    files = [
+        plots.plot_roc(curves, out_dir / "roc.png"),
+        plots.plot_score_distributions(dists, out_dir / "score_distributions.png", thresholds),
+    ]
     if examples:
         files.append(plots.plot_examples(examples, out_dir / "examples.png", example_title))
     return files
@@ -257,12 +300,19 @@ def load_model_and_run(params: Params, device: torch.device) -> checkpoint.Train
     before the slow scoring: results that cannot be logged must not pass silently."""
     trained = checkpoint.load_trained(MODEL_FILE, device)
     trained.info["run_id"] = checkpoint.find_run(
-        MODEL_FILE, trained.info["sha256"], params.mlflow.experiment, tracking.tracking_uri(params.mlflow.tracking_uri),
-        RUN_FILE, fallback_run_id=trained.info.get("run_id"))
+        MODEL_FILE,
+        trained.info["sha256"],
+        params.mlflow.experiment,
+        tracking.tracking_uri(params.mlflow.tracking_uri),
+        RUN_FILE,
+        fallback_run_id=trained.info.get("run_id"),
+    )
     return trained
 
 
-def log_to_mlflow(params: Params, trained: checkpoint.TrainedModel, result: dict[str, Any], plot_files: list[Path]) -> None:
+def log_to_mlflow(
+    params: Params, trained: checkpoint.TrainedModel, result: dict[str, Any], plot_files: list[Path]
+) -> None:
     """Log into the training run `load_model_and_run` found."""
     import mlflow
 
@@ -270,8 +320,13 @@ def log_to_mlflow(params: Params, trained: checkpoint.TrainedModel, result: dict
     with mlflow.start_run(run_id=trained.info["run_id"]):
         mlflow.log_metrics(metric_items(result))
         invalid = [d for d, v in result.items() if isinstance(v, dict) and v.get("valid") is False]
-        mlflow.set_tags({"evaluated": "true", "invalid_domains": ",".join(invalid),
-                         "eval_precision": str(result.get("inference_precision", ""))})
+        mlflow.set_tags(
+            {
+                "evaluated": "true",
+                "invalid_domains": ",".join(invalid),
+                "eval_precision": str(result.get("inference_precision", "")),
+            }
+        )
         mlflow.log_artifact(str(EVAL_FILE), artifact_path="eval")
         mlflow.log_artifact(str(EVAL_DETAILS_FILE), artifact_path="eval")
         mlflow.log_artifact(str(SCORES_FILE), artifact_path="eval")

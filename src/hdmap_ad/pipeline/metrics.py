@@ -16,8 +16,18 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from hdmap_ad.core.config import HEADLINE_METRICS  # noqa: F401  (the metrics runs are compared by)
 
-METRIC_NAMES = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "precision", "recall", "f1",
-                "accuracy", "threshold")
+METRIC_NAMES = (
+    "auroc",
+    "ap",
+    "f1_max",
+    "tpr_at_fpr_1",
+    "tpr_at_fpr_5",
+    "precision",
+    "recall",
+    "f1",
+    "accuracy",
+    "threshold",
+)
 COUNT_NAMES = ("tn", "fp", "fn", "tp")
 THRESHOLD_NOTE = "chosen on the evaluated test set (Youden's J)"
 # Per-domain extras (added by the caller) that are averaged over domains like the metrics above.
@@ -78,8 +88,16 @@ def youden_threshold(labels, scores) -> float:
 def _invalid(n_good: int, n_fault: int, n_bad: int, reason: str) -> dict[str, Any]:
     out: dict[str, Any] = {name: None for name in METRIC_NAMES}
     out.update({name: None for name in COUNT_NAMES})
-    out.update({"n_good": n_good, "n_fault": n_fault, "n_bad_scores": n_bad, "valid": False, "reason": reason,
-                "threshold_note": THRESHOLD_NOTE})
+    out.update(
+        {
+            "n_good": n_good,
+            "n_fault": n_fault,
+            "n_bad_scores": n_bad,
+            "valid": False,
+            "reason": reason,
+            "threshold_note": THRESHOLD_NOTE,
+        }
+    )
     return out
 
 
@@ -96,8 +114,12 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     if n_bad:
         return _invalid(n_good, n_fault, n_bad, f"{n_bad} of {s.size} scores are NaN/Inf")
     if n_good == 0 or n_fault == 0:
-        return _invalid(n_good, n_fault, 0, f"only one class present ({n_good} good, {n_fault} fault): "
-                                            "ROC-based metrics are undefined")
+        return _invalid(
+            n_good,
+            n_fault,
+            0,
+            f"only one class present ({n_good} good, {n_fault} fault): ROC-based metrics are undefined",
+        )
 
     threshold = youden_threshold(y, s)
     pred = (s >= threshold).astype(np.int64)
@@ -119,8 +141,14 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
         "f1": float(f1),
         "accuracy": float((tp + tn) / y.size),
         "threshold": threshold,
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
-        "n_good": n_good, "n_fault": n_fault, "n_bad_scores": 0, "valid": True,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+        "n_good": n_good,
+        "n_fault": n_fault,
+        "n_bad_scores": 0,
+        "valid": True,
         "threshold_note": THRESHOLD_NOTE,
     }
 
@@ -168,8 +196,14 @@ def summarise(per_domain: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, 
         values = [per_domain[d].get(name) for d in valid]
         mean[name] = float(np.mean(values)) if values and all(_is_number(v) for v in values) else None
     mean["threshold"] = None  # per-domain thresholds are not comparable; kept as a key for a uniform layout
-    mean.update({"n_domains": len(valid), "domains": valid, "valid": not invalid and bool(valid),
-                 "n_bad_scores": int(sum(per_domain[d].get("n_bad_scores") or 0 for d in per_domain))})
+    mean.update(
+        {
+            "n_domains": len(valid),
+            "domains": valid,
+            "valid": not invalid and bool(valid),
+            "n_bad_scores": int(sum(per_domain[d].get("n_bad_scores") or 0 for d in per_domain)),
+        }
+    )
     if invalid:
         mean["invalid_domains"] = invalid
         mean["reason"] = f"mean over {len(valid)} valid domain(s) only; invalid: {', '.join(invalid)}"
@@ -196,5 +230,11 @@ def roc_points_table(labels, scores, max_points: int = 200) -> list[dict[str, fl
     idx = np.arange(fpr.size)
     if fpr.size > max_points:
         idx = np.unique(np.round(np.linspace(0, fpr.size - 1, max(2, max_points))).astype(int))
-    return [{"fpr": float(fpr[i]), "tpr": float(tpr[i]),
-             "threshold": float(thresholds[i]) if np.isfinite(thresholds[i]) else None} for i in idx]
+    return [
+        {
+            "fpr": float(fpr[i]),
+            "tpr": float(tpr[i]),
+            "threshold": float(thresholds[i]) if np.isfinite(thresholds[i]) else None,
+        }
+        for i in idx
+    ]

@@ -94,10 +94,16 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path) -> 
     for x, name in ((0.01, "FPR 1%"), (0.05, "FPR 5%")):
         zoom.axvline(x, ls="--", color="grey", lw=1)
         zoom.text(x, 0.02, f" {name}", rotation=90, va="bottom", fontsize=8, color="grey")
-    full.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-             title="ROC per domain")
-    zoom.set(xlim=(0, 0.1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-             title="ROC, low false-alarm region (FPR ≤ 10%)")
+    full.set(
+        xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title="ROC per domain"
+    )
+    zoom.set(
+        xlim=(0, 0.1),
+        ylim=(0, 1.01),
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="ROC, low false-alarm region (FPR ≤ 10%)",
+    )
     full.legend(loc="lower right", fontsize=8)
     zoom.legend(loc="lower right", fontsize=8)
     for ax in (full, zoom):
@@ -155,8 +161,9 @@ def roc_grid_table(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], max_poin
     return pd.DataFrame(columns)[keep].reset_index(drop=True)
 
 
-def plot_score_distributions(per_domain: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path,
-                             threshold: Mapping[str, float] | None = None) -> Path:
+def plot_score_distributions(
+    per_domain: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path, threshold: Mapping[str, float] | None = None
+) -> Path:
     """domain -> (good scores, fault scores): one histogram panel per domain, shared bins, with the
     domain's threshold as a vertical line when given."""
     threshold = threshold or {}
@@ -182,7 +189,7 @@ def plot_score_distributions(per_domain: Mapping[str, tuple[np.ndarray, np.ndarr
         ax.set(title=domain, xlabel="anomaly score (higher = more anomalous)", ylabel="maps")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes[len(per_domain):]:
+    for ax in axes[len(per_domain) :]:
         ax.set_visible(False)
     fig.suptitle("Anomaly-score distributions: good vs fault")
     return _save(fig, out)
@@ -193,10 +200,10 @@ class Example:
     """One row of `plot_examples`: an input map and the model's anomaly map of it."""
 
     title: str
-    map: np.ndarray                 # the input map, H×W (a C×H×W map is averaged over channels)
-    anomaly_map: np.ndarray         # at any resolution; drawn over `region` of the input
+    map: np.ndarray  # the input map, H×W (a C×H×W map is averaged over channels)
+    anomaly_map: np.ndarray  # at any resolution; drawn over `region` of the input
     score: float
-    label: int                      # 0 good, 1 fault
+    label: int  # 0 good, 1 fault
     mask: np.ndarray | None = None  # ground truth at the input's resolution (H×W, nonzero = fault)
     # (top, left, height, width) in input pixels that the anomaly map covers (the model sees only the
     # centre crop); None: the whole map
@@ -233,12 +240,24 @@ def examples_figure(items: Sequence[Example | tuple], title: str = "Example maps
     for e, img, amap, (left, right) in zip(examples, inputs, amaps, axes):
         H, W = img.shape
         verdict = "fault" if int(e.label) == 1 else "good"
-        im_in = left.imshow(img, cmap="viridis", vmin=in_lim[0], vmax=in_lim[1], interpolation="nearest",
-                            extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+        im_in = left.imshow(
+            img,
+            cmap="viridis",
+            vmin=in_lim[0],
+            vmax=in_lim[1],
+            interpolation="nearest",
+            extent=(-0.5, W - 0.5, H - 0.5, -0.5),
+        )
         top, lft, rh, rw = e.region if e.region is not None else (0.0, 0.0, float(H), float(W))
         any_border |= not np.allclose((top, lft, rh, rw), (0.0, 0.0, H, W), atol=1e-6)
-        im_a = right.imshow(amap, cmap="inferno", vmin=a_lim[0], vmax=a_lim[1], interpolation="nearest",
-                            extent=(lft - 0.5, lft + rw - 0.5, top + rh - 0.5, top - 0.5))
+        im_a = right.imshow(
+            amap,
+            cmap="inferno",
+            vmin=a_lim[0],
+            vmax=a_lim[1],
+            interpolation="nearest",
+            extent=(lft - 0.5, lft + rw - 0.5, top + rh - 0.5, top - 0.5),
+        )
         right.set_facecolor("0.8")  # the border outside the centre crop: not scored by the model
         mask = None if e.mask is None else np.squeeze(np.asarray(e.mask))
         if mask is not None and mask.shape == (H, W) and (mask > 0).any():
@@ -250,8 +269,9 @@ def examples_figure(items: Sequence[Example | tuple], title: str = "Example maps
             ax.tick_params(labelsize=7)
         left.set_title(f"{e.title}: input", fontsize=9, loc="left")
         right.set_title(f"anomaly map: score {float(e.score):.4g} ({verdict})", fontsize=9, loc="left")
-    for c, (im, label) in enumerate(((im_in, "input value (one scale for all inputs)"),
-                                     (im_a, "anomaly (one scale for all anomaly maps)"))):
+    for c, (im, label) in enumerate(
+        ((im_in, "input value (one scale for all inputs)"), (im_a, "anomaly (one scale for all anomaly maps)"))
+    ):
         fig.colorbar(im, cax=fig.add_subplot(grid[n, c]), orientation="horizontal", label=label)
     notes = ["cyan outline: ground-truth fault region"] if any_mask else []
     if any_border:
@@ -278,8 +298,9 @@ def plot_map_pair(map_: np.ndarray, amap: np.ndarray, title: str, out: Path) -> 
     return _save(fig, out)
 
 
-def plot_seed_comparison(values: Mapping[str, Mapping[int, float]], metric: str, domain: str, out: Path,
-                         *, percent: bool = True) -> Path:
+def plot_seed_comparison(
+    values: Mapping[str, Mapping[int, float]], metric: str, domain: str, out: Path, *, percent: bool = True
+) -> Path:
     """method -> seed -> value (fractions; shown in percent unless `percent=False`): one column per
     method with one point per seed (same marker and colour for a seed across methods), a bar at the
     mean and, for n >= 2, the 95% interval mean ± t·sd/√n. The y axis starts at zero, or, when the
@@ -299,8 +320,15 @@ def plot_seed_comparison(values: Mapping[str, Mapping[int, float]], metric: str,
         finite = {int(s): scale * float(v) for s, v in values[method].items() if v is not None and np.isfinite(v)}
         for k, seed in enumerate(seeds):
             if seed in finite:
-                ax.scatter(x + offsets[k], finite[seed], color=colors[seed], marker=markers[k % len(markers)],
-                           s=36, zorder=3, label=f"seed {seed}")
+                ax.scatter(
+                    x + offsets[k],
+                    finite[seed],
+                    color=colors[seed],
+                    marker=markers[k % len(markers)],
+                    s=36,
+                    zorder=3,
+                    label=f"seed {seed}",
+                )
         shown += list(finite.values())
         n = len(finite)
         if not n:
@@ -318,8 +346,9 @@ def plot_seed_comparison(values: Mapping[str, Mapping[int, float]], metric: str,
     ax.set_xticks(range(len(methods)), labels, fontsize=8)
     ax.set_xlim(-0.6, len(methods) - 0.4)
     axis = "y axis from " + (f"{lo:g}{unit} (zoomed, not zero-based)" if zoomed else "zero")
-    ax.set_title(f"{metric} — {domain}\npoints: seeds · bar: mean · whisker: 95% CI, mean ± t·sd/√n (n ≥ 2)\n{axis}",
-                 fontsize=9)
+    ax.set_title(
+        f"{metric} — {domain}\npoints: seeds · bar: mean · whisker: 95% CI, mean ± t·sd/√n (n ≥ 2)\n{axis}", fontsize=9
+    )
     ax.set_ylabel(f"{metric} ({unit.strip()})" if percent else metric)
     if zoomed:
         axis_break_mark(ax)
@@ -342,8 +371,9 @@ def seed_interval(vals: Sequence[float], level: float = 0.95) -> tuple[float, fl
     return mean, float(t.ppf(0.5 + level / 2, a.size - 1) * a.std(ddof=1) / np.sqrt(a.size))
 
 
-def comparison_y_range(shown: Sequence[float], percent: bool = True, min_span: float = 10.0,
-                       step: float = 5.0) -> tuple[float, float, bool]:
+def comparison_y_range(
+    shown: Sequence[float], percent: bool = True, min_span: float = 10.0, step: float = 5.0
+) -> tuple[float, float, bool]:
     """(low, high, zoomed) for a plot of values (percent): zero-based unless the values sit in the upper
     half; then from a multiple of `step` at least 2 points below the lowest value, never less than
     `min_span` points in all, and `zoomed` says so. Percent plots end at 100 when nothing exceeds it."""

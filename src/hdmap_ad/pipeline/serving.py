@@ -65,8 +65,24 @@ MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")  # builds the
 DEFAULT_NAME = "model"
 DEVICE_ENV = "HDMAP_AD_DEVICE"
 # What the model needs at load time; versions are pinned to this environment's.
-REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pydantic", "pyyaml", "rich",
-                "tifffile", "safetensors", "scipy", "scikit-learn", "matplotlib", "pillow", "psutil")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "rich",
+    "tifffile",
+    "safetensors",
+    "scipy",
+    "scikit-learn",
+    "matplotlib",
+    "pillow",
+    "psutil",
+)
 # A model logged from an exported .onnx file (`hdmap-ad export --log-model`) scores on onnxruntime:
 # its artifact is the ONNX file and it needs no PyTorch (hdmap_ad.core.onnx_scorer).
 ONNX_ARTIFACT_KEY = "onnx"
@@ -83,12 +99,14 @@ def as_map_list(model_input: Any) -> list[np.ndarray]:
     if isinstance(model_input, dict):
         if len(model_input) != 1:
             raise MlflowException.invalid_parameter_value(
-                f"expected one input (the maps), got keys {sorted(model_input)}")
+                f"expected one input (the maps), got keys {sorted(model_input)}"
+            )
         model_input = next(iter(model_input.values()))
     if isinstance(model_input, pd.DataFrame):
         if model_input.shape[1] != 1:
             raise MlflowException.invalid_parameter_value(
-                f"a DataFrame input needs one column holding one map (nested lists) per row, got {model_input.shape[1]} columns")
+                f"a DataFrame input needs one column holding one map (nested lists) per row, got {model_input.shape[1]} columns"
+            )
         items = list(model_input.iloc[:, 0])
     elif isinstance(model_input, np.ndarray) and model_input.dtype != object:
         arr = model_input
@@ -98,7 +116,8 @@ def as_map_list(model_input: Any) -> list[np.ndarray]:
             arr = arr[None]
         if arr.ndim != 3:
             raise MlflowException.invalid_parameter_value(
-                f"expected maps as N×H×W (or one H×W map), got an array of shape {tuple(model_input.shape)}")
+                f"expected maps as N×H×W (or one H×W map), got an array of shape {tuple(model_input.shape)}"
+            )
         items = list(arr)
     elif isinstance(model_input, (list, tuple, np.ndarray)):
         items = list(model_input)
@@ -149,13 +168,16 @@ with warnings.catch_warnings(record=True):
             domain = params.get("domain") or None
             if domain is not None and domain not in self.trained.domains:
                 raise MlflowException.invalid_parameter_value(
-                    f"params.domain {domain!r}: the model knows {', '.join(self.trained.domains)}")
+                    f"params.domain {domain!r}: the model knows {', '.join(self.trained.domains)}"
+                )
             override = params.get("threshold")
             if override is not None and not np.isfinite(float(override)):
                 raise MlflowException.invalid_parameter_value(f"params.threshold {override!r}: must be a finite number")
             maps = as_map_list(model_input)
             if not maps:
-                return pd.DataFrame({"score": np.zeros(0), "is_anomaly": np.zeros(0, dtype=bool), "threshold": np.zeros(0)})
+                return pd.DataFrame(
+                    {"score": np.zeros(0), "is_anomaly": np.zeros(0, dtype=bool), "threshold": np.zeros(0)}
+                )
             batch_size = self.onnx.batch_size if self.onnx is not None else self.trained.params.evaluate.batch_size
             deadline = request_deadline()
             scores = np.full(len(maps), np.nan, dtype=np.float64)
@@ -163,23 +185,28 @@ with warnings.catch_warnings(record=True):
                 # The scoring server answers 504 at its timeout but cannot stop this thread: stop here
                 # (counted from here, so never before the server's own timeout).
                 if deadline is not None and time.monotonic() > deadline:
-                    raise MlflowException(f"stopped after the scoring server's request timeout with {start} of "
-                                          f"{len(maps)} maps scored; send fewer maps per request")
-                scores[start:start + batch_size] = self._score(maps[start:start + batch_size], batch_size)
+                    raise MlflowException(
+                        f"stopped after the scoring server's request timeout with {start} of "
+                        f"{len(maps)} maps scored; send fewer maps per request"
+                    )
+                scores[start : start + batch_size] = self._score(maps[start : start + batch_size], batch_size)
             bad = np.flatnonzero(~np.isfinite(scores))
             if len(bad):  # never answer NaN: it is not valid JSON, and no decision can be made on it
                 peak = max(float(np.abs(maps[i]).max()) for i in bad)
                 raise MlflowException.invalid_parameter_value(
                     f"map(s) {', '.join(map(str, bad[:10].tolist()))}{' ...' if len(bad) > 10 else ''}: the model's score "
                     f"is NaN/Inf (largest absolute value in them {peak:.3g}): values this large overflow the model's "
-                    "arithmetic; send raw HDMAP map values")
+                    "arithmetic; send raw HDMAP map values"
+                )
             threshold = threshold_for(self.trained, domain, override)
-            return pd.DataFrame({
-                "score": scores,
-                "is_anomaly": decide(scores, threshold),
-                # None (JSON null), not NaN, when the model stores no usable threshold
-                "threshold": [threshold] * len(scores) if threshold is not None else [None] * len(scores),
-            })
+            return pd.DataFrame(
+                {
+                    "score": scores,
+                    "is_anomaly": decide(scores, threshold),
+                    # None (JSON null), not NaN, when the model stores no usable threshold
+                    "threshold": [threshold] * len(scores) if threshold is not None else [None] * len(scores),
+                }
+            )
 
         def _score(self, maps: list[np.ndarray], batch_size: int) -> np.ndarray:
             if self.onnx is None:
@@ -193,7 +220,8 @@ with warnings.catch_warnings(record=True):
             if odd:  # the exported graph has the training maps' fixed size; it does not resize
                 raise MlflowException.invalid_parameter_value(
                     f"map(s) {', '.join(map(str, odd[:10]))}: shape {maps[odd[0]].shape[0]}x{maps[odd[0]].shape[1]}, "
-                    f"this exported model takes {want[0]}x{want[1]} maps")
+                    f"this exported model takes {want[0]}x{want[1]} maps"
+                )
             try:
                 return self.onnx.score(np.stack(maps), batch_size)[0]
             except HdmapError as err:
@@ -204,7 +232,10 @@ def request_deadline() -> float | None:
     """time.monotonic() at which the scoring server's request timeout expires, inside
     `mlflow models serve` (which sets both variables); None elsewhere."""
     try:
-        from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+        from mlflow.environment_variables import (
+            _MLFLOW_IS_IN_SERVING_ENVIRONMENT,
+            MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+        )
     except ImportError:  # a private name of MLflow's: without it, no deadline
         return None
     if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() or not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.defined:
@@ -212,7 +243,7 @@ def request_deadline() -> float | None:
     return time.monotonic() + MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
 
 
-def signature() -> "mlflow.models.ModelSignature":
+def signature() -> mlflow.models.ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -237,12 +268,17 @@ def pip_requirements(names: tuple[str, ...] = REQUIREMENTS) -> list[str]:
 def find_logged_model(run, name: str = DEFAULT_NAME):
     """The newest logged model called `name` whose source is `run`, or None."""
     client = mlflow.MlflowClient()
-    found = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'")
-             if m.source_run_id == run.info.run_id]
+    found = [
+        m
+        for m in client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'")
+        if m.source_run_id == run.info.run_id
+    ]
     return max(found, key=lambda m: m.creation_timestamp) if found else None
 
 
-def log_pyfunc_model(checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, registered_name: str | None = None) -> str:
+def log_pyfunc_model(
+    checkpoint_path: Path, artifact_path: str = DEFAULT_NAME, registered_name: str | None = None
+) -> str:
     """Log the checkpoint (or an exported `.onnx` model, then served on onnxruntime) as a pyfunc
     model into the ACTIVE MLflow run; return the model URI.
 

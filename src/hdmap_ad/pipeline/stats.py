@@ -73,9 +73,20 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
     n = len(seeds)
     b = np.array([float(baseline[s]) for s in seeds])
     m = np.array([float(method[s]) for s in seeds])
-    res = PairedResult(seeds=[int(s) for s in seeds], n=n, baseline_mean=None, baseline_std=None,
-                       method_mean=None, method_std=None, delta=None, t_stat=None, p_ttest=None,
-                       w_stat=None, p_wilcoxon=None, d_z=None)
+    res = PairedResult(
+        seeds=[int(s) for s in seeds],
+        n=n,
+        baseline_mean=None,
+        baseline_std=None,
+        method_mean=None,
+        method_std=None,
+        delta=None,
+        t_stat=None,
+        p_ttest=None,
+        w_stat=None,
+        p_wilcoxon=None,
+        d_z=None,
+    )
     if n == 0:
         notes.append("no paired seeds: nothing to compare")
         res.note = "; ".join(notes)
@@ -109,7 +120,7 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
         if nonzero < n:
             notes.append(f"Wilcoxon drops {n - nonzero} zero difference(s)")
         if nonzero <= 5:
-            notes.append(f"with {nonzero} nonzero pairs the smallest two-sided Wilcoxon p is {2 / 2 ** nonzero:.4g}")
+            notes.append(f"with {nonzero} nonzero pairs the smallest two-sided Wilcoxon p is {2 / 2**nonzero:.4g}")
     res.note = "; ".join(notes)
     return res
 
@@ -141,8 +152,10 @@ def unpaired_difference(baseline: Mapping[int, float], method: Mapping[int, floa
         return res
     res.baseline_mean, res.method_mean = mean_std(list(b.values()))[0], mean_std(list(m.values()))[0]
     res.delta = res.method_mean - res.baseline_mean
-    res.note = (f"unpaired difference of means (no common seed; method seeds {', '.join(map(str, sorted(m)))}, "
-                f"baseline seeds {', '.join(map(str, sorted(b)))}): no p-value")
+    res.note = (
+        f"unpaired difference of means (no common seed; method seeds {', '.join(map(str, sorted(m)))}, "
+        f"baseline seeds {', '.join(map(str, sorted(b)))}): no p-value"
+    )
     return res
 
 
@@ -197,5 +210,15 @@ def format_mean_std(mean: float | None, std: float | None, scale: float = 100.0,
     return f"{text} ± {scale * float(std):.{digits}f}" if _finite(std) else text
 
 
-__all__ = ["PairedResult", "paired_test", "UnpairedResult", "unpaired_difference", "holm_adjust", "fill_holm", "significance_mark", "mean_std",
-           "format_mean_std", "STD_NOTE"]
+__all__ = [
+    "PairedResult",
+    "paired_test",
+    "UnpairedResult",
+    "unpaired_difference",
+    "holm_adjust",
+    "fill_holm",
+    "significance_mark",
+    "mean_std",
+    "format_mean_std",
+    "STD_NOTE",
+]

@@ -25,27 +25,27 @@ from typing import Any
 
 import numpy as np
 
-from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases
-from hdmap_ad.core.files import atomic_dir
 from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.files import atomic_dir
+from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases
 
-WARM_FACTOR = 1.4               # warm / cold amplitude (docs/design.md#data-layout)
-COLD_FAULT_FACTOR = 0.7         # a fault shows less on a cold machine
-BUMP_SHARPNESS = 2.0            # narrow bright rows rather than a sine: right-skewed values
-SPIKE_RATE = 0.002              # fraction of pixels with a spike
-SPIKE_GAIN = (0.35, 0.7)        # a spike multiplies its pixel by 1 + U(gain)
+WARM_FACTOR = 1.4  # warm / cold amplitude (docs/design.md#data-layout)
+COLD_FAULT_FACTOR = 0.7  # a fault shows less on a cold machine
+BUMP_SHARPNESS = 2.0  # narrow bright rows rather than a sine: right-skewed values
+SPIKE_RATE = 0.002  # fraction of pixels with a spike
+SPIKE_GAIN = (0.35, 0.7)  # a spike multiplies its pixel by 1 + U(gain)
 
 
 @dataclass(frozen=True)
 class DomainStyle:
-    raw_train_max: float    # the real domain's raw train maximum (docs/design.md#data-layout)
-    row_period: float       # rows per cycle of the fixed pattern
-    row_depth: float        # relative strength of the row-to-row pattern
-    col_period: float       # columns per cycle of the (weaker) along-row pattern
+    raw_train_max: float  # the real domain's raw train maximum (docs/design.md#data-layout)
+    row_period: float  # rows per cycle of the fixed pattern
+    row_depth: float  # relative strength of the row-to-row pattern
+    col_period: float  # columns per cycle of the (weaker) along-row pattern
     col_depth: float
-    phase: float            # fixed pattern offset, radians
-    noise: float            # sigma of the log-normal pixel noise
-    fault: float            # band height over its surroundings on a warm map (0.3 -> 1.3×)
+    phase: float  # fixed pattern offset, radians
+    noise: float  # sigma of the log-normal pixel noise
+    fault: float  # band height over its surroundings on a warm map (0.3 -> 1.3×)
 
 
 STYLES: dict[str, DomainStyle] = {
@@ -70,12 +70,13 @@ class SynthConfig:
 @dataclass
 class DomainMaps:
     """One domain's generated maps, already scaled (float32), in file order."""
-    train: np.ndarray                      # N×H×W
+
+    train: np.ndarray  # N×H×W
     test_good: np.ndarray
     test_fault: np.ndarray
-    masks: np.ndarray                      # uint8 {0, 1}, one per fault map
-    train_warm: np.ndarray                 # bool per train map
-    raw_train_max: float                   # the divisor of the min-max scaling
+    masks: np.ndarray  # uint8 {0, 1}, one per fault map
+    train_warm: np.ndarray  # bool per train map
+    raw_train_max: float  # the divisor of the min-max scaling
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,27 +93,30 @@ def _check(cfg: SynthConfig) -> None:
         raise HdmapError(f"synth size {cfg.height}x{cfg.width}: need at least 4 rows and 16 columns")
 
 
-def _normal_maps(rng: np.random.Generator, style: DomainStyle, amplitude: np.ndarray, h: int, w: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _normal_maps(
+    rng: np.random.Generator, style: DomainStyle, amplitude: np.ndarray, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Fault-free maps (amplitude × pattern × noise) and their noise-free level, in units before the domain scale."""
     n = len(amplitude)
-    rows = np.arange(h)[None, :, None] + rng.uniform(-0.3, 0.3, (n, 1, 1))   # per-image shift of the pattern
+    rows = np.arange(h)[None, :, None] + rng.uniform(-0.3, 0.3, (n, 1, 1))  # per-image shift of the pattern
     cols = np.arange(w)[None, None, :] + rng.uniform(-1.5, 1.5, (n, 1, 1))
     # Sharp periodic row bumps (right-skewed) plus a weak wave along the row.
     bumps = np.exp(BUMP_SHARPNESS * (np.cos(2 * np.pi * rows / style.row_period + style.phase) - 1.0))
-    pattern = (1.0 + style.row_depth * bumps
-               + style.col_depth * np.cos(2 * np.pi * cols / style.col_period + 2 * style.phase))
+    pattern = (
+        1.0 + style.row_depth * bumps + style.col_depth * np.cos(2 * np.pi * cols / style.col_period + 2 * style.phase)
+    )
     z = rng.standard_normal((n, h, w + 2))
-    z = (z[..., :-2] + 2 * z[..., 1:-1] + z[..., 2:]) / np.sqrt(6.0)   # unit variance, correlated along a row
+    z = (z[..., :-2] + 2 * z[..., 1:-1] + z[..., 2:]) / np.sqrt(6.0)  # unit variance, correlated along a row
     z = np.clip(z, -3.0, 3.0)  # bounded tails keep the train max, hence the scaling, stable across set sizes
     level = amplitude[:, None, None] * rng.uniform(0.92, 1.08, (n, 1, 1)) * pattern
     # Rare single-pixel spikes give the long right tail (train max ≈ 4 × mean) at a moderate spread.
     spikes = 1.0 + (rng.random((n, h, w)) < SPIKE_RATE) * rng.uniform(*SPIKE_GAIN, (n, h, w))
-    return level * np.exp(style.noise * z - style.noise ** 2 / 2) * spikes, level
+    return level * np.exp(style.noise * z - style.noise**2 / 2) * spikes, level
 
 
-def _add_faults(rng: np.random.Generator, style: DomainStyle, maps: np.ndarray, level: np.ndarray,
-                cold: np.ndarray) -> np.ndarray:
+def _add_faults(
+    rng: np.random.Generator, style: DomainStyle, maps: np.ndarray, level: np.ndarray, cold: np.ndarray
+) -> np.ndarray:
     """Add one band per map in place; return the uint8 {0, 1} masks."""
     n, h, w = maps.shape
     masks = np.zeros(maps.shape, dtype=np.uint8)
@@ -122,13 +126,13 @@ def _add_faults(rng: np.random.Generator, style: DomainStyle, maps: np.ndarray, 
         width = int(rng.integers(min(10, w // 2), min(80, w - 2) + 1))
         left = int(rng.integers(0, w - width + 1))
         band = np.zeros(w, dtype=bool)
-        band[left:left + width] = True
+        band[left : left + width] = True
         if rng.random() < 0.35:  # a broken band: a gap in the middle
             gap = int(rng.integers(2, max(3, width // 4) + 1))
             start = left + (width - gap) // 2
-            band[start:start + gap] = False
+            band[start : start + gap] = False
         strength = style.fault * rng.uniform(0.8, 1.2) * (COLD_FAULT_FACTOR if cold[i] else 1.0)
-        masks[i, top:top + height, band] = 1
+        masks[i, top : top + height, band] = 1
         # Proportional to the local noise-free level, so the band is (1 + strength) × its surroundings.
         maps[i] += strength * level[i] * masks[i]
     return masks
@@ -167,8 +171,13 @@ def make_domain(cfg: SynthConfig, domain: str) -> DomainMaps:
     out = DomainMaps(scale(raw_train), scale(raw_good), scale(raw_fault), masks, train_warm, raw_max)
     test = np.concatenate([out.test_good, out.test_fault])
     out.stats = {
-        "raw_train_max": raw_max, "train": cfg.n_train, "test_good": cfg.n_test_good, "test_fault": cfg.n_test_fault,
-        "train_warm": int(train_warm.sum()), "train_mean": float(out.train.mean()), "test_max": float(test.max()),
+        "raw_train_max": raw_max,
+        "train": cfg.n_train,
+        "test_good": cfg.n_test_good,
+        "test_fault": cfg.n_test_fault,
+        "train_warm": int(train_warm.sum()),
+        "train_mean": float(out.train.mean()),
+        "test_max": float(test.max()),
         "n_test_above_1": int((test.max(axis=(1, 2)) > 1.0).sum()),
     }
     return out
@@ -188,14 +197,22 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> dict:
 
     _check(cfg)
     out = Path(out)
-    summary = {"seed": cfg.seed, "shape": [cfg.height, cfg.width], "config": {**asdict(cfg), "domains": list(cfg.domains)},
-               "domains": {}}
+    summary = {
+        "seed": cfg.seed,
+        "shape": [cfg.height, cfg.width],
+        "config": {**asdict(cfg), "domains": list(cfg.domains)},
+        "domains": {},
+    }
     total = len(cfg.domains) * (cfg.n_train + cfg.n_test_good + 2 * cfg.n_test_fault)
     with atomic_dir(out) as tmp, _progress(total, progress) as bar:
         for domain in cfg.domains:
             maps = make_domain(cfg, domain)
-            parts = [("train/good", maps.train), ("test/good", maps.test_good), ("test/fault", maps.test_fault),
-                     ("ground_truth/fault", maps.masks * np.uint8(255))]
+            parts = [
+                ("train/good", maps.train),
+                ("test/good", maps.test_good),
+                ("test/fault", maps.test_fault),
+                ("ground_truth/fault", maps.masks * np.uint8(255)),
+            ]
             for folder, arrays in parts:
                 target = tmp / domain / folder
                 target.mkdir(parents=True)

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from hdmap_ad.pipeline.data import PreparedData
 
 
-
 def tracking_uri(configured: str | None = None) -> str:
     """`MLFLOW_TRACKING_URI` > params `mlflow.tracking_uri` > sqlite `mlflow.db` at the repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
@@ -70,7 +69,7 @@ def compare_experiment_name(training_experiment: str) -> str:
     return f"{training_experiment}-compare"
 
 
-def client(params: "Params") -> "MlflowClient":
+def client(params: Params) -> MlflowClient:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params.mlflow.tracking_uri))
@@ -82,21 +81,27 @@ def git_commit(root: Path | None = None) -> str | None:
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         return os.environ["DVC_EXP_BASELINE_REV"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
 
 
-def run_name(params: "Params", data_digest: str | None = None) -> str:
+def run_name(params: Params, data_digest: str | None = None) -> str:
     """`<method>-seed<seed>-<6 hex of the comparison key>`: two runs of one method and seed with other
     settings or data get different names."""
     return f"{params.method}-seed{params.seed}-{params.comparison_key(data_digest)[:6]}"
 
 
-def run_tags(params: "Params", data_digest: str | None) -> dict[str, str]:
-    tags = {"method": params.method, "seed": str(params.seed), "profile": params.profile,
-            "comparison_key": params.comparison_key(data_digest)}
+def run_tags(params: Params, data_digest: str | None) -> dict[str, str]:
+    tags = {
+        "method": params.method,
+        "seed": str(params.seed),
+        "profile": params.profile,
+        "comparison_key": params.comparison_key(data_digest),
+    }
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
@@ -117,7 +122,7 @@ def run_exists(run_id: str) -> bool:
         return False
 
 
-def log_dataset_input(prepared: "PreparedData", name: str, context: str = "training") -> None:
+def log_dataset_input(prepared: PreparedData, name: str, context: str = "training") -> None:
     """Record the prepared data as the active run's input (the MLflow UI's Dataset column): the
     manifest's rows (one per map, with its statistics) as the dataset, named after the data root, with
     the prepared data's content digest, so runs on the same data show the same digest."""
@@ -130,6 +135,7 @@ def log_dataset_input(prepared: "PreparedData", name: str, context: str = "train
         # MLflow warns that a local path fits two source types, and (while logging, when it infers the
         # schema) about integer columns in model signatures: neither applies to a record of the data used
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(prepared.manifest, source=str(prepared.out_dir), name=str(name),
-                                          digest=prepared.data_digest())
+        dataset = mlflow.data.from_pandas(
+            prepared.manifest, source=str(prepared.out_dir), name=str(name), digest=prepared.data_digest()
+        )
         mlflow.log_input(dataset, context=context)

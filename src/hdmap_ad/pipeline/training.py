@@ -17,26 +17,34 @@ import numpy as np
 import torch
 
 from hdmap_ad.core import checkpoint
-
-from hdmap_ad.pipeline import tracking
 from hdmap_ad.core.config import Params, flatten
-from hdmap_ad.pipeline.data import PreparedData
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.paths import MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
-from hdmap_ad.core.files import write_json
 from hdmap_ad.core.features import FeatureSource, make_feature_source
+from hdmap_ad.core.files import write_json
 from hdmap_ad.core.inference import score_maps
-from hdmap_ad.pipeline.metrics import image_metrics
 from hdmap_ad.core.optim import StableAdamW, warm_cosine_lr
-from hdmap_ad.core.runtime import (StepProgress, autocast, console, precision_label, resolve_precision, rng_state,
-                                   seed_everything, select_device, set_rng_state, set_threads)
-
+from hdmap_ad.core.paths import MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
+from hdmap_ad.core.runtime import (
+    StepProgress,
+    autocast,
+    console,
+    precision_label,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    set_threads,
+)
+from hdmap_ad.pipeline import tracking
+from hdmap_ad.pipeline.data import PreparedData
+from hdmap_ad.pipeline.metrics import image_metrics
 
 
 @dataclass
 class TrainSet:
-    maps: np.ndarray          # N×H×W, all selected domains' train maps
-    domain_ids: np.ndarray    # N
+    maps: np.ndarray  # N×H×W, all selected domains' train maps
+    domain_ids: np.ndarray  # N
     domains: list[str]
     val: dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (maps, labels): seeded stratified subset of test
 
@@ -45,12 +53,16 @@ def load_train_set(prepared: PreparedData, params: Params) -> TrainSet:
     domains = list(params.data.domains)
     missing = [d for d in domains if d not in prepared.domains]
     if missing:
-        raise HdmapError(f"{params.data.prepared}: prepared data lacks {', '.join(missing)} (rerun `dvc repro prepare`)")
+        raise HdmapError(
+            f"{params.data.prepared}: prepared data lacks {', '.join(missing)} (rerun `dvc repro prepare`)"
+        )
     maps = [np.asarray(prepared.maps(d, "train"), dtype=np.float32) for d in domains]
     n_train = sum(len(m) for m in maps)
     if params.train.batch_size > n_train:
-        raise HdmapError(f"train.batch_size {params.train.batch_size} is larger than the training set ({n_train} maps "
-                         f"in {', '.join(domains)}); use at most {n_train}")
+        raise HdmapError(
+            f"train.batch_size {params.train.batch_size} is larger than the training set ({n_train} maps "
+            f"in {', '.join(domains)}); use at most {n_train}"
+        )
     ids = [np.full(len(m), i, dtype=np.int64) for i, m in enumerate(maps)]
     rng = np.random.default_rng(params.seed)
     val = {}
@@ -72,16 +84,27 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-def validate(model, method, train_set: TrainSet, params: Params, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+def validate(
+    model, method, train_set: TrainSet, params: Params, device: torch.device
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-domain AUROC on the validation subset, and Youden thresholds (per domain and pooled)."""
     metrics, thresholds, all_labels, all_scores = {}, {}, [], []
     for i, d in enumerate(train_set.domains):
         maps, labels = train_set.val[d]
-        scored = score_maps(model, method, maps, params, device, params.evaluate.batch_size, domain_id=i,
-                            description=f"val {d}", amp=params.train.amp)  # thresholds at the training precision
+        scored = score_maps(
+            model,
+            method,
+            maps,
+            params,
+            device,
+            params.evaluate.batch_size,
+            domain_id=i,
+            description=f"val {d}",
+            amp=params.train.amp,
+        )  # thresholds at the training precision
         m = image_metrics(labels, scored.scores)
         metrics[f"val_auroc/{d}"] = m["auroc"] if m["valid"] else float("nan")
         thresholds[d] = m["threshold"]
@@ -96,8 +119,10 @@ def validate(model, method, train_set: TrainSet, params: Params, device: torch.d
 
 def val_line(step: int, total: int, val_metrics: dict[str, float]) -> str:
     """One log line per validation: `validation @ 50/150: AUROC domain_A 97.12% ... mean 96.40%`."""
-    cells = [f"{k.split('/', 1)[1]} {100 * v:.2f}%" if math.isfinite(v) else f"{k.split('/', 1)[1]} n/a"
-             for k, v in val_metrics.items()]
+    cells = [
+        f"{k.split('/', 1)[1]} {100 * v:.2f}%" if math.isfinite(v) else f"{k.split('/', 1)[1]} n/a"
+        for k, v in val_metrics.items()
+    ]
     return f"validation @ {step}/{total}: AUROC " + "  ".join(cells)
 
 
@@ -107,9 +132,9 @@ def _grad_health(parameters: list[torch.nn.Parameter]) -> int:
 
 @dataclass
 class StepResult:
-    loss: float          # NaN/Inf when the loss was not finite
-    nan_count: int       # non-finite gradient elements (0 when no backward ran)
-    total_norm: float    # gradient norm before clipping (NaN when no backward ran)
+    loss: float  # NaN/Inf when the loss was not finite
+    nan_count: int  # non-finite gradient elements (0 when no backward ran)
+    total_norm: float  # gradient norm before clipping (NaN when no backward ran)
     info: dict[str, float]
 
     @property
@@ -136,8 +161,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
-def train_step(model, method, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, features: FeatureSource,
-               idx: np.ndarray, domain_ids: np.ndarray, step: int, params: Params, device: torch.device) -> StepResult:
+def train_step(
+    model,
+    method,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    features: FeatureSource,
+    idx: np.ndarray,
+    domain_ids: np.ndarray,
+    step: int,
+    params: Params,
+    device: torch.device,
+) -> StepResult:
     """One optimisation step on the maps `idx`: decode their features, the method's loss, and, when
     loss and gradients are finite, a clipped StableAdamW update (otherwise the update is skipped).
     The training loop and `hdmap-ad bench` both run exactly this."""
@@ -221,8 +256,9 @@ def run_fingerprint(params: Params, data_digest: str, precision: str = "") -> st
     return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
-def check_config_unchanged(params: Params, expected_config: Path | None, params_file: Path | str | None,
-                           overrides: list[str] | None = None) -> None:
+def check_config_unchanged(
+    params: Params, expected_config: Path | None, params_file: Path | str | None, overrides: list[str] | None = None
+) -> None:
     """Under DVC: the params this run trains with must still be the ones the `configure` stage resolved,
     and params.yaml must still say so. A second `dvc exp run` in the same workspace writes its `-S`
     values into params.yaml before failing on DVC's lock; without this check the first run would finish
@@ -241,11 +277,17 @@ def check_config_unchanged(params: Params, expected_config: Path | None, params_
             f"params.yaml changed while this run was in progress (it no longer matches {expected_path}); another "
             "`dvc exp run` in this workspace? DVC runs one experiment per workspace at a time: queue them with "
             "`dvc exp run --queue ...` + `dvc queue start`, or use `hdmap-ad grid`. This run was stopped so that "
-            "no result is recorded under settings it was not trained with")
+            "no result is recorded under settings it was not trained with"
+        )
 
 
-def train(params: Params, prepared_dir: Path | None = None, expected_config: Path | None = None,
-          params_file: Path | str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def train(
+    params: Params,
+    prepared_dir: Path | None = None,
+    expected_config: Path | None = None,
+    params_file: Path | str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Train one model over all selected domains; write models/ and metrics/train.json; return a summary.
 
     `expected_config` (the DVC stage passes models/train_config.json): refuse to start, and to write the
@@ -288,8 +330,10 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
             set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise HdmapError(f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
-                             "delete it or set runtime.resume=never") from None
+            raise HdmapError(
+                f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
+                "delete it or set runtime.resume=never"
+            ) from None
         start_step, run_id, history = int(state["step"]), state.get("run_id"), dict(state.get("history") or {})
         console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
 
@@ -306,39 +350,74 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
     if run_id is not None and state is not None and state.get("comparison_key") != comparison_key:
         # Same weights, other settings that the run is compared by (e.g. score.*): the old run keeps its
         # own params and results; this one gets a run of its own.
-        console.print(f"[yellow]{STATE_FILE}: settings the run is compared by changed (not the weights); "
-                      "continuing from the checkpoint into a new MLflow run[/]")
+        console.print(
+            f"[yellow]{STATE_FILE}: settings the run is compared by changed (not the weights); "
+            "continuing from the checkpoint into a new MLflow run[/]"
+        )
         resumed_from, run_id = run_id, None
     new_run = run_id is None
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=tracking.run_name(params, data_digest),
-                          tags=tracking.run_tags(params, data_digest), log_system_metrics=False) as run:
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=tracking.run_name(params, data_digest),
+        tags=tracking.run_tags(params, data_digest),
+        log_system_metrics=False,
+    ) as run:
         run_id = run.info.run_id
         tracking.log_dataset_input(prepared, params.data_root)
         if new_run:
             if resumed_from:
                 mlflow.set_tag("resumed_from_run", resumed_from)
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
-            mlflow.log_params({"n_train_maps": len(train_set.maps), "device": str(device), "train.amp_resolved": precision,
-                               "feature_cache": features.describe(), "fingerprint": fingerprint})
+            mlflow.log_params(
+                {
+                    "n_train_maps": len(train_set.maps),
+                    "device": str(device),
+                    "train.amp_resolved": precision,
+                    "feature_cache": features.describe(),
+                    "fingerprint": fingerprint,
+                }
+            )
 
         def save_state(step: int) -> None:
-            checkpoint.save({
-                "model": checkpoint.trainable_state(model), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step}, "step": step, "rng": rng_state(), "config": params.resolved(),
-                "fingerprint": fingerprint, "run_id": run_id, "comparison_key": comparison_key, "domains": train_set.domains,
-                "history": history, "precision": precision,
-            }, STATE_FILE)
+            checkpoint.save(
+                {
+                    "model": checkpoint.trainable_state(model),
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"step": step},
+                    "step": step,
+                    "rng": rng_state(),
+                    "config": params.resolved(),
+                    "fingerprint": fingerprint,
+                    "run_id": run_id,
+                    "comparison_key": comparison_key,
+                    "domains": train_set.domains,
+                    "history": history,
+                    "precision": precision,
+                },
+                STATE_FILE,
+            )
 
-        bad_in_row, bad_total, window_loss, window_n, t_last = 0, history.get("bad_total", 0), 0.0, 0, time.perf_counter()
+        bad_in_row, bad_total, window_loss, window_n, t_last = (
+            0,
+            history.get("bad_total", 0),
+            0.0,
+            0,
+            time.perf_counter(),
+        )
         model.train()
         method.train()
-        with StepProgress(t_params.steps, f"train {params.method} seed {params.seed}", every=run_params.log_every, start=start_step) as bar:
+        with StepProgress(
+            t_params.steps, f"train {params.method} seed {params.seed}", every=run_params.log_every, start=start_step
+        ) as bar:
             for step in range(start_step, t_params.steps):
                 lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
                 set_lr(optimizer, lr)
                 idx = batch_indices(len(train_set.maps), t_params.batch_size, step, params.seed)
-                result = train_step(model, method, optimizer, scaler, features, idx, train_set.domain_ids[idx],
-                                    step, params, device)
+                result = train_step(
+                    model, method, optimizer, scaler, features, idx, train_set.domain_ids[idx], step, params, device
+                )
                 info, nan_count, total_norm = result.info, result.nan_count, result.total_norm
                 if result.good:
                     bad_in_row = 0
@@ -348,18 +427,27 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
                     bad_in_row += 1
                     bad_total += 1
                     what = "loss" if not math.isfinite(result.loss) else "gradient"
-                    warnings.warn(f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped", stacklevel=1)
+                    warnings.warn(
+                        f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped",
+                        stacklevel=1,
+                    )
                     mlflow.log_metrics({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step=step)
                     if bad_in_row >= t_params.max_bad_steps:
                         raise HdmapError(
                             f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
-                            f"the last good checkpoint is kept at {STATE_FILE}")
+                            f"the last good checkpoint is kept at {STATE_FILE}"
+                        )
                 done = step + 1
                 if done % run_params.log_every == 0 or done == t_params.steps:
                     now = time.perf_counter()
-                    logs = {"train/loss": window_loss / window_n if window_n else float("nan"), "train/lr": lr, "grad/total_norm": total_norm,
-                            "grad/nan_count": nan_count, "train/bad_steps": bad_total,
-                            "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9)}
+                    logs = {
+                        "train/loss": window_loss / window_n if window_n else float("nan"),
+                        "train/lr": lr,
+                        "grad/total_norm": total_norm,
+                        "grad/nan_count": nan_count,
+                        "train/bad_steps": bad_total,
+                        "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9),
+                    }
                     logs.update(info)
                     logs.update(method.diagnostics())
                     mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=done)
@@ -385,9 +473,15 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
         # No run id in the model file: two machines training one config write the same bytes (dvc.lock
         # records its hash). The run is found through models/run.json or the run's model_sha256 tag.
         final = {
-            "model": checkpoint.trainable_state(model), "method": method.state_dict(), "step": t_params.steps,
-            "config": params.resolved(), "fingerprint": fingerprint, "domains": train_set.domains,
-            "thresholds": thresholds, "val": val_metrics, "map_shape": list(prepared.shape),
+            "model": checkpoint.trainable_state(model),
+            "method": method.state_dict(),
+            "step": t_params.steps,
+            "config": params.resolved(),
+            "fingerprint": fingerprint,
+            "domains": train_set.domains,
+            "thresholds": thresholds,
+            "val": val_metrics,
+            "map_shape": list(prepared.shape),
             "precision": precision,  # what train.amp resolved to on the machine that trained it
         }
         model_sha256 = checkpoint.save(final, MODEL_FILE)
@@ -399,10 +493,17 @@ def train(params: Params, prepared_dir: Path | None = None, expected_config: Pat
         write_json({"run_id": run_id, "model_sha256": model_sha256}, RUN_FILE)
         # metrics/train.json (a DVC metric, hashed in dvc.lock) holds what people compare, in percent; the
         # run's ids live in models/run.json, the thresholds in the model
-        val_auroc = {k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()}
+        val_auroc = {
+            k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()
+        }
         summary = {"steps": t_params.steps, "bad_steps": bad_total, "val_auroc": val_auroc}
         write_json(summary, TRAIN_METRICS)
-        summary = {**summary, "run_id": run_id, "experiment_id": experiment_id, "thresholds": thresholds, "val": val_metrics}
+        summary = {
+            **summary,
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "thresholds": thresholds,
+            "val": val_metrics,
+        }
         mlflow.set_tag("stage", "trained")
     return summary
-

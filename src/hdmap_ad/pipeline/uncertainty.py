@@ -23,11 +23,22 @@ import numpy as np
 from scipy import stats as sst
 
 __all__ = [
-    "DeltaInterval", "paired_delta_interval",
-    "DeLongResult", "delong_test", "PooledDeLongResult", "delong_pooled",
-    "AurocScores", "BootstrapDelta", "HierarchicalBootstrapResult", "hierarchical_bootstrap_auroc",
-    "Improvement", "probability_of_improvement",
-    "SeedsNeeded", "paired_t_power", "seeds_needed", "describe_seeds_needed",
+    "DeltaInterval",
+    "paired_delta_interval",
+    "DeLongResult",
+    "delong_test",
+    "PooledDeLongResult",
+    "delong_pooled",
+    "AurocScores",
+    "BootstrapDelta",
+    "HierarchicalBootstrapResult",
+    "hierarchical_bootstrap_auroc",
+    "Improvement",
+    "probability_of_improvement",
+    "SeedsNeeded",
+    "paired_t_power",
+    "seeds_needed",
+    "describe_seeds_needed",
     "time_hierarchical_bootstrap",
 ]
 
@@ -57,6 +68,7 @@ def _opt(v: float) -> float | None:
 # 1. Interval for a paired Δ over seeds
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class DeltaInterval:
     """Δ = mean of the per-seed differences with two intervals over seeds.
@@ -81,8 +93,13 @@ class DeltaInterval:
     note: str = ""
 
 
-def paired_delta_interval(diffs: Sequence[float], confidence: float = 0.95, n_resamples: int = 9999,
-                          seed: int = 0, boot_method: str = "percentile") -> DeltaInterval:
+def paired_delta_interval(
+    diffs: Sequence[float],
+    confidence: float = 0.95,
+    n_resamples: int = 9999,
+    seed: int = 0,
+    boot_method: str = "percentile",
+) -> DeltaInterval:
     """Paired t and bootstrap intervals for mean(diffs), diffs = method − baseline per paired seed.
 
     The bootstrap defaults to the percentile method: with the usual 5 seeds there are only 126 distinct
@@ -99,9 +116,18 @@ def paired_delta_interval(diffs: Sequence[float], confidence: float = 0.95, n_re
     notes: list[str] = []
     if dropped:
         notes.append(f"{dropped} non-finite difference(s) left out")
-    res = DeltaInterval(n=int(d.size), delta=_opt(d.mean()) if d.size else None, confidence=confidence,
-                        t_low=None, t_high=None, boot_low=None, boot_high=None, boot_method=boot_method,
-                        n_resamples=int(n_resamples), seed=int(seed))
+    res = DeltaInterval(
+        n=int(d.size),
+        delta=_opt(d.mean()) if d.size else None,
+        confidence=confidence,
+        t_low=None,
+        t_high=None,
+        boot_low=None,
+        boot_high=None,
+        boot_method=boot_method,
+        n_resamples=int(n_resamples),
+        seed=int(seed),
+    )
     if d.size < 2:
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), an interval needs at least 2")
     elif np.all(d == d[0]):
@@ -113,15 +139,24 @@ def paired_delta_interval(diffs: Sequence[float], confidence: float = 0.95, n_re
         with warnings.catch_warnings():
             # scipy warns (and may return NaN) for BCa on tiny or degenerate samples; the NaN becomes None.
             warnings.simplefilter("ignore")
-            boot = sst.bootstrap((d,), np.mean, n_resamples=int(n_resamples), confidence_level=confidence,
-                                 method=boot_method, vectorized=True, rng=np.random.default_rng(seed))
+            boot = sst.bootstrap(
+                (d,),
+                np.mean,
+                n_resamples=int(n_resamples),
+                confidence_level=confidence,
+                method=boot_method,
+                vectorized=True,
+                rng=np.random.default_rng(seed),
+            )
         res.boot_low, res.boot_high = _opt(boot.confidence_interval.low), _opt(boot.confidence_interval.high)
         if res.boot_low is None or res.boot_high is None:
             res.boot_low = res.boot_high = None
             notes.append(NOT_COMPUTABLE + f"{boot_method} bootstrap interval undefined for these {n} values")
         if n < 10:
-            notes.append(f"bootstrap over only {n} seeds: {math.comb(2 * n - 1, n)} distinct resamples, "
-                         "the interval is coarse and narrower than the t interval")
+            notes.append(
+                f"bootstrap over only {n} seeds: {math.comb(2 * n - 1, n)} distinct resamples, "
+                "the interval is coarse and narrower than the t interval"
+            )
     res.note = "; ".join(notes)
     return res
 
@@ -129,6 +164,7 @@ def paired_delta_interval(diffs: Sequence[float], confidence: float = 0.95, n_re
 # --------------------------------------------------------------------------------------------------
 # 2. DeLong's paired test (fast midrank form) and its pooled form over seeds
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class DeLongResult:
@@ -187,16 +223,19 @@ def _delong_cov(v10: np.ndarray, v01: np.ndarray) -> np.ndarray:
     return s10 / m + s01 / n
 
 
-def _contrast_test(delta: float, var: float, scale: float, confidence: float, notes: list[str]
-                   ) -> tuple[float | None, float | None, float | None, float | None, float | None]:
+def _contrast_test(
+    delta: float, var: float, scale: float, confidence: float, notes: list[str]
+) -> tuple[float | None, float | None, float | None, float | None, float | None]:
     """se, z, p, ci_low, ci_high of a normal test of ``delta`` with variance ``var``.
 
     A variance at or below rounding level of the variances it was formed from (``scale``) is zero: the
     two score sets rank every (fault, good) pair alike, and there is no test.
     """
     if not math.isfinite(var) or var <= 1e-12 * max(scale, 1e-300):
-        notes.append(NOT_COMPUTABLE + "zero variance of the AUROC difference (both score sets order every "
-                                      "fault/good pair alike, e.g. identical scores)")
+        notes.append(
+            NOT_COMPUTABLE + "zero variance of the AUROC difference (both score sets order every "
+            "fault/good pair alike, e.g. identical scores)"
+        )
         return None, None, None, None, None
     se = math.sqrt(var)
     z = delta / se
@@ -234,7 +273,8 @@ def delong_test(labels, scores_a, scores_b, confidence: float = 0.95) -> DeLongR
     res.delta = res.auc_a - res.auc_b
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     res.se, res.z, res.p, res.ci_low, res.ci_high = _contrast_test(
-        res.delta, var, float(cov[0, 0] + cov[1, 1]), confidence, notes)
+        res.delta, var, float(cov[0, 0] + cov[1, 1]), confidence, notes
+    )
     if n_pos < 2 or n_neg < 2:
         notes.append("fewer than 2 maps in a class: one variance component is zero, the test is unreliable")
     res.note = "; ".join(notes)
@@ -268,8 +308,9 @@ class PooledDeLongResult:
     note: str = ""
 
 
-def delong_pooled(labels, scores_method, scores_baseline, seeds: Sequence[int] | None = None,
-                  confidence: float = 0.95) -> PooledDeLongResult:
+def delong_pooled(
+    labels, scores_method, scores_baseline, seeds: Sequence[int] | None = None, confidence: float = 0.95
+) -> PooledDeLongResult:
     """Pooled DeLong over seeds: scores_* are (n_seeds, n_maps), row s = seed s for both methods.
 
     Every seed scores the SAME maps, so the per-seed Δ are not independent and their DeLong variances
@@ -287,8 +328,7 @@ def delong_pooled(labels, scores_method, scores_baseline, seeds: Sequence[int] |
     sm = np.atleast_2d(np.asarray(scores_method, dtype=np.float64))
     sb = np.atleast_2d(np.asarray(scores_baseline, dtype=np.float64))
     if sm.shape != sb.shape or sm.shape[1] != y.size:
-        raise ValueError(f"scores_method {sm.shape} and scores_baseline {sb.shape} must both be "
-                         f"(n_seeds, {y.size})")
+        raise ValueError(f"scores_method {sm.shape} and scores_baseline {sb.shape} must both be (n_seeds, {y.size})")
     seed_ids = list(range(sm.shape[0])) if seeds is None else [int(s) for s in seeds]
     if len(seed_ids) != sm.shape[0]:
         raise ValueError(f"{len(seed_ids)} seeds for {sm.shape[0]} score rows")
@@ -297,11 +337,11 @@ def delong_pooled(labels, scores_method, scores_baseline, seeds: Sequence[int] |
     per_seed = [delong_test(y.astype(int), sm[i], sb[i], confidence) for i in range(sm.shape[0])]
     ok = np.all(np.isfinite(sm), axis=1) & np.all(np.isfinite(sb), axis=1)
     if not ok.all():
-        notes.append("seed(s) " + ", ".join(str(s) for s, k in zip(seed_ids, ok) if not k)
-                     + " left out: NaN/Inf score")
+        notes.append("seed(s) " + ", ".join(str(s) for s, k in zip(seed_ids, ok) if not k) + " left out: NaN/Inf score")
     used = [s for s, k in zip(seed_ids, ok) if k]
-    res = PooledDeLongResult(used, n_pos, n_neg, per_seed, None, None, None, None, None, None, None, None,
-                             None, confidence)
+    res = PooledDeLongResult(
+        used, n_pos, n_neg, per_seed, None, None, None, None, None, None, None, None, None, confidence
+    )
     if n_pos == 0 or n_neg == 0:
         notes.append(NOT_COMPUTABLE + f"{n_pos} fault and {n_neg} good maps, AUROC needs both")
     elif not used:
@@ -318,7 +358,8 @@ def delong_pooled(labels, scores_method, scores_baseline, seeds: Sequence[int] |
         per_var = np.diag(cov)[:k] + np.diag(cov)[k:] - 2.0 * np.diag(cov, k)
         res.se_upper = _opt(math.sqrt(max(float(per_var.mean()), 0.0)))
         res.se, res.z, res.p, res.ci_low, res.ci_high = _contrast_test(
-            res.delta, var, float(np.diag(cov).mean()), confidence, notes)
+            res.delta, var, float(np.diag(cov).mean()), confidence, notes
+        )
         if k == 1:
             notes.append("one seed: the pooled test is that seed's DeLong test")
     res.note = "; ".join(notes)
@@ -328,6 +369,7 @@ def delong_pooled(labels, scores_method, scores_baseline, seeds: Sequence[int] |
 # --------------------------------------------------------------------------------------------------
 # 3. Hierarchical (seed × map) bootstrap of Δ AUROC
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class AurocScores:
@@ -411,7 +453,7 @@ def _twice_weighted_auc_numerators(prep: PreparedScores, pos_w: np.ndarray, neg_
     exactly 0 is detected exactly). int32 while 2·n_pos·n_neg fits, which halves the memory traffic.
     """
     b = pos_w.shape[0]
-    small = 2 * prep.n_pos * prep.n_neg < 2 ** 31 - 1
+    small = 2 * prep.n_pos * prep.n_neg < 2**31 - 1
     dt = np.int32 if small else np.int64
     pos_w, neg_w = pos_w.astype(dt, copy=False), neg_w.astype(dt, copy=False)
     out = np.empty((b, len(prep.neg_order)), dtype=np.int64)
@@ -440,8 +482,9 @@ def resample_counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)
 
 
-def domain_replicate_deltas(prep: PreparedScores, seed_w: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray
-                             ) -> tuple[np.ndarray, np.ndarray]:
+def domain_replicate_deltas(
+    prep: PreparedScores, seed_w: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Replicate Δ AUROC (float, (B,)) and its exact sign ((B,) int) for one domain.
 
     Δ_r = Σ_s seed_w[r, s]·(AUC_method,s − AUC_baseline,s) / S under the map weights of replicate r,
@@ -455,9 +498,13 @@ def domain_replicate_deltas(prep: PreparedScores, seed_w: np.ndarray, pos_w: np.
     return delta, np.sign(total)
 
 
-def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples: int = 10000,
-                                 confidence: float = 0.95, seed: int = 0, chunk_size: int = 128
-                                 ) -> HierarchicalBootstrapResult:
+def hierarchical_bootstrap_auroc(
+    domains: Mapping[str, AurocScores],
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    chunk_size: int = 128,
+) -> HierarchicalBootstrapResult:
     """Bootstrap of Δ AUROC over seeds and test maps: per domain and for the mean over domains.
 
     Each replicate draws (1) S seeds with replacement (multinomial counts, shared by all domains since a
@@ -486,9 +533,14 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
     if len(n_seeds) > 1:
         raise ValueError(f"every domain needs the same seeds, got row counts {sorted(n_seeds)}")
     s = n_seeds.pop() if n_seeds else 0
-    res = HierarchicalBootstrapResult(n_seeds=s, n_resamples=int(n_resamples), confidence=confidence,
-                                      seed=int(seed), method="hierarchical bootstrap (seeds × maps stratified "
-                                      "by label, one map draw shared by all seeds), percentile interval")
+    res = HierarchicalBootstrapResult(
+        n_seeds=s,
+        n_resamples=int(n_resamples),
+        confidence=confidence,
+        seed=int(seed),
+        method="hierarchical bootstrap (seeds × maps stratified "
+        "by label, one map draw shared by all seeds), percentile interval",
+    )
     alpha = (1.0 - confidence) / 2.0
     ok: dict[str, bool] = {}
     for name, p in preps.items():
@@ -514,16 +566,19 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
         return res
     live = [n for n in preps if ok[n]]
     if not live:
-        res.mean = BootstrapDelta("mean", None, None, None, None, None,
-                                  NOT_COMPUTABLE + "no domain with a computable bootstrap")
+        res.mean = BootstrapDelta(
+            "mean", None, None, None, None, None, NOT_COMPUTABLE + "no domain with a computable bootstrap"
+        )
         return res
 
     # Independent streams: the seed draw and each domain's fault/good draws, so a chunk's draws do not
     # depend on the chunk size (each stream is consumed row by row, in replicate order).
     streams = np.random.SeedSequence(int(seed)).spawn(1 + 2 * len(preps))
     seed_rng = np.random.default_rng(streams[0])
-    map_rngs = {n: (np.random.default_rng(streams[1 + 2 * i]), np.random.default_rng(streams[2 + 2 * i]))
-                for i, n in enumerate(preps)}
+    map_rngs = {
+        n: (np.random.default_rng(streams[1 + 2 * i]), np.random.default_rng(streams[2 + 2 * i]))
+        for i, n in enumerate(preps)
+    }
     deltas = {n: np.empty(n_resamples) for n in live}
     signs = {n: np.empty(n_resamples, dtype=np.int8) for n in live}
     for start in range(0, n_resamples, chunk_size):
@@ -534,8 +589,8 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
             rp, rn = map_rngs[n]
             pos_w, neg_w = resample_counts(rp, b, p.n_pos), resample_counts(rn, b, p.n_neg)
             d, sg = domain_replicate_deltas(p, seed_w, pos_w, neg_w)
-            deltas[n][start:start + b] = d
-            signs[n][start:start + b] = sg
+            deltas[n][start : start + b] = d
+            signs[n][start : start + b] = sg
 
     def summarise(scope: str, point: float | None, d: np.ndarray, sg: np.ndarray | None, note: str) -> BootstrapDelta:
         lo, hi = np.quantile(d, [alpha, 1.0 - alpha])
@@ -548,17 +603,26 @@ def hierarchical_bootstrap_auroc(domains: Mapping[str, AurocScores], n_resamples
     left = [n for n in preps if not ok[n]]
     mean_d = np.mean([deltas[n] for n in live], axis=0)
     point = float(np.mean([res.domains[n].delta for n in live]))
-    note = ("mean over " + ", ".join(live) + (f"; left out (not computable): {', '.join(left)}" if left else ""))
+    note = "mean over " + ", ".join(live) + (f"; left out (not computable): {', '.join(left)}" if left else "")
     res.mean = summarise("mean", point, mean_d, None, note)
     if s < 10:
-        res.note = (f"{s} seeds: the seed level has only {math.comb(2 * s - 1, s)} distinct resamples, so the "
-                    "seed part of the interval is coarse")
+        res.note = (
+            f"{s} seeds: the seed level has only {math.comb(2 * s - 1, s)} distinct resamples, so the "
+            "seed part of the interval is coarse"
+        )
     return res
 
 
-def time_hierarchical_bootstrap(n_domains: int = 4, n_seeds: int = 5, n_good: int = 1000, n_fault: int = 1000,
-                                n_resamples: int = 10000, chunk_size: int = 128, seed: int = 0,
-                                ties: bool = True) -> dict[str, float | int | bool | None]:
+def time_hierarchical_bootstrap(
+    n_domains: int = 4,
+    n_seeds: int = 5,
+    n_good: int = 1000,
+    n_fault: int = 1000,
+    n_resamples: int = 10000,
+    chunk_size: int = 128,
+    seed: int = 0,
+    ties: bool = True,
+) -> dict[str, float | int | bool | None]:
     """Time ``hierarchical_bootstrap_auroc`` on synthetic scores of the given size (for the bench).
 
     Returns wall and CPU seconds (CPU time is the fairer figure on a shared machine), the sizes and the
@@ -576,14 +640,23 @@ def time_hierarchical_bootstrap(n_domains: int = 4, n_seeds: int = 5, n_good: in
     t0, c0 = time.perf_counter(), time.process_time()
     out = hierarchical_bootstrap_auroc(doms, n_resamples=n_resamples, seed=seed, chunk_size=chunk_size)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": seconds, "cpu_seconds": cpu, "n_domains": n_domains, "n_seeds": n_seeds,
-            "n_maps": int(labels.size), "n_resamples": n_resamples, "chunk_size": chunk_size, "ties": ties,
-            "mean_delta": out.mean.delta if out.mean is not None else None}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "n_domains": n_domains,
+        "n_seeds": n_seeds,
+        "n_maps": int(labels.size),
+        "n_resamples": n_resamples,
+        "chunk_size": chunk_size,
+        "ties": ties,
+        "mean_delta": out.mean.delta if out.mean is not None else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # 4. Probability of improvement over paired seeds
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Improvement:
@@ -620,6 +693,7 @@ def probability_of_improvement(diffs: Sequence[float]) -> Improvement:
 # 5. Seeds needed for a paired t-test
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SeedsNeeded:
     """Smallest n of paired seeds for the two-sided paired t-test to reach ``power`` at ``alpha``.
@@ -655,8 +729,7 @@ def paired_t_power(n, d_z: float, alpha: float = 0.05) -> np.ndarray:
     return sst.nct.sf(crit, df, nc) + sst.nct.cdf(-crit, df, nc)
 
 
-def seeds_needed(diffs: Sequence[float], alpha: float = 0.05, power: float = 0.8, max_seeds: int = 1000
-                 ) -> SeedsNeeded:
+def seeds_needed(diffs: Sequence[float], alpha: float = 0.05, power: float = 0.8, max_seeds: int = 1000) -> SeedsNeeded:
     """Seeds needed to detect the observed mean(diffs) given the observed sd(diffs, ddof=1).
 
     Smallest n ≥ 2 with paired_t_power(n, d_z, alpha) ≥ power, d_z = mean/sd, searched up to max_seeds.
@@ -668,8 +741,9 @@ def seeds_needed(diffs: Sequence[float], alpha: float = 0.05, power: float = 0.8
         raise ValueError(f"max_seeds must be at least 2, got {max_seeds}")
     d, dropped = _finite_array(diffs)
     notes = [f"{dropped} non-finite difference(s) left out"] if dropped else []
-    res = SeedsNeeded(int(d.size), _opt(d.mean()) if d.size else None, None, None, float(alpha), float(power),
-                      None, None, None, None)
+    res = SeedsNeeded(
+        int(d.size), _opt(d.mean()) if d.size else None, None, None, float(alpha), float(power), None, None, None, None
+    )
     if d.size < 2:
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), the sd of the differences needs at least 2")
     else:
@@ -703,8 +777,10 @@ def describe_seeds_needed(res: SeedsNeeded, scope: str, scale: float = 100.0, un
         why = res.note.split(NOT_COMPUTABLE, 1)[-1] if NOT_COMPUTABLE in res.note else res.note
         return f"seeds needed on {scope}: not computable ({why})"
     word = "gain" if res.delta > 0 else "loss"
-    head = (f"to confirm a {scale * res.delta:+.2f} {unit} {word} on {scope} at α={res.alpha:g} "
-            f"({100 * res.power:.0f} % power) you need ")
+    head = (
+        f"to confirm a {scale * res.delta:+.2f} {unit} {word} on {scope} at α={res.alpha:g} "
+        f"({100 * res.power:.0f} % power) you need "
+    )
     if res.n_needed is None:
         return head + f"more than {res.more_than} paired seeds"
     now = f" (power now {100 * res.power_now:.0f} % with {res.observed_n})" if res.power_now is not None else ""

@@ -55,7 +55,6 @@ from typing import Any
 from hdmap_ad.apps.bench.spec import DEFAULT_OUT, HARD_MINING_STEP, PAPER_MAPS, PHASE_LABEL, PRECISIONS, Case
 from hdmap_ad.core.errors import HdmapError
 
-
 # --------------------------------------------------------------------------------------------------
 # command line
 
@@ -92,26 +91,45 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "bench", parents=[common], help="measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=["quick", "paper"], help="params profile whose shapes and encoder to use (default: params.yaml's)")
+        "bench",
+        parents=[common],
+        help="measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--profile",
+        choices=["quick", "paper"],
+        help="params profile whose shapes and encoder to use (default: params.yaml's)",
+    )
     p.add_argument("--encoder", help="small | base | large (default: the profile's model.encoder)")
     p.add_argument("--size", type=_size, help="input size HxW after the crop (default: the profile's crop and 392x392)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per phase (default: 4)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
-    p.add_argument("--repeat", type=int, default=1, help="run every phase this many times, interleaved; report the median")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run every phase this many times, interleaved; report the median"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every phase (default 0: torch's default)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time steps by wall clock (default) or by this process's CPU time: with --threads 1 the "
-                        "latter is robust to other jobs on a shared machine")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by wall clock (default) or by this process's CPU time: with --threads 1 the "
+        "latter is robust to other jobs on a shared machine",
+    )
     p.add_argument("--sweep-sizes", type=_sizes, metavar="HxW,...", help="sizes to sweep (time per image vs tokens)")
     p.add_argument("--sweep-batch", type=_ints, metavar="N,...", help="batch sizes to sweep")
-    p.add_argument("--precision", type=_precisions, default=["float32"], metavar="P,...",
-                   help="float32 and/or bf16 (autocast), e.g. float32,bf16 side by side (default: float32)")
+    p.add_argument(
+        "--precision",
+        type=_precisions,
+        default=["float32"],
+        metavar="P,...",
+        help="float32 and/or bf16 (autocast), e.g. float32,bf16 side by side (default: float32)",
+    )
     p.add_argument("--no-anomalib", action="store_true", help="measure only our implementation")
     p.add_argument("--no-cache-off", action="store_true", help="skip the cache-off training phase")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder (as train.compile does)")
@@ -136,18 +154,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     anomalib_version = None if args.no_anomalib else _anomalib_version()
     use_anomalib = anomalib_version is not None and not params.model.encoder_overrides
     if not args.no_anomalib and not use_anomalib:
-        why = "not importable" if anomalib_version is None else "model.encoder_overrides is set (anomalib builds the named architecture)"
+        why = (
+            "not importable"
+            if anomalib_version is None
+            else "model.encoder_overrides is set (anomalib builds the named architecture)"
+        )
         console.print(f"[yellow]anomalib comparison skipped: {why}[/]")
 
     phases = ["ours_train_cache_on"] + ([] if args.no_cache_off else ["ours_train_cache_off"]) + ["ours_infer"]
     if use_anomalib:
         phases += ["anomalib_train", "anomalib_infer"]
-    base = {"resolved": params.resolved(), "device": device, "threads": args.threads, "warmup": args.warmup,
-            "steps": args.steps, "compile": args.compile, "clock": args.clock,
-            "raw_size": [params.synth.height, params.synth.width], "anomalib": use_anomalib}
+    base = {
+        "resolved": params.resolved(),
+        "device": device,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "compile": args.compile,
+        "clock": args.clock,
+        "raw_size": [params.synth.height, params.synth.width],
+        "anomalib": use_anomalib,
+    }
 
-    peaks = {prec: _median_runs([_run_phase({**base, "phase": "matmul", "precision": prec}) for _ in range(args.repeat)])
-             for prec in args.precision}
+    peaks = {
+        prec: _median_runs([_run_phase({**base, "phase": "matmul", "precision": prec}) for _ in range(args.repeat)])
+        for prec in args.precision
+    }
     peak = peaks[args.precision[0]]
     for prec, pk in peaks.items():
         console.print(f"matmul peak on {device} ({pk.get('threads')} threads): {pk['gflops']:.1f} GFLOP/s {prec}")
@@ -164,20 +196,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 m["gflops_achieved"] = m["flops_per_step"] / m["step_s"] / 1e9
                 m["pct_of_matmul_peak"] = 100 * m["gflops_achieved"] / peaks[case.precision]["gflops"]
         t, n = case.tokens()
-        results.append({"name": case.name, **asdict(case), "tokens_per_image": t, "patch_tokens": n,
-                        "phases": measured, "ratios": _ratios(measured),
-                        "runs": {ph: rs for ph, rs in runs.items()} if args.repeat > 1 else None})
+        results.append(
+            {
+                "name": case.name,
+                **asdict(case),
+                "tokens_per_image": t,
+                "patch_tokens": n,
+                "phases": measured,
+                "ratios": _ratios(measured),
+                "runs": {ph: rs for ph, rs in runs.items()} if args.repeat > 1 else None,
+            }
+        )
 
     cache = paper_cache_estimate(args.params)
     result = {
         "command": command_line(args),
-        "device": device, "cpu": cpu_name(), "threads": peak.get("threads"), "torch": peak.get("torch"),
-        "anomalib": anomalib_version if use_anomalib else None, "profile": params.profile,
-        "settings": {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
-                     "clock": args.clock,
-                     "hard_mining_step": HARD_MINING_STEP},
-        "matmul_peak": peak, "matmul_peaks": peaks, "precisions": args.precision,
-        "precision_speedups": precision_speedups(results), "cases": results, "paper_cache": cache,
+        "device": device,
+        "cpu": cpu_name(),
+        "threads": peak.get("threads"),
+        "torch": peak.get("torch"),
+        "anomalib": anomalib_version if use_anomalib else None,
+        "profile": params.profile,
+        "settings": {
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "repeat": args.repeat,
+            "compile": args.compile,
+            "clock": args.clock,
+            "hard_mining_step": HARD_MINING_STEP,
+        },
+        "matmul_peak": peak,
+        "matmul_peaks": peaks,
+        "precisions": args.precision,
+        "precision_speedups": precision_speedups(results),
+        "cases": results,
+        "paper_cache": cache,
         "notes": {
             "images_per_s": "batch / median step time over the timed steps (median over --repeat runs)",
             "speedup": "ours images/s divided by anomalib images/s: > 1 means ours is faster",
@@ -215,7 +268,9 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--sweep-sizes " + ",".join(f"{h}x{w}" for h, w in args.sweep_sizes))
     if args.sweep_batch:
         parts.append("--sweep-batch " + ",".join(map(str, args.sweep_batch)))
-    parts += [f"--{flag}" for flag in ("no-anomalib", "no-cache-off", "compile") if getattr(args, flag.replace("-", "_"))]
+    parts += [
+        f"--{flag}" for flag in ("no-anomalib", "no-cache-off", "compile") if getattr(args, flag.replace("-", "_"))
+    ]
     parts.append(f"--out {args.out}")
     return " ".join(parts)
 
@@ -252,7 +307,9 @@ def precision_speedups(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for phase, m in case["phases"].items():
             base = ref["phases"].get(phase, {}).get("images_per_s")
             if base and m.get("images_per_s"):
-                out.append({"case": shape, "precision": prec, "phase": phase, "speedup_vs_float32": m["images_per_s"] / base})
+                out.append(
+                    {"case": shape, "precision": prec, "phase": phase, "speedup_vs_float32": m["images_per_s"] / base}
+                )
     return out
 
 
@@ -267,6 +324,7 @@ def _anomalib_version() -> str | None:
         import importlib.metadata as md
 
         import anomalib.models.image.dinomaly  # noqa: F401
+
         return md.version("anomalib")
     except Exception:  # not installed, or it fails to import: the comparison is optional
         return None
@@ -293,10 +351,13 @@ def _run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hdmap-bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(spec))
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CI="1",
-                   PYTHONWARNINGS="ignore")
-        proc = subprocess.run([sys.executable, "-m", "hdmap_ad.apps.bench.worker", str(spec_file), str(out_file)],
-                              env=env, capture_output=True, text=True)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CI="1", PYTHONWARNINGS="ignore")
+        proc = subprocess.run(
+            [sys.executable, "-m", "hdmap_ad.apps.bench.worker", str(spec_file), str(out_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not out_file.is_file():
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise HdmapError(f"benchmark phase {spec['phase']} failed (exit {proc.returncode}):\n{tail}")
@@ -348,12 +409,18 @@ def paper_cache_estimate(params_file: Path | str) -> dict[str, Any]:
     try:  # the paper profile, with random weights: only shapes matter here, nothing is loaded
         paper = load_params(params_file, ["profile=paper", *random, "profiles.paper.model.weights=random"])
     except HdmapError:  # a params file without the paper profile: its values from docs/design.md#paper-setting
-        paper = load_params(params_file, [*random, "model.encoder=base", "preprocess.resize=[448,448]",
-                                          "preprocess.crop=[392,392]"])
+        paper = load_params(
+            params_file, [*random, "model.encoder=base", "preprocess.resize=[448,448]", "preprocess.crop=[392,392]"]
+        )
     with torch.device("meta"):  # shapes only: no memory, no weights
         model = Dinomaly(dinomaly_config(paper))
-    out = {"n_maps": PAPER_MAPS, "encoder": paper.model.encoder, "crop": list(paper.preprocess.crop),
-           "amp": paper.train.amp, "feature_cache_max_gb": paper.runtime.feature_cache_max_gb}
+    out = {
+        "n_maps": PAPER_MAPS,
+        "encoder": paper.model.encoder,
+        "crop": list(paper.preprocess.crop),
+        "amp": paper.train.amp,
+        "feature_cache_max_gb": paper.runtime.feature_cache_max_gb,
+    }
     for dev in ("cuda", "cpu"):
         out[f"{dev}_gib"] = cache_bytes(model, PAPER_MAPS, paper, torch.device(dev)) / 2**30
     out["per_map_mib_cuda"] = out["cuda_gib"] * 1024 / PAPER_MAPS
@@ -362,11 +429,13 @@ def paper_cache_estimate(params_file: Path | str) -> dict[str, Any]:
 
 def cache_text(c: dict[str, Any]) -> str:
     fits = "fits" if c["cuda_gib"] <= c["feature_cache_max_gb"] else "does NOT fit"
-    return (f"feature cache, paper setting ({c['n_maps']} maps, ViT-{c['encoder'][0].upper()}/14, "
-            f"{c['crop'][0]}x{c['crop'][1]}): {c['cuda_gib']:.1f} GiB on CUDA with amp={c['amp']} "
-            f"({c['per_map_mib_cuda']:.2f} MiB/map; {fits} under feature_cache_max_gb={c['feature_cache_max_gb']:g}), "
-            f"{c['cpu_gib']:.1f} GiB in float32 on CPU. feature_cache=auto caches only under feature_cache_max_gb "
-            f"and half the free memory, and encodes per batch otherwise.")
+    return (
+        f"feature cache, paper setting ({c['n_maps']} maps, ViT-{c['encoder'][0].upper()}/14, "
+        f"{c['crop'][0]}x{c['crop'][1]}): {c['cuda_gib']:.1f} GiB on CUDA with amp={c['amp']} "
+        f"({c['per_map_mib_cuda']:.2f} MiB/map; {fits} under feature_cache_max_gb={c['feature_cache_max_gb']:g}), "
+        f"{c['cpu_gib']:.1f} GiB in float32 on CPU. feature_cache=auto caches only under feature_cache_max_gb "
+        f"and half the free memory, and encodes per batch otherwise."
+    )
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -381,11 +450,24 @@ def results_table(result: dict[str, Any]):
     from rich.table import Table
 
     peak = ", ".join(f"{p['gflops']:.0f} GFLOP/s {prec}" for prec, p in result.get("matmul_peaks", {}).items())
-    table = Table(title=f"hdmap-ad bench on {result['device']} ({result['cpu']}, {result['threads']} threads); "
-                        f"matmul peak {peak}; median over {result['settings']['steps']} steps "
-                        f"x {result['settings']['repeat']} run(s)")
-    for col in ("case", "phase", "impl", "img/s", "ms/img", "peak MB", "GFLOP/img", "GFLOP/s", "% peak",
-                "speed-up\nours/anomalib", "memory\nours/anomalib"):
+    table = Table(
+        title=f"hdmap-ad bench on {result['device']} ({result['cpu']}, {result['threads']} threads); "
+        f"matmul peak {peak}; median over {result['settings']['steps']} steps "
+        f"x {result['settings']['repeat']} run(s)"
+    )
+    for col in (
+        "case",
+        "phase",
+        "impl",
+        "img/s",
+        "ms/img",
+        "peak MB",
+        "GFLOP/img",
+        "GFLOP/s",
+        "% peak",
+        "speed-up\nours/anomalib",
+        "memory\nours/anomalib",
+    ):
         table.add_column(col, justify="left" if col in ("case", "phase", "impl") else "right")
     for case in result["cases"]:
         ph, r = case["phases"], case["ratios"]
@@ -400,14 +482,25 @@ def results_table(result: dict[str, Any]):
                 speed, mem = r["train_speedup_cache_off"], r["train_memory_ratio_cache_off"]
             elif key == "ours_infer":
                 speed, mem = r["infer_speedup"], r["infer_memory_ratio"]
-            table.add_row(case["name"], kind, impl, _fmt(m["images_per_s"]), _fmt(m["ms_per_image"], 1),
-                          _fmt(m["peak_mb"], 0), _fmt(m["flops_per_image"] / 1e9, 2),
-                          _fmt(m.get("gflops_achieved"), 1), _fmt(m.get("pct_of_matmul_peak"), 0),
-                          _fmt(speed) + ("x" if speed else ""), _fmt(mem) + ("x" if mem else ""))
+            table.add_row(
+                case["name"],
+                kind,
+                impl,
+                _fmt(m["images_per_s"]),
+                _fmt(m["ms_per_image"], 1),
+                _fmt(m["peak_mb"], 0),
+                _fmt(m["flops_per_image"] / 1e9, 2),
+                _fmt(m.get("gflops_achieved"), 1),
+                _fmt(m.get("pct_of_matmul_peak"), 0),
+                _fmt(speed) + ("x" if speed else ""),
+                _fmt(mem) + ("x" if mem else ""),
+            )
         table.add_section()
-    table.caption = ("speed-up = ours img/s / anomalib img/s (>1: ours faster); memory = ours peak / anomalib peak "
-                     "(<1: ours leaner); peak MB on CPU = RSS high-water of the phase's process above its RSS after "
-                     "imports; cache-on GFLOP/img excludes the once-per-map encoder pass")
+    table.caption = (
+        "speed-up = ours img/s / anomalib img/s (>1: ours faster); memory = ours peak / anomalib peak "
+        "(<1: ours leaner); peak MB on CPU = RSS high-water of the phase's process above its RSS after "
+        "imports; cache-on GFLOP/img excludes the once-per-map encoder pass"
+    )
     return table
 
 
@@ -420,8 +513,13 @@ def sweep_table(result: dict[str, Any]):
         table.add_column(col, justify="right")
     for case in sorted(result["cases"], key=lambda c: (c["tokens_per_image"], c["batch"], c["precision"])):
         ph = case["phases"]
-        table.add_row(f"{case['crop'][0]}x{case['crop'][1]}", str(case["batch"]), case["precision"],
-                      str(case["tokens_per_image"]), *[_fmt(ph[c]["ms_per_image"], 1) if c in ph else "-" for c in cols])
+        table.add_row(
+            f"{case['crop'][0]}x{case['crop'][1]}",
+            str(case["batch"]),
+            case["precision"],
+            str(case["tokens_per_image"]),
+            *[_fmt(ph[c]["ms_per_image"], 1) if c in ph else "-" for c in cols],
+        )
     return table
 
 

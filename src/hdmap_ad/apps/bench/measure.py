@@ -7,8 +7,6 @@ import time
 from typing import Any
 
 
-
-
 def sync(device) -> None:
     import torch
 
@@ -48,9 +46,17 @@ def timed(fn, warmup: int, steps: int, device, clock: str = "wall") -> tuple[lis
 
 
 def summary(times: list[float], first: float, other: list[float], flops: int, batch: int, clock: str) -> dict[str, Any]:
-    return {"step_s": statistics.median(times), "step_s_mean": statistics.fmean(times), "steps_s": times,
-            "clock": clock, ("wall_s" if clock == "cpu" else "cpu_s"): statistics.median(other),
-            "first_step_s": first, "flops_per_step": flops, "flops_per_image": flops / batch, "batch": batch}
+    return {
+        "step_s": statistics.median(times),
+        "step_s_mean": statistics.fmean(times),
+        "steps_s": times,
+        "clock": clock,
+        ("wall_s" if clock == "cpu" else "cpu_s"): statistics.median(other),
+        "first_step_s": first,
+        "flops_per_step": flops,
+        "flops_per_image": flops / batch,
+        "batch": batch,
+    }
 
 
 def count_flops(fn) -> int:
@@ -84,11 +90,17 @@ def phase_matmul(spec: dict[str, Any], device) -> dict[str, Any]:
     cap, n = (8192 if device.type == "cuda" else 2048), 256
     while n < cap:
         a = torch.randn(n, n, device=device, dtype=dtype)
-        one, _, _ = timed(lambda i: a @ a, 1, 1, device, "wall")
+        one, _, _ = timed(lambda i, a=a: a @ a, 1, 1, device, "wall")
         if one[0] > 0.2:
             break
         n *= 2
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times, _, _ = timed(lambda i: a @ b, 3, 10, device, spec.get("clock", "wall"))
-    return {"n": n, "dtype": precision, "step_s": None, "matmul_s": statistics.median(times),
-            "gflops": 2 * n**3 / statistics.median(times) / 1e9, "gflops_best": 2 * n**3 / min(times) / 1e9}
+    return {
+        "n": n,
+        "dtype": precision,
+        "step_s": None,
+        "matmul_s": statistics.median(times),
+        "gflops": 2 * n**3 / statistics.median(times) / 1e9,
+        "gflops_best": 2 * n**3 / min(times) / 1e9,
+    }

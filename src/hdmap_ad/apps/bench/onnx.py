@@ -36,8 +36,15 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def bench_export(params_file: Path, profile: str, threads: int, runs: int = 20, batch: int = 32,
-                 batch_runs: int = 3, map_shape: tuple[int, int] = (31, 95)) -> list[dict[str, Any]]:
+def bench_export(
+    params_file: Path,
+    profile: str,
+    threads: int,
+    runs: int = 20,
+    batch: int = 32,
+    batch_runs: int = 3,
+    map_shape: tuple[int, int] = (31, 95),
+) -> list[dict[str, Any]]:
     """Two rows (pytorch, onnx) for `profile`: p50/p99 latency at batch 1 (ms), throughput at
     `batch` (maps/s), and the largest relative score difference between the backends."""
     import tempfile
@@ -93,20 +100,37 @@ def bench_export(params_file: Path, profile: str, threads: int, runs: int = 20, 
     rel = float(np.max(np.abs(scores["onnx"] - ref) / np.maximum(np.abs(ref), 1e-12)))
     p = params.preprocess
     size = f"{map_shape[0]}x{map_shape[1]} -> {p.crop[0]}x{p.crop[1]} ({params.model.encoder})"
-    return [{"profile": profile, "input": size, "backend": name, "threads": threads,
-             "p50_ms": 1e3 * _percentile(latency[name], 50), "p99_ms": 1e3 * _percentile(latency[name], 99),
-             "maps_per_s": float(np.median(rate[name])), "batch": batch, "runs": runs, "batch_runs": batch_runs,
-             "score_rel_diff": rel if name == "onnx" else 0.0, "export_s": export_s}
-            for name in backends]
+    return [
+        {
+            "profile": profile,
+            "input": size,
+            "backend": name,
+            "threads": threads,
+            "p50_ms": 1e3 * _percentile(latency[name], 50),
+            "p99_ms": 1e3 * _percentile(latency[name], 99),
+            "maps_per_s": float(np.median(rate[name])),
+            "batch": batch,
+            "runs": runs,
+            "batch_runs": batch_runs,
+            "score_rel_diff": rel if name == "onnx" else 0.0,
+            "export_s": export_s,
+        }
+        for name in backends
+    ]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| profile | input | backend | batch 1 p50 (ms) | batch 1 p99 (ms) | batch {b} (maps/s) | score rel. diff |".format(
-                 b=rows[0]["batch"] if rows else 32),
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| profile | input | backend | batch 1 p50 (ms) | batch 1 p99 (ms) | batch {b} (maps/s) | score rel. diff |".format(
+            b=rows[0]["batch"] if rows else 32
+        ),
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['profile']} | {r['input']} | {r['backend']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['maps_per_s']:.3g} | {r['score_rel_diff']:.1e} |")
+        lines.append(
+            f"| {r['profile']} | {r['input']} | {r['backend']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['maps_per_s']:.3g} | {r['score_rel_diff']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -140,9 +164,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("bench-onnx", parents=[common], help="CPU latency/throughput of the exported ONNX model vs PyTorch",
-                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench-onnx",
+        parents=[common],
+        help="CPU latency/throughput of the exported ONNX model vs PyTorch",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)

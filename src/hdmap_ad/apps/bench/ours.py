@@ -21,8 +21,9 @@ def params_for(spec: dict[str, Any], feature_cache: str = "off"):
     raw["train"].update(batch_size=case["batch"], compile=bool(spec["compile"]), amp=amp)
     if "amp" in raw["evaluate"]:
         raw["evaluate"]["amp"] = amp
-    raw["runtime"].update(device=spec["device"], feature_cache=feature_cache, feature_cache_max_gb=1e6,
-                          num_threads=spec["threads"])
+    raw["runtime"].update(
+        device=spec["device"], feature_cache=feature_cache, feature_cache_max_gb=1e6, num_threads=spec["threads"]
+    )
     raw["evaluate"]["batch_size"] = case["batch"]
     return params_from_resolved(raw)
 
@@ -90,20 +91,26 @@ def phase_ours_train(spec: dict[str, Any], device, cache: str) -> dict[str, Any]
     step = ours_train_step(model, method, optimizer, features, params, device, n_maps)
     times, first, other = timed(step, warmup, steps, device, spec.get("clock", "wall"))
     flops = count_flops(lambda: step(warmup + steps))
-    out = {**summary(times, first, other, flops, b, spec.get("clock", "wall")),
-           "feature_cache": features.describe(), "n_maps": n_maps}
+    out = {
+        **summary(times, first, other, flops, b, spec.get("clock", "wall")),
+        "feature_cache": features.describe(),
+        "n_maps": n_maps,
+    }
     if cache == "on":
         encode_flops = count_flops(lambda: features_for_flops(model, maps[:b], params, device))
-        out.update(cache_build_s=cache_build_s, cache_mb=cache_bytes(model, n_maps, params, device) / 2**20,
-                   encoder_flops_per_image=encode_flops / b)
+        out.update(
+            cache_build_s=cache_build_s,
+            cache_mb=cache_bytes(model, n_maps, params, device) / 2**20,
+            encoder_flops_per_image=encode_flops / b,
+        )
     return out
 
 
 def features_for_flops(model, maps, params, device):
-    from hdmap_ad.core.features import OnTheFly
     import numpy as np
-
     import torch
+
+    from hdmap_ad.core.features import OnTheFly
 
     with torch.no_grad():
         return OnTheFly(model, maps, params, device).batch(np.arange(len(maps)))
@@ -120,7 +127,7 @@ def phase_ours_infer(spec: dict[str, Any], device) -> dict[str, Any]:
     method.eval()
 
     def run(i: int):
-        return score_maps(model, method, maps[i * b:(i + 1) * b], params, device, b).scores
+        return score_maps(model, method, maps[i * b : (i + 1) * b], params, device, b).scores
 
     times, first, other = timed(run, warmup, steps, device, spec.get("clock", "wall"))
     return summary(times, first, other, count_flops(lambda: run(warmup + steps)), b, spec.get("clock", "wall"))

@@ -13,10 +13,9 @@ def anomalib_model(case: dict[str, Any]):
     """anomalib's DinomalyModel with random encoder weights, trainable part initialised as its
     Lightning module does. Its feature extractor asks timm for pretrained weights: only here, and
     only in this subprocess, that call is redirected to pretrained=False."""
+    import anomalib.models.components.feature_extractors.timm as fe
     import timm
     import torch
-
-    import anomalib.models.components.feature_extractors.timm as fe
     from anomalib.models.image.dinomaly.lightning_model import Dinomaly
     from anomalib.models.image.dinomaly.torch_model import DinomalyModel
 
@@ -47,8 +46,13 @@ def anomalib_preprocess(case: dict[str, Any], device):
     import torch
     from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
-    transform = Compose([Resize(tuple(case["resize"])), CenterCrop(tuple(case["crop"])),
-                         Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    transform = Compose(
+        [
+            Resize(tuple(case["resize"])),
+            CenterCrop(tuple(case["crop"])),
+            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
 
     def run(maps) -> torch.Tensor:
         x = torch.from_numpy(maps).to(device).unsqueeze(1).expand(-1, 3, -1, -1)
@@ -59,7 +63,6 @@ def anomalib_preprocess(case: dict[str, Any], device):
 
 def phase_anomalib_train(spec: dict[str, Any], device) -> dict[str, Any]:
     import torch
-
     from anomalib.models.image.dinomaly.components import StableAdamW, WarmCosineScheduler
     from anomalib.models.image.dinomaly.lightning_model import TRAINING_CONFIG
 
@@ -75,7 +78,7 @@ def phase_anomalib_train(spec: dict[str, Any], device) -> dict[str, Any]:
     trainable_params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step(i: int) -> float:  # Lightning's automatic optimisation, without the trainer around it
-        images = preprocess(maps[i * b:(i + 1) * b])
+        images = preprocess(maps[i * b : (i + 1) * b])
         optimizer.zero_grad()
         with autocast_for(device, case.get("precision", "float32")):
             loss = model(images, global_step=HARD_MINING_STEP + i)
@@ -101,7 +104,7 @@ def phase_anomalib_infer(spec: dict[str, Any], device) -> dict[str, Any]:
 
     def run(i: int):
         with torch.inference_mode(), autocast_for(device, case.get("precision", "float32")):
-            out = model(preprocess(maps[i * b:(i + 1) * b]))
+            out = model(preprocess(maps[i * b : (i + 1) * b]))
         return out.pred_score.double().cpu().numpy()
 
     times, first, other = timed(run, warmup, steps, device, spec.get("clock", "wall"))

@@ -8,11 +8,14 @@ from pathlib import Path
 from hdmap_ad.core.config import HDMAP_DOMAINS
 
 DEFAULT_OUT = Path("benchmarks/results/bench.json")
-PAPER_MAPS = 4 * 1000          # 4 domains × 1000 training maps (docs/design.md#data-layout)
+PAPER_MAPS = 4 * 1000  # 4 domains × 1000 training maps (docs/design.md#data-layout)
 RAW_DOMAINS = list(HDMAP_DOMAINS)
-ANOMALIB_ENCODERS = {"small": "vit_small_patch14_reg4_dinov2", "base": "vit_base_patch14_reg4_dinov2",
-                     "large": "vit_large_patch14_reg4_dinov2"}
-HARD_MINING_STEP = 1000        # global step passed to both losses: hard mining at its final ratio (0.9)
+ANOMALIB_ENCODERS = {
+    "small": "vit_small_patch14_reg4_dinov2",
+    "base": "vit_base_patch14_reg4_dinov2",
+    "large": "vit_large_patch14_reg4_dinov2",
+}
+HARD_MINING_STEP = 1000  # global step passed to both losses: hard mining at its final ratio (0.9)
 OURS_TRAIN = ("ours_train_cache_on", "ours_train_cache_off")
 # Benchmark precision -> our `train.amp`/`evaluate.amp` value; anomalib's model runs under the same autocast.
 PRECISIONS = {"float32": "off", "bf16": "bf16"}
@@ -31,7 +34,7 @@ class Case:
     resize: tuple[int, int]
     batch: int
     encoder: str
-    precision: str = "float32"   # a key of PRECISIONS
+    precision: str = "float32"  # a key of PRECISIONS
 
     @property
     def name(self) -> str:

@@ -50,8 +50,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }[phase]
     out = run(spec, device)
     peak_rss = maxrss_mb()
-    out.update(phase=phase, threads=torch.get_num_threads(), torch=torch.__version__, rss_after_imports_mb=rss0,
-               peak_rss_mb=peak_rss, loadavg_start=load0, loadavg_end=os.getloadavg()[0])
+    out.update(
+        phase=phase,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        rss_after_imports_mb=rss0,
+        peak_rss_mb=peak_rss,
+        loadavg_start=load0,
+        loadavg_end=os.getloadavg()[0],
+    )
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:

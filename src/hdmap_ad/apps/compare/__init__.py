@@ -18,10 +18,37 @@ compare run).
 from hdmap_ad.apps.compare.analysis import Comparison, ComparisonResult, SeedSummary, analyse
 from hdmap_ad.apps.compare.command import add_parser, cmd_compare, details_path_for, log_compare_run, run_compare
 from hdmap_ad.apps.compare.report import render_markdown
-from hdmap_ad.apps.compare.runs import (COMPARE_KIND, Reference, RunRecord, Selection, collect, fetch_runs,
-                                        select_runs, workspace_reference)
+from hdmap_ad.apps.compare.runs import (
+    COMPARE_KIND,
+    Reference,
+    RunRecord,
+    Selection,
+    collect,
+    fetch_runs,
+    select_runs,
+    workspace_reference,
+)
 from hdmap_ad.apps.compare.settings import Settings, load_settings
 
-__all__ = ["COMPARE_KIND", "Comparison", "ComparisonResult", "Reference", "RunRecord", "SeedSummary", "Selection",
-           "Settings", "add_parser", "analyse", "cmd_compare", "collect", "details_path_for", "fetch_runs",
-           "load_settings", "log_compare_run", "render_markdown", "run_compare", "select_runs", "workspace_reference"]
+__all__ = [
+    "COMPARE_KIND",
+    "Comparison",
+    "ComparisonResult",
+    "Reference",
+    "RunRecord",
+    "SeedSummary",
+    "Selection",
+    "Settings",
+    "add_parser",
+    "analyse",
+    "cmd_compare",
+    "collect",
+    "details_path_for",
+    "fetch_runs",
+    "load_settings",
+    "log_compare_run",
+    "render_markdown",
+    "run_compare",
+    "select_runs",
+    "workspace_reference",
+]

@@ -8,16 +8,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from hdmap_ad.apps.compare.analysis import ComparisonResult, analyse
+from hdmap_ad.apps.compare.report import print_found, print_summary, render_markdown, write_plots
+from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_methods
+from hdmap_ad.apps.compare.settings import Settings, load_settings
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import write_json, write_text
 from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
 from hdmap_ad.core.paths import REPORT_FILE
 from hdmap_ad.core.paths import REPORT_PLOTS_DIR as PLOTS_DIR
-
-from hdmap_ad.apps.compare.analysis import ComparisonResult, analyse
-from hdmap_ad.apps.compare.report import print_found, print_summary, render_markdown, write_plots
-from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_methods
-from hdmap_ad.apps.compare.settings import Settings, load_settings
 
 
 def details_path_for(report_path: Path) -> Path:
@@ -25,9 +24,18 @@ def details_path_for(report_path: Path) -> Path:
     return Path(report_path).with_suffix(".json")
 
 
-def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, profile: str | None = "",
-                json_path: Path = JSON_FILE, report_path: Path = REPORT_FILE, plots_dir: Path | None = PLOTS_DIR,
-                log_run: bool = True, console=None, reference: Reference | None = None) -> ComparisonResult:
+def run_compare(
+    settings: Settings,
+    *,
+    methods: Sequence[str] | None = None,
+    profile: str | None = "",
+    json_path: Path = JSON_FILE,
+    report_path: Path = REPORT_FILE,
+    plots_dir: Path | None = PLOTS_DIR,
+    log_run: bool = True,
+    console=None,
+    reference: Reference | None = None,
+) -> ComparisonResult:
     """The whole compare stage. `profile=""` means the params' profile, None any profile.
 
     Raises HdmapError, writing nothing, when the store is missing or unreadable or has no valid run."""
@@ -43,16 +51,26 @@ def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, pro
     if not selection.used:
         ref = selection.reference
         group = f" in comparison group {ref.key[:6]} ({ref.source})" if ref is not None and ref.key else ""
-        raise HdmapError(f"MLflow experiment {settings.experiment!r} at {uri}: no valid run to compare{group}; "
-                         f"{selection.n_found} run(s) found, {len(selection.left_out)} left out (listed above); "
-                         f"{json_path} and {report_path} left as they were")
-    result = analyse_with_scores(selection, settings, method_list, profile=settings.profile if profile == "" else profile,
-                                 experiment_id=experiment_id, tracking_uri=uri)
+        raise HdmapError(
+            f"MLflow experiment {settings.experiment!r} at {uri}: no valid run to compare{group}; "
+            f"{selection.n_found} run(s) found, {len(selection.left_out)} left out (listed above); "
+            f"{json_path} and {report_path} left as they were"
+        )
+    result = analyse_with_scores(
+        selection,
+        settings,
+        method_list,
+        profile=settings.profile if profile == "" else profile,
+        experiment_id=experiment_id,
+        tracking_uri=uri,
+    )
     for method, used in result.uncertainty.get("per_map", {}).items():
         if "bootstrap_seconds" in used:
-            console.print(f"per-map statistics {method} vs {baseline}: DeLong and hierarchical bootstrap "
-                          f"({result.uncertainty['bootstrap_resamples']} resamples) in {used['bootstrap_seconds']:.1f} s",
-                          markup=False)
+            console.print(
+                f"per-map statistics {method} vs {baseline}: DeLong and hierarchical bootstrap "
+                f"({result.uncertainty['bootstrap_resamples']} resamples) in {used['bootstrap_seconds']:.1f} s",
+                markup=False,
+            )
 
     details_path = details_path_for(Path(report_path))
     if plots_dir is not None:
@@ -61,11 +79,19 @@ def run_compare(settings: Settings, *, methods: Sequence[str] | None = None, pro
     write_json(result.metrics_json(), Path(json_path))
     write_text(render_markdown(result), Path(report_path))
     print_summary(console, result)
-    console.print(f"wrote {json_path}, {report_path}, {details_path}"
-                  + (f", {len(result.plots)} plots under {plots_dir}" if plots_dir else ""))
+    console.print(
+        f"wrote {json_path}, {report_path}, {details_path}"
+        + (f", {len(result.plots)} plots under {plots_dir}" if plots_dir else "")
+    )
     if log_run:
-        run_id, exp_name = log_compare_run(settings, result, Path(json_path), Path(report_path), details_path,
-                                           Path(plots_dir) if plots_dir is not None else None)
+        run_id, exp_name = log_compare_run(
+            settings,
+            result,
+            Path(json_path),
+            Path(report_path),
+            details_path,
+            Path(plots_dir) if plots_dir is not None else None,
+        )
         result.compare_run_id = run_id
         console.print(f"MLflow run `compare` {run_id} (experiment {exp_name!r})")
     return result
@@ -91,8 +117,14 @@ def compare_experiment(settings: Settings) -> str:
     return tracking.compare_experiment_name(settings.experiment)
 
 
-def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Path, report_path: Path,
-                    details_path: Path, plots_dir: Path | None) -> tuple[str, str]:
+def log_compare_run(
+    settings: Settings,
+    result: ComparisonResult,
+    json_path: Path,
+    report_path: Path,
+    details_path: Path,
+    plots_dir: Path | None,
+) -> tuple[str, str]:
     """One MLflow run `compare` (tag kind=compare) in `<experiment>-compare`, with the outputs as artifacts
     and Δ / Holm p as metrics; returns (run id, experiment name). Inside a DVC experiment it is tagged
     with its name, so every experiment's comparison stays findable."""
@@ -104,8 +136,12 @@ def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Pat
     name = compare_experiment(settings)
     experiment_id = tracking.ensure_experiment(name, settings.tracking_uri)
     client = mlflow.MlflowClient()
-    tags = {"kind": COMPARE_KIND, "baseline": result.baseline, "methods": ",".join(result.methods),
-            "training_experiment": settings.experiment}
+    tags = {
+        "kind": COMPARE_KIND,
+        "baseline": result.baseline,
+        "methods": ",".join(result.methods),
+        "training_experiment": settings.experiment,
+    }
     if result.reference is not None and result.reference.key:
         tags["comparison_key"] = result.reference.key
     if os.environ.get("DVC_EXP_NAME"):
@@ -124,13 +160,20 @@ def log_compare_run(settings: Settings, result: ComparisonResult, json_path: Pat
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
                     metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
         u = result.uncertainty
-        params = [Param("baseline", result.baseline), Param("methods", ",".join(result.methods)),
-                  Param("n_runs_used", str(sum(len(v) for v in result.runs.values()))),
-                  Param("n_left_out", str(len(result.selection.left_out))), Param("profile", str(result.profile))]
-        params += [Param(k, str(u[k])) for k in ("confidence", "bootstrap_resamples", "bootstrap_seed", "alpha", "power")
-                   if k in u]
+        params = [
+            Param("baseline", result.baseline),
+            Param("methods", ",".join(result.methods)),
+            Param("n_runs_used", str(sum(len(v) for v in result.runs.values()))),
+            Param("n_left_out", str(len(result.selection.left_out))),
+            Param("profile", str(result.profile)),
+        ]
+        params += [
+            Param(k, str(u[k]))
+            for k in ("confidence", "bootstrap_resamples", "bootstrap_seed", "alpha", "power")
+            if k in u
+        ]
         for i in range(0, len(metrics), 900):
-            client.log_batch(run_id, metrics=metrics[i:i + 900], params=params if i == 0 else [])
+            client.log_batch(run_id, metrics=metrics[i : i + 900], params=params if i == 0 else [])
         if not metrics:
             client.log_batch(run_id, params=params)
         for path in (json_path, report_path, details_path):
@@ -148,20 +191,38 @@ def _logged_values(c) -> list[tuple[str, float | None]]:
     """A comparison's numbers logged as compare-run metrics: Δ, Holm p, the intervals, P(improvement),
     seeds needed and, for AUROC, DeLong pooled and the hierarchical bootstrap."""
     iv, imp, need, dl, hb = c.interval, c.improvement, c.seeds_needed, c.delong, c.bootstrap
-    return [("delta", c.paired.delta), ("delta_unpaired", c.unpaired_delta), ("p_holm", c.paired.p_holm),
-            ("delta_t_low", iv and iv.t_low), ("delta_t_high", iv and iv.t_high),
-            ("delta_boot_low", iv and iv.boot_low), ("delta_boot_high", iv and iv.boot_high),
-            ("p_improvement", imp and imp.share_better), ("seeds_needed", need and need.n_needed),
-            ("delong_delta", dl and dl.delta), ("delong_se", dl and dl.se), ("delong_p", dl and dl.p),
-            ("hboot_low", hb and hb.low), ("hboot_high", hb and hb.high), ("hboot_p_improvement", hb and hb.p_improvement)]
+    return [
+        ("delta", c.paired.delta),
+        ("delta_unpaired", c.unpaired_delta),
+        ("p_holm", c.paired.p_holm),
+        ("delta_t_low", iv and iv.t_low),
+        ("delta_t_high", iv and iv.t_high),
+        ("delta_boot_low", iv and iv.boot_low),
+        ("delta_boot_high", iv and iv.boot_high),
+        ("p_improvement", imp and imp.share_better),
+        ("seeds_needed", need and need.n_needed),
+        ("delong_delta", dl and dl.delta),
+        ("delong_se", dl and dl.se),
+        ("delong_p", dl and dl.p),
+        ("hboot_low", hb and hb.low),
+        ("hboot_high", hb and hb.high),
+        ("hboot_p_improvement", hb and hb.p_improvement),
+    ]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     settings = load_settings(args.params, args.set)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     profile = "" if args.profile is None else (None if args.profile == "all" else args.profile)
-    run_compare(settings, methods=methods, profile=profile, json_path=Path(args.json), report_path=Path(args.report),
-                plots_dir=None if args.no_plots else Path(args.plots), log_run=not args.no_log)
+    run_compare(
+        settings,
+        methods=methods,
+        profile=profile,
+        json_path=Path(args.json),
+        report_path=Path(args.report),
+        plots_dir=None if args.no_plots else Path(args.plots),
+        log_run=not args.no_log,
+    )
     return 0
 
 
@@ -186,14 +247,24 @@ leaves the existing outputs as they were. MLFLOW_TRACKING_URI points it at anoth
 """
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", parents=[common], help="compare methods against the baseline over seeds (paired statistics)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", help="comma list of methods to compare (default: compare.methods, or every method found)")
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="compare methods against the baseline over seeds (paired statistics)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--methods", help="comma list of methods to compare (default: compare.methods, or every method found)"
+    )
     p.add_argument("--profile", help="only runs of this profile; 'all' mixes profiles (default: the params' profile)")
     p.add_argument("--json", default=str(JSON_FILE), help=f"metrics JSON for DVC (default: {JSON_FILE})")
-    p.add_argument("--report", default=str(REPORT_FILE),
-                   help=f"Markdown report; the details go to the .json beside it (default: {REPORT_FILE})")
+    p.add_argument(
+        "--report",
+        default=str(REPORT_FILE),
+        help=f"Markdown report; the details go to the .json beside it (default: {REPORT_FILE})",
+    )
     p.add_argument("--plots", default=str(PLOTS_DIR), help=f"folder for the PNG plots (default: {PLOTS_DIR})")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--no-log", action="store_true", help="do not log a `compare` run to MLflow")

@@ -53,11 +53,11 @@ class DomainMeanDeLong:
 class PerMap:
     """Per method and scope (domains, mean): the DeLong and bootstrap results and their notes."""
 
-    delong: dict[str, dict[str, Any]] = field(default_factory=dict)        # method -> scope -> result
-    bootstrap: dict[str, dict[str, Any]] = field(default_factory=dict)     # method -> scope -> BootstrapDelta
+    delong: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> scope -> result
+    bootstrap: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> scope -> BootstrapDelta
     scope_notes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    runs: dict[str, dict[str, Any]] = field(default_factory=dict)          # method -> what was used (JSON)
-    notes: list[str] = field(default_factory=list)                          # for the report's Notes
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> what was used (JSON)
+    notes: list[str] = field(default_factory=list)  # for the report's Notes
 
     def note(self, method: str, scope: str, text: str) -> None:
         self.scope_notes.setdefault((method, scope), []).append(text)
@@ -67,8 +67,9 @@ def _opt(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def domain_mean_delong(pooled: dict[str, PooledDeLongResult], domains: Sequence[str],
-                       confidence: float) -> DomainMeanDeLong:
+def domain_mean_delong(
+    pooled: dict[str, PooledDeLongResult], domains: Sequence[str], confidence: float
+) -> DomainMeanDeLong:
     """The mean over `domains` of the pooled DeLong Δ; not computable unless every domain is, on one
     set of seeds (a mean over fewer domains or other seeds is not the table's mean)."""
     from scipy import stats as sst
@@ -83,15 +84,31 @@ def domain_mean_delong(pooled: dict[str, PooledDeLongResult], domains: Sequence[
         return replace(res, note=NOT_COMPUTABLE + "the domains use different seeds")
     deltas = np.array([pooled[d].delta for d in domains], dtype=np.float64)
     ses = np.array([pooled[d].se for d in domains], dtype=np.float64)
-    delta, se = float(deltas.mean()), float(math.sqrt(float(np.sum(ses ** 2)))) / len(domains)
+    delta, se = float(deltas.mean()), float(math.sqrt(float(np.sum(ses**2)))) / len(domains)
     z = delta / se
     half = float(sst.norm.ppf(0.5 + confidence / 2)) * se
-    return DomainMeanDeLong(list(domains), list(seed_sets.pop()), delta, se, _opt(z), _opt(float(2 * sst.norm.sf(abs(z)))),
-                            delta - half, delta + half, confidence)
+    return DomainMeanDeLong(
+        list(domains),
+        list(seed_sets.pop()),
+        delta,
+        se,
+        _opt(z),
+        _opt(float(2 * sst.norm.sf(abs(z)))),
+        delta - half,
+        delta + half,
+        confidence,
+    )
 
 
-def _domain_inputs(method: str, baseline: str, domain: str, seeds: Sequence[int], used: dict[str, dict[int, RunRecord]],
-                   scores: Callable[[str], RunScores], out: PerMap):
+def _domain_inputs(
+    method: str,
+    baseline: str,
+    domain: str,
+    seeds: Sequence[int],
+    used: dict[str, dict[int, RunRecord]],
+    scores: Callable[[str], RunScores],
+    out: PerMap,
+):
     """(labels, method scores (S, N), baseline scores (S, N), seeds) of one domain, or None with a note."""
     ok: list[int] = []
     for s in seeds:
@@ -122,8 +139,10 @@ def _domain_inputs(method: str, baseline: str, domain: str, seeds: Sequence[int]
             digest = ref_run.tags.get("data_digest")
             idx, why = align(ref, mine, same_data=digest is not None and digest == run.tags.get("data_digest"))
             if idx is None:
-                line = (f"{NOT_COMPUTABLE}different test maps on {domain}: {who} seed {s} (`{run.run_id[:8]}`) vs "
-                        f"{baseline} seed {ok[0]} (`{ref_run.run_id[:8]}`): {why}")
+                line = (
+                    f"{NOT_COMPUTABLE}different test maps on {domain}: {who} seed {s} (`{run.run_id[:8]}`) vs "
+                    f"{baseline} seed {ok[0]} (`{ref_run.run_id[:8]}`): {why}"
+                )
                 out.note(method, domain, line)
                 out.notes.append(f"**{method} vs {baseline}, {domain}: DeLong/bootstrap {line}**")
                 return None
@@ -135,9 +154,17 @@ def _domain_inputs(method: str, baseline: str, domain: str, seeds: Sequence[int]
     return ref.labels.astype(np.int64), sm, sb, ok
 
 
-def per_map_statistics(selection: Selection, scores: Callable[[str], RunScores], baseline: str,
-                       methods: Sequence[str], domains: Sequence[str], *, confidence: float, n_resamples: int,
-                       seed: int) -> PerMap:
+def per_map_statistics(
+    selection: Selection,
+    scores: Callable[[str], RunScores],
+    baseline: str,
+    methods: Sequence[str],
+    domains: Sequence[str],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> PerMap:
     """DeLong (per seed and pooled) and the hierarchical bootstrap for each method vs the baseline on
     `domains` and their mean. `scores(run_id)` gives a run's per-map scores (downloaded once)."""
     from hdmap_ad.pipeline.uncertainty import AurocScores, delong_pooled, hierarchical_bootstrap_auroc
@@ -152,11 +179,17 @@ def per_map_statistics(selection: Selection, scores: Callable[[str], RunScores],
         paired = sorted(set(used[method]) & set(used[baseline]))
         if not paired:
             continue
-        missing = [f"{who} seed {s} (`{used[who][s].run_id[:8]}`)" for s in paired for who in (baseline, method)
-                   if scores(used[who][s].run_id).missing]
+        missing = [
+            f"{who} seed {s} (`{used[who][s].run_id[:8]}`)"
+            for s in paired
+            for who in (baseline, method)
+            if scores(used[who][s].run_id).missing
+        ]
         if missing:
-            out.notes.append(f"{method} vs {baseline}: no per-map scores (`{SCORES_ARTIFACT}` artifact) for "
-                             f"{', '.join(missing)} → DeLong and the hierarchical bootstrap leave those seeds out")
+            out.notes.append(
+                f"{method} vs {baseline}: no per-map scores (`{SCORES_ARTIFACT}` artifact) for "
+                f"{', '.join(missing)} → DeLong and the hierarchical bootstrap leave those seeds out"
+            )
         inputs: dict[str, AurocScores] = {}
         seeds_of: dict[str, list[int]] = {}
         delong: dict[str, Any] = {}
@@ -167,8 +200,11 @@ def per_map_statistics(selection: Selection, scores: Callable[[str], RunScores],
             labels, sm, sb, ok = got
             delong[d] = delong_pooled(labels, sm, sb, seeds=ok, confidence=confidence)
             inputs[d], seeds_of[d] = AurocScores(labels, sm, sb), ok
-        out.runs[method] = {"paired_seeds": paired, "seeds": {d: seeds_of[d] for d in inputs},
-                            "runs_without_scores": missing}
+        out.runs[method] = {
+            "paired_seeds": paired,
+            "seeds": {d: seeds_of[d] for d in inputs},
+            "runs_without_scores": missing,
+        }
         if not inputs:
             continue  # no domain with per-map scores: the notes say why, the report has no per-map table
         delong["mean"] = domain_mean_delong(delong, domains, confidence)
@@ -180,9 +216,10 @@ def per_map_statistics(selection: Selection, scores: Callable[[str], RunScores],
         for d in inputs:
             groups.setdefault(tuple(seeds_of[d]), []).append(d)
         results = []
-        for group_seeds, group in groups.items():
-            res = hierarchical_bootstrap_auroc({d: inputs[d] for d in group}, n_resamples=n_resamples,
-                                               confidence=confidence, seed=seed)
+        for group in groups.values():
+            res = hierarchical_bootstrap_auroc(
+                {d: inputs[d] for d in group}, n_resamples=n_resamples, confidence=confidence, seed=seed
+            )
             results.append(res)
             boot.update(res.domains)
             if len(groups) == 1 and len(group) == len(domains):
@@ -192,21 +229,39 @@ def per_map_statistics(selection: Selection, scores: Callable[[str], RunScores],
             # is taken on the seeds all of them share, as the seed-level mean is
             common = sorted(set.intersection(*(set(v) for v in seeds_of.values())))
             if common:
-                sub = {d: AurocScores(inputs[d].labels, inputs[d].method[[seeds_of[d].index(s) for s in common]],
-                                      inputs[d].baseline[[seeds_of[d].index(s) for s in common]]) for d in domains}
+                sub = {
+                    d: AurocScores(
+                        inputs[d].labels,
+                        inputs[d].method[[seeds_of[d].index(s) for s in common]],
+                        inputs[d].baseline[[seeds_of[d].index(s) for s in common]],
+                    )
+                    for d in domains
+                }
                 res = hierarchical_bootstrap_auroc(sub, n_resamples=n_resamples, confidence=confidence, seed=seed)
                 results.append(res)
                 boot["mean"] = res.mean
-                out.note(method, "mean", f"bootstrap of the mean over domains on the seeds all domains share: "
-                                         f"{', '.join(map(str, common))}")
+                out.note(
+                    method,
+                    "mean",
+                    f"bootstrap of the mean over domains on the seeds all domains share: {', '.join(map(str, common))}",
+                )
         if "mean" not in boot:
             lacking = [d for d in domains if d not in inputs]
-            out.note(method, "mean", NOT_COMPUTABLE + "hierarchical bootstrap of the mean over domains needs every "
-                     "domain" + (f" (no usable per-map scores for {', '.join(lacking)})" if lacking else ""))
+            out.note(
+                method,
+                "mean",
+                NOT_COMPUTABLE + "hierarchical bootstrap of the mean over domains needs every "
+                "domain" + (f" (no usable per-map scores for {', '.join(lacking)})" if lacking else ""),
+            )
         out.bootstrap[method] = boot
-        out.runs[method].update({
-            "n_resamples": n_resamples, "confidence": confidence, "seed": seed,
-            "method": results[0].method if results else None,
-            "note": "; ".join(dict.fromkeys(r.note for r in results if r.note)),
-            "bootstrap_seconds": round(time.perf_counter() - t0, 3)})
+        out.runs[method].update(
+            {
+                "n_resamples": n_resamples,
+                "confidence": confidence,
+                "seed": seed,
+                "method": results[0].method if results else None,
+                "note": "; ".join(dict.fromkeys(r.note for r in results if r.note)),
+                "bootstrap_seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
     return out

@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hdmap_ad.core.errors import HdmapError
-
 from hdmap_ad.apps.compare.settings import Settings
+from hdmap_ad.core.errors import HdmapError
 
 if TYPE_CHECKING:
     from hdmap_ad.core.config import Params
@@ -54,7 +53,7 @@ def iso_time(ms: int | None) -> str | None:
     """An MLflow timestamp (ms since the epoch) as UTC ISO text; None for none."""
     if not ms:
         return None
-    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC).isoformat(timespec="seconds")
 
 
 PRECISION_NAMES = {"off": "float32", "bf16": "bf16", "fp16": "fp16"}
@@ -69,12 +68,14 @@ class RunPrecision:
 
     def matches(self, other: RunPrecision) -> bool:
         """Equal where both are recorded (a run that predates the record matches any)."""
-        return all(a is None or b is None or a == b
-                   for a, b in ((self.train, other.train), (self.evaluate, other.evaluate)))
+        return all(
+            a is None or b is None or a == b for a, b in ((self.train, other.train), (self.evaluate, other.evaluate))
+        )
 
     def describe(self) -> str:
         def name(value: str | None) -> str:
             return PRECISION_NAMES.get(value, value) if value else "not recorded"
+
         return f"trained in {name(self.train)}, scored in {name(self.evaluate)}"
 
     def to_json(self) -> dict[str, Any]:
@@ -117,25 +118,37 @@ class RunRecord:
         return self.tags.get("dvc_exp_name")
 
     def brief(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "run_name": self.run_name, "method": self.method, "seed": self.seed,
-                "status": self.status, "start_time": self.started,
-                "dvc_exp_name": self.dvc_exp_name, "git_commit": self.git_commit,
-                "profile": self.tags.get("profile"), "comparison_key": self.comparison_key}
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "method": self.method,
+            "seed": self.seed,
+            "status": self.status,
+            "start_time": self.started,
+            "dvc_exp_name": self.dvc_exp_name,
+            "git_commit": self.git_commit,
+            "profile": self.tags.get("profile"),
+            "comparison_key": self.comparison_key,
+        }
 
 
 @dataclass(frozen=True)
 class Reference:
     """The comparison group compared: runs pair only when their `comparison_key` equals `key`."""
 
-    key: str | None                  # None: not known yet (choose the newest baseline run's group)
-    params: Mapping[str, str]        # its flattened config as training logs it (names what differs)
-    manifest: str | None             # its prepared-data content digest
-    source: str                      # how it was chosen, for the report
-    fallback: str = ""               # why the workspace's group could not be used ("" when it was)
+    key: str | None  # None: not known yet (choose the newest baseline run's group)
+    params: Mapping[str, str]  # its flattened config as training logs it (names what differs)
+    manifest: str | None  # its prepared-data content digest
+    source: str  # how it was chosen, for the report
+    fallback: str = ""  # why the workspace's group could not be used ("" when it was)
 
     def to_json(self) -> dict[str, Any]:
-        return {"comparison_key": self.key, "source": self.source, "data_digest": self.manifest,
-                "fallback": self.fallback or None}
+        return {
+            "comparison_key": self.key,
+            "source": self.source,
+            "data_digest": self.manifest,
+            "fallback": self.fallback or None,
+        }
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ class LeftOut:
     run: RunRecord
     reason: str
     short: str
-    differs: tuple[str, ...] | None = None   # the differing settings, for a run of another group
+    differs: tuple[str, ...] | None = None  # the differing settings, for a run of another group
 
     @property
     def method(self) -> str | None:
@@ -170,8 +183,13 @@ class Superseded:
     ignored: tuple[RunRecord, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "seed": self.seed, "used": self.used.run_id, "used_start": self.used.started,
-                "ignored": [r.run_id for r in self.ignored]}
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "used": self.used.run_id,
+            "used_start": self.used.started,
+            "ignored": [r.run_id for r in self.ignored],
+        }
 
 
 @dataclass(frozen=True)
@@ -194,14 +212,14 @@ class InvalidRun:
 class Selection:
     """Which runs were used, and what was left out and why."""
 
-    used: dict[str, dict[int, RunRecord]]          # method -> seed -> run
+    used: dict[str, dict[int, RunRecord]]  # method -> seed -> run
     left_out: list[LeftOut]
     superseded: list[Superseded]
     invalid: list[InvalidRun]
-    not_selected: dict[str, int]                    # method -> valid runs not asked for
+    not_selected: dict[str, int]  # method -> valid runs not asked for
     n_found: int
     reference: Reference | None = None
-    precision: RunPrecision | None = None           # the one precision the used runs share (None: no run)
+    precision: RunPrecision | None = None  # the one precision the used runs share (None: no run)
 
 
 @dataclass(frozen=True)
@@ -227,10 +245,19 @@ def _to_record(run) -> RunRecord:
     except ValueError:
         seed = None
     invalid = [d.strip() for d in tags.get("invalid_domains", "").split(",") if d.strip()]
-    return RunRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", method=tags.get("method") or None,
-                     seed=seed, status=run.info.status, start_time=int(run.info.start_time or 0),
-                     end_time=run.info.end_time, tags=tags, metrics=dict(run.data.metrics), invalid_domains=invalid,
-                     params={k: str(v) for k, v in run.data.params.items()})
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        method=tags.get("method") or None,
+        seed=seed,
+        status=run.info.status,
+        start_time=int(run.info.start_time or 0),
+        end_time=run.info.end_time,
+        tags=tags,
+        metrics=dict(run.data.metrics),
+        invalid_domains=invalid,
+        params={k: str(v) for k, v in run.data.params.items()},
+    )
 
 
 def fetch_runs(client, experiment_id: str) -> list[RunRecord]:
@@ -239,16 +266,18 @@ def fetch_runs(client, experiment_id: str) -> list[RunRecord]:
 
     records, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string="", run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id], filter_string="", run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
         records += [_to_record(r) for r in page if r.data.tags.get("kind") != COMPARE_KIND]
         token = page.token
         if not token:
             return records
 
 
-def workspace_reference(params_path: str | Path | None, overrides: Sequence[str] = (),
-                        params: Params | None = None) -> Reference:
+def workspace_reference(
+    params_path: str | Path | None, overrides: Sequence[str] = (), params: Params | None = None
+) -> Reference:
     """The comparison group the workspace describes: its params and its prepared data's content digest.
 
     `params`: those already loaded from params_path (else they are loaded here). Without them (no
@@ -270,8 +299,12 @@ def workspace_reference(params_path: str | Path | None, overrides: Sequence[str]
     except HdmapError:
         return Reference(None, {}, None, "", f"no prepared data at {params.data.prepared} to identify the data")
     flat = {k: str(v)[:6000] for k, v in flatten(params.resolved()).items()}  # as training.py logs them
-    return Reference(params.comparison_key(manifest), flat, manifest,
-                     f"the workspace ({params_path} and {params.data.prepared}, data {manifest[:8]})")
+    return Reference(
+        params.comparison_key(manifest),
+        flat,
+        manifest,
+        f"the workspace ({params_path} and {params.data.prepared}, data {manifest[:8]})",
+    )
 
 
 def _ignored_param(key: str, method_sections: set[str]) -> bool:
@@ -279,22 +312,29 @@ def _ignored_param(key: str, method_sections: set[str]) -> bool:
 
     top = key.split(".", 1)[0]
     # train.<run-time key>: how runs logged before the `runtime` section name those settings
-    return (top in IGNORED_SECTIONS or top in method_sections or key in IGNORED_PARAMS
-            or key in {f"train.{k}" for k in RUNTIME_TRAIN_KEYS})
+    return (
+        top in IGNORED_SECTIONS
+        or top in method_sections
+        or key in IGNORED_PARAMS
+        or key in {f"train.{k}" for k in RUNTIME_TRAIN_KEYS}
+    )
 
 
 def _short(value: str | None, limit: int = 40) -> str:
     if value is None:
         return "(not logged)"
-    return value if len(value) <= limit else value[:limit - 1] + "…"
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 def differing_settings(run: RunRecord, ref: Reference, method_sections: set[str], limit: int = 6) -> list[str]:
     """'train.steps 20 ≠ 150', ..., 'data (digest 1a2b… ≠ 9c8d…)': the run's logged settings that
     differ from the reference group's (only those the comparison key covers)."""
     keys = sorted(k for k in set(run.params) | set(ref.params) if not _ignored_param(k, method_sections))
-    diffs = [f"{k} {_short(run.params.get(k))} ≠ {_short(ref.params.get(k))}" for k in keys
-             if run.params.get(k) != ref.params.get(k)]
+    diffs = [
+        f"{k} {_short(run.params.get(k))} ≠ {_short(ref.params.get(k))}"
+        for k in keys
+        if run.params.get(k) != ref.params.get(k)
+    ]
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"{len(diffs) - limit} more"]
     mine = run.tags.get("data_digest")
@@ -310,8 +350,13 @@ def _reference_from_runs(pool: Sequence[RunRecord], baseline: str, why: str) -> 
     bases = [r for r in pool if r.method == baseline]
     newest = max(bases or pool, key=_age)
     what = f"the newest {baseline} run" if bases else f"the newest valid run (no {baseline} run)"
-    return Reference(newest.comparison_key, dict(newest.params), newest.tags.get("data_digest"),
-                     f"{what} {newest.run_name or newest.run_id} (`{newest.run_id[:8]}`), because {why}", why)
+    return Reference(
+        newest.comparison_key,
+        dict(newest.params),
+        newest.tags.get("data_digest"),
+        f"{what} {newest.run_name or newest.run_id} (`{newest.run_id[:8]}`), because {why}",
+        why,
+    )
 
 
 def _age(r: RunRecord) -> tuple[int, int]:
@@ -328,16 +373,25 @@ def _unusable(r: RunRecord, profile: str | None) -> tuple[str, str] | None:
     if r.tags.get("evaluated") != "true":
         return "not evaluated (trained only: the evaluate stage did not log to it)", "not evaluated"
     if profile is not None and r.tags.get("profile") not in (None, profile):
-        return (f"profile {r.tags.get('profile')!r}, not {profile!r} (compare --profile all to mix)",
-                f"profile {r.tags.get('profile')}")
+        return (
+            f"profile {r.tags.get('profile')!r}, not {profile!r} (compare --profile all to mix)",
+            f"profile {r.tags.get('profile')}",
+        )
     if r.comparison_key is None:
-        return ("no `comparison_key` tag (logged by an older version): its settings and data cannot be "
-                "matched to the others; train it again to compare it"), "no comparison_key"
+        return (
+            "no `comparison_key` tag (logged by an older version): its settings and data cannot be "
+            "matched to the others; train it again to compare it"
+        ), "no comparison_key"
     return None
 
 
-def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: Sequence[str] | None = None,
-                reference: Reference | None = None, baseline: str = "baseline") -> Selection:
+def select_runs(
+    runs: Sequence[RunRecord],
+    profile: str | None = None,
+    methods: Sequence[str] | None = None,
+    reference: Reference | None = None,
+    baseline: str = "baseline",
+) -> Selection:
     """Keep FINISHED, evaluated runs of the profile (and methods) in the reference comparison group;
     the latest per (method, seed). A reference without a key means: the newest baseline run's group."""
     left_out: list[LeftOut] = []
@@ -361,8 +415,14 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
         if reference is not None and r.comparison_key != reference.key:
             diffs = differing_settings(r, reference, sections)
             what = ", ".join(diffs) if diffs else "no logged setting differs (the key also covers code defaults)"
-            left_out.append(LeftOut(r, f"other settings: {what} (comparison_key {r.comparison_key[:6]} ≠ "
-                                       f"{reference.key[:6]})", "other settings", tuple(diffs)))
+            left_out.append(
+                LeftOut(
+                    r,
+                    f"other settings: {what} (comparison_key {r.comparison_key[:6]} ≠ {reference.key[:6]})",
+                    "other settings",
+                    tuple(diffs),
+                )
+            )
             continue
         candidates.setdefault((r.method, r.seed), []).append(r)
 
@@ -374,8 +434,14 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
             keep = [r for r in group if r.precision.matches(precision)]
             for r in group:
                 if r not in keep:
-                    left_out.append(LeftOut(r, f"other precision: {r.precision.describe()}, the compared runs "
-                                               f"{precision.describe()} ({PRECISION_HINT})", "other precision"))
+                    left_out.append(
+                        LeftOut(
+                            r,
+                            f"other precision: {r.precision.describe()}, the compared runs "
+                            f"{precision.describe()} ({PRECISION_HINT})",
+                            "other precision",
+                        )
+                    )
             if keep:
                 candidates[pair] = keep
             else:
@@ -398,8 +464,10 @@ def select_runs(runs: Sequence[RunRecord], profile: str | None = None, methods: 
     return Selection(used, left_out, superseded, invalid, not_selected, len(runs), reference, precision)
 
 
-PRECISION_HINT = ("train.amp/evaluate.amp `auto` resolve per machine: set them to off or bf16 and rerun "
-                  "the runs left out to pair them")
+PRECISION_HINT = (
+    "train.amp/evaluate.amp `auto` resolve per machine: set them to off or bf16 and rerun "
+    "the runs left out to pair them"
+)
 
 
 def _group_precision(group: Sequence[RunRecord], baseline: str) -> RunPrecision | None:
@@ -430,12 +498,17 @@ def _sqlite_file(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (None for other stores and in-memory databases)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
 
 
-def collect(settings: Settings, methods: Sequence[str] | None = None, profile: str | None = "",
-            client=None, reference: Reference | None = None) -> tuple[Selection, str, str]:
+def collect(
+    settings: Settings,
+    methods: Sequence[str] | None = None,
+    profile: str | None = "",
+    client=None,
+    reference: Reference | None = None,
+) -> tuple[Selection, str, str]:
     """Find the experiment and select its runs; returns (selection, experiment id, tracking uri).
     `reference` None: the group of the workspace's params and prepared data (settings.params_path)."""
     import mlflow
@@ -446,15 +519,19 @@ def collect(settings: Settings, methods: Sequence[str] | None = None, profile: s
     db = _sqlite_file(uri)
     # MLflow silently creates an empty database for a missing sqlite path: a lost store would pass as "no runs"
     if db is not None and not db.is_file():
-        raise HdmapError(f"MLflow store {uri}: {db} does not exist (deleted or moved?); restore it, or point "
-                         "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store (nothing written)")
+        raise HdmapError(
+            f"MLflow store {uri}: {db} does not exist (deleted or moved?); restore it, or point "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store (nothing written)"
+        )
     mlflow.set_tracking_uri(uri)
     try:
         client = client or mlflow.MlflowClient()
         exp = client.get_experiment_by_name(settings.experiment)
         if exp is None or exp.lifecycle_stage == "deleted":
-            raise HdmapError(f"MLflow experiment {settings.experiment!r} not found in {uri}: no runs to compare "
-                             "(train and evaluate first, or set mlflow.experiment / MLFLOW_TRACKING_URI)")
+            raise HdmapError(
+                f"MLflow experiment {settings.experiment!r} not found in {uri}: no runs to compare "
+                "(train and evaluate first, or set mlflow.experiment / MLFLOW_TRACKING_URI)"
+            )
         runs = fetch_runs(client, exp.experiment_id)
     except HdmapError:
         raise
@@ -478,11 +555,18 @@ def pairing_hints(selection: Selection, baseline: str, methods: Sequence[str]) -
             continue
         missing = sorted(mine - base)
         seeds = ",".join(map(str, missing))
-        command = (f"dvc exp run -S method={shlex.quote(baseline)} -S seed={seeds}" if len(missing) == 1 else
-                   f"dvc exp run --queue -S method={shlex.quote(baseline)} -S seed={seeds} && dvc queue start")
-        grid = (f"hdmap-ad grid --methods {shlex.quote(f'{baseline},{m}')} "
-                f"--seeds {','.join(map(str, sorted(mine | base)))}")
-        line = (f"{m}: not paired: no common seed — run `{command}` (or `{grid}`); seeds: {m} "
-                f"{', '.join(map(str, sorted(mine)))}, {baseline} {', '.join(map(str, sorted(base))) or 'none'}")
+        command = (
+            f"dvc exp run -S method={shlex.quote(baseline)} -S seed={seeds}"
+            if len(missing) == 1
+            else f"dvc exp run --queue -S method={shlex.quote(baseline)} -S seed={seeds} && dvc queue start"
+        )
+        grid = (
+            f"hdmap-ad grid --methods {shlex.quote(f'{baseline},{m}')} "
+            f"--seeds {','.join(map(str, sorted(mine | base)))}"
+        )
+        line = (
+            f"{m}: not paired: no common seed — run `{command}` (or `{grid}`); seeds: {m} "
+            f"{', '.join(map(str, sorted(mine)))}, {baseline} {', '.join(map(str, sorted(base))) or 'none'}"
+        )
         hints.append(PairingHint(m, sorted(mine), sorted(base), command, grid, line))
     return hints

@@ -27,9 +27,9 @@ PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 class DomainScores:
     """One domain's test maps as a run scored them, in the file's order."""
 
-    paths: np.ndarray    # map identity (str)
-    labels: np.ndarray   # 0 good, 1 fault
-    scores: np.ndarray   # float64, NaN/Inf kept (the statistics say "not computable" for them)
+    paths: np.ndarray  # map identity (str)
+    labels: np.ndarray  # 0 good, 1 fault
+    scores: np.ndarray  # float64, NaN/Inf kept (the statistics say "not computable" for them)
 
     def __len__(self) -> int:
         return int(self.paths.size)
@@ -61,8 +61,9 @@ def read_scores_csv(path: Path, run_id: str) -> RunScores:
     scores = pd.to_numeric(df["score"], errors="coerce").to_numpy(dtype=np.float64)
     out = RunScores(run_id)
     for domain, idx in df.groupby("domain", sort=False).indices.items():
-        out.domains[str(domain)] = DomainScores(df["path"].to_numpy(dtype=str)[idx],
-                                                labels.to_numpy(dtype=np.int8)[idx], scores[idx])
+        out.domains[str(domain)] = DomainScores(
+            df["path"].to_numpy(dtype=str)[idx], labels.to_numpy(dtype=np.int8)[idx], scores[idx]
+        )
     return out
 
 

@@ -23,11 +23,11 @@ class Settings:
 
     baseline: str = "baseline"
     metrics: tuple[str, ...] = ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5")
-    methods: tuple[str, ...] | None = None       # None: every method found
+    methods: tuple[str, ...] | None = None  # None: every method found
     experiment: str = "hdmap-dinomaly"
     tracking_uri: str | None = None
     domains: tuple[str, ...] = HDMAP_DOMAINS
-    profile: str | None = "quick"                # only runs tagged with this profile; None: any
+    profile: str | None = "quick"  # only runs tagged with this profile; None: any
     # The params file (and --set overrides) whose comparison group is compared; None: the newest baseline run's.
     params_path: str | None = None
     overrides: tuple[str, ...] = ()
@@ -44,12 +44,23 @@ class Settings:
     def from_params(cls, params: Params, path: Path | str, overrides: Sequence[str] = ()) -> Settings:
         """The view of params loaded by `load_params(path, overrides)` (which refuses metrics runs do not log)."""
         cp = params.compare
-        return cls(baseline=cp.baseline, metrics=tuple(cp.metrics), methods=tuple(cp.methods) if cp.methods else None,
-                   confidence=cp.confidence, bootstrap_resamples=cp.bootstrap_resamples,
-                   bootstrap_seed=cp.bootstrap_seed, alpha=cp.alpha, power=cp.power,
-                   experiment=params.mlflow.experiment, tracking_uri=params.mlflow.tracking_uri,
-                   domains=tuple(params.data.domains), profile=params.profile, params_path=str(path),
-                   overrides=tuple(overrides), params=params)
+        return cls(
+            baseline=cp.baseline,
+            metrics=tuple(cp.metrics),
+            methods=tuple(cp.methods) if cp.methods else None,
+            confidence=cp.confidence,
+            bootstrap_resamples=cp.bootstrap_resamples,
+            bootstrap_seed=cp.bootstrap_seed,
+            alpha=cp.alpha,
+            power=cp.power,
+            experiment=params.mlflow.experiment,
+            tracking_uri=params.mlflow.tracking_uri,
+            domains=tuple(params.data.domains),
+            profile=params.profile,
+            params_path=str(path),
+            overrides=tuple(overrides),
+            params=params,
+        )
 
 
 def load_settings(path: Path | str = "params.yaml", overrides: Sequence[str] = ()) -> Settings:

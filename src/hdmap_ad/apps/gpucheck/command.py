@@ -56,32 +56,52 @@ TINY_ENCODER = {"depth": 10, "embed_dim": 32, "num_heads": 2}
 @dataclass(frozen=True)
 class Shapes:
     """What one gpu-check size runs: the params profile it starts from, the data, and the bench case."""
+
     profile: str
     steps: int
     domains: tuple[str, ...]
-    n_train: int        # training maps per domain
-    n_test: int         # test maps per domain and label
+    n_train: int  # training maps per domain
+    n_test: int  # test maps per domain and label
     overrides: tuple[str, ...]
     bench: tuple[str, ...]
 
 
 SHAPES = {
-    "paper": Shapes("paper", 100, ("domain_A", "domain_B", "domain_C", "domain_D"), 64, 16,
-                    ("train.batch_size=16", "evaluate.batch_size=32"),
-                    ("--size", "392x392", "--batch", "16", "--warmup", "3", "--steps", "10")),
-    "tiny": Shapes("quick", 6, ("domain_A", "domain_C"), 8, 4,
-                   ("preprocess.resize=[28, 84]", "preprocess.crop=[28, 84]", "model.encoder=small",
-                    f"model.encoder_overrides={json.dumps(TINY_ENCODER)}", "train.batch_size=4",
-                    "train.warmup_steps=1", "evaluate.batch_size=16", "evaluate.n_examples=2"),
-                   ("--size", "28x84", "--batch", "2", "--warmup", "1", "--steps", "2", "--no-cache-off")),
+    "paper": Shapes(
+        "paper",
+        100,
+        ("domain_A", "domain_B", "domain_C", "domain_D"),
+        64,
+        16,
+        ("train.batch_size=16", "evaluate.batch_size=32"),
+        ("--size", "392x392", "--batch", "16", "--warmup", "3", "--steps", "10"),
+    ),
+    "tiny": Shapes(
+        "quick",
+        6,
+        ("domain_A", "domain_C"),
+        8,
+        4,
+        (
+            "preprocess.resize=[28, 84]",
+            "preprocess.crop=[28, 84]",
+            "model.encoder=small",
+            f"model.encoder_overrides={json.dumps(TINY_ENCODER)}",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "evaluate.batch_size=16",
+            "evaluate.n_examples=2",
+        ),
+        ("--size", "28x84", "--batch", "2", "--warmup", "1", "--steps", "2", "--no-cache-off"),
+    ),
 }
 
 
 @dataclass(frozen=True)
 class RunSpec:
     name: str
-    amp: str            # train.amp
-    cache: str          # runtime.feature_cache
+    amp: str  # train.amp
+    cache: str  # runtime.feature_cache
 
 
 def plan_runs(device_type: str) -> list[RunSpec]:
@@ -94,19 +114,31 @@ def plan_runs(device_type: str) -> list[RunSpec]:
 # command line
 
 
-def add_parser(sub: "argparse._SubParsersAction", common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("gpu-check", parents=[common], help="run every CUDA path end to end and write one report",
-                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "gpu-check",
+        parents=[common],
+        help="run every CUDA path end to end and write one report",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
     p.add_argument("--shapes", choices=sorted(SHAPES), help="paper (default on CUDA) | tiny (default on CPU)")
     p.add_argument("--steps", type=int, help="training steps per run (default: 100 paper, 6 tiny)")
     p.add_argument("--weights", help="model.weights for the runs: random (default) | hub | a local weight file")
     p.add_argument("--no-bench", action="store_true", help="skip the `hdmap-ad bench` part")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"folder for gpu-check.json and gpu-check.md (default: {DEFAULT_OUT})")
-    p.add_argument("--keep", type=Path, metavar="DIR",
-                   help="work in DIR and keep it (data, models, MLflow stores, logs); default: a temporary folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for gpu-check.json and gpu-check.md (default: {DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and keep it (data, models, MLflow stores, logs); default: a temporary folder",
+    )
     p.set_defaults(func=cmd_gpu_check)
 
 
@@ -132,13 +164,18 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    report.update(wall_s=time.perf_counter() - started, command=command_line(args),
-                  device={"name": str(device), "model": device_name(device), "torch": torch.__version__})
+    report.update(
+        wall_s=time.perf_counter() - started,
+        command=command_line(args),
+        device={"name": str(device), "model": device_name(device), "torch": torch.__version__},
+    )
     write_report(report, args.out)
     console.print(checks_table(report))
     failed = [c for c in report["checks"] if not c["ok"]]
-    console.print(f"gpu-check: {len(report['checks']) - len(failed)}/{len(report['checks'])} checks passed in "
-                  f"{report['wall_s']:.0f} s; report: {args.out / 'gpu-check.md'}")
+    console.print(
+        f"gpu-check: {len(report['checks']) - len(failed)}/{len(report['checks'])} checks passed in "
+        f"{report['wall_s']:.0f} s; report: {args.out / 'gpu-check.md'}"
+    )
     return 1 if failed else 0
 
 
@@ -169,8 +206,9 @@ def device_name(device) -> str:
 class GpuCheck:
     """The scratch folder and every part of the check, in order; `run()` returns the report."""
 
-    def __init__(self, work: Path, params_file: Path, sets: list[str], device, shapes: Shapes, steps: int,
-                 weights: str) -> None:
+    def __init__(
+        self, work: Path, params_file: Path, sets: list[str], device, shapes: Shapes, steps: int, weights: str
+    ) -> None:
         self.work, self.device, self.shapes, self.steps, self.weights = work, device, shapes, steps, weights
         self.base = self._resolved_base(params_file, sets)
         self.checks: list[dict[str, Any]] = []
@@ -193,13 +231,23 @@ class GpuCheck:
     def overrides(self, run: RunSpec, folder: Path) -> list[str]:
         half = self.steps // 2
         return [
-            f"data.root={self.work / 'raw'}", f"data.prepared={self.work / 'prepared'}",
-            f"data.domains={json.dumps(list(self.shapes.domains))}", "method=baseline", "seed=0",
-            f"model.weights={self.weights}", f"train.steps={self.steps}", f"train.val_every={self.steps}",
-            f"train.amp={run.amp}", "evaluate.amp=off", f"runtime.device={self.device}",
-            f"runtime.feature_cache={run.cache}", f"runtime.checkpoint_every={half}",
-            f"runtime.log_every={max(1, self.steps // 10)}", "runtime.resume=auto",
-            "mlflow.experiment=gpu-check", f"mlflow.tracking_uri={tracking_uri(folder)}",
+            f"data.root={self.work / 'raw'}",
+            f"data.prepared={self.work / 'prepared'}",
+            f"data.domains={json.dumps(list(self.shapes.domains))}",
+            "method=baseline",
+            "seed=0",
+            f"model.weights={self.weights}",
+            f"train.steps={self.steps}",
+            f"train.val_every={self.steps}",
+            f"train.amp={run.amp}",
+            "evaluate.amp=off",
+            f"runtime.device={self.device}",
+            f"runtime.feature_cache={run.cache}",
+            f"runtime.checkpoint_every={half}",
+            f"runtime.log_every={max(1, self.steps // 10)}",
+            "runtime.resume=auto",
+            "mlflow.experiment=gpu-check",
+            f"mlflow.tracking_uri={tracking_uri(folder)}",
             *self.shapes.overrides,
         ]
 
@@ -218,8 +266,15 @@ class GpuCheck:
         from hdmap_ad.pipeline.synth import SynthConfig, generate
 
         s = self.base["synth"]
-        cfg = SynthConfig(n_train=self.shapes.n_train, n_test_good=self.shapes.n_test, n_test_fault=self.shapes.n_test,
-                          height=s["height"], width=s["width"], seed=s["seed"], domains=self.shapes.domains)
+        cfg = SynthConfig(
+            n_train=self.shapes.n_train,
+            n_test_good=self.shapes.n_test,
+            n_test_fault=self.shapes.n_test,
+            height=s["height"],
+            width=s["width"],
+            seed=s["seed"],
+            domains=self.shapes.domains,
+        )
         generate(self.work / "raw", cfg, progress=False)
         prepare_dataset(self.work / "raw", list(self.shapes.domains), self.work / "prepared", progress=False)
 
@@ -229,15 +284,21 @@ class GpuCheck:
         spec = {"workdir": str(folder), "tracking_uri": tracking_uri(folder), **task}
         spec_file, out_file = folder / f"{label}.task.json", folder / f"{label}.result.json"
         spec_file.write_text(json.dumps(spec))
-        self.subprocess([sys.executable, "-m", "hdmap_ad.apps.gpucheck.worker", str(spec_file), str(out_file)],
-                        folder, label)
+        self.subprocess(
+            [sys.executable, "-m", "hdmap_ad.apps.gpucheck.worker", str(spec_file), str(out_file)], folder, label
+        )
         return json.loads(out_file.read_text())
 
     def subprocess(self, argv: list[str], folder: Path, label: str) -> None:
         from hdmap_ad.core.runtime import console
 
-        env = dict(os.environ, DVC_ROOT=str(folder), MLFLOW_TRACKING_URI=tracking_uri(folder), HF_HUB_OFFLINE="1",
-                   PYTHONWARNINGS="ignore")
+        env = dict(
+            os.environ,
+            DVC_ROOT=str(folder),
+            MLFLOW_TRACKING_URI=tracking_uri(folder),
+            HF_HUB_OFFLINE="1",
+            PYTHONWARNINGS="ignore",
+        )
         log = folder / f"{label}.log"
         console.print(f"[dim]gpu-check: {label} ...[/]")
         start = time.perf_counter()
@@ -262,13 +323,17 @@ class GpuCheck:
 
     def run(self, bench: bool = True) -> dict[str, Any]:
         self.make_data()
-        runs = [row for spec in plan_runs(self.device.type)
-                if (row := self.attempt(f"train + evaluate, {spec.name}", self.training_run, spec)) is not None]
+        runs = [
+            row
+            for spec in plan_runs(self.device.type)
+            if (row := self.attempt(f"train + evaluate, {spec.name}", self.training_run, spec)) is not None
+        ]
         by_name = {r["name"]: r for r in runs}
         bf16, float32 = by_name.get("bf16"), by_name.get("float32")
         report: dict[str, Any] = {
             "shapes": self.shapes.__dict__ | {"steps": self.steps, "weights": self.weights},
-            "runs": runs, "parity": metrics_parity(runs) if float32 else [],
+            "runs": runs,
+            "parity": metrics_parity(runs) if float32 else [],
             "skipped": [] if self.device.type == "cuda" else ["fp16 + GradScaler: fp16 autocast is CUDA-only"],
         }
         report["resume"] = self.attempt("resume (bf16)", self.resume, bf16) if bf16 else None
@@ -281,13 +346,22 @@ class GpuCheck:
     def training_run(self, run: RunSpec) -> dict[str, Any]:
         folder = self.make_folder(run.name, run)
         result = self.worker(folder, {"task": "train"}, f"train+evaluate {run.name}")
-        row = {"name": run.name, "amp": run.amp, "cache": run.cache, "folder": folder.name, **result,
-               **run_measures(folder, result["run_id"])}
+        row = {
+            "name": run.name,
+            "amp": run.amp,
+            "cache": run.cache,
+            "folder": folder.name,
+            **result,
+            **run_measures(folder, result["run_id"]),
+        }
         aurocs = [m.get("auroc") for m in row["metrics"].values()]
         finite = all(v is not None and math.isfinite(v) for v in aurocs)
-        self.add_check(f"train + evaluate, {run.name}", finite and row["inference_precision"] == "off",
-                       f"{self.steps} steps at {row['images_per_s']:.3g} img/s, {row['bad_steps']} skipped steps, "
-                       f"feature cache {row['feature_cache']}; mean AUROC {row['metrics']['mean']['auroc']:.2f} %")
+        self.add_check(
+            f"train + evaluate, {run.name}",
+            finite and row["inference_precision"] == "off",
+            f"{self.steps} steps at {row['images_per_s']:.3g} img/s, {row['bad_steps']} skipped steps, "
+            f"feature cache {row['feature_cache']}; mean AUROC {row['metrics']['mean']['auroc']:.2f} %",
+        )
         return row
 
     def resume(self, reference: dict[str, Any]) -> dict[str, Any]:
@@ -309,16 +383,36 @@ class GpuCheck:
         diff = max(float((ours[k].float() - ref[k].float()).abs().max()) for k in ref) if same_keys else float("inf")
         scale = max(float(ref[k].float().abs().max()) for k in ref)
         # The files differ in the run's folder (params paths), so weights and thresholds are compared.
-        identical = same_keys and all(torch.equal(ours[k], ref[k]) for k in ref) and \
-            resumed["thresholds"] == uninterrupted["thresholds"]
+        identical = (
+            same_keys
+            and all(torch.equal(ours[k], ref[k]) for k in ref)
+            and resumed["thresholds"] == uninterrupted["thresholds"]
+        )
         # CPU arithmetic is deterministic, so the weights must be equal; CUDA kernels (atomics in some
         # backward passes) need not be, so there they must only agree closely.
-        ok = first["interrupted"] and saved == stop - 1 and (identical if self.device.type == "cpu" else diff <= 1e-2 * scale)
-        self.add_check("resume (bf16)", ok, f"stopped before step {stop} (state saved at {saved}), resumed: weights and "
-                       "thresholds " + ("identical to the uninterrupted run's" if identical
-                                        else f"differ by up to {diff:.2e} (|w| ≤ {scale:.2e})"))
-        return {"stopped_before_step": stop, "state_step": saved, "identical": identical, "max_abs_diff": diff,
-                "resumed_train_s": second["train_s"]}
+        ok = (
+            first["interrupted"]
+            and saved == stop - 1
+            and (identical if self.device.type == "cpu" else diff <= 1e-2 * scale)
+        )
+        self.add_check(
+            "resume (bf16)",
+            ok,
+            f"stopped before step {stop} (state saved at {saved}), resumed: weights and "
+            "thresholds "
+            + (
+                "identical to the uninterrupted run's"
+                if identical
+                else f"differ by up to {diff:.2e} (|w| ≤ {scale:.2e})"
+            ),
+        )
+        return {
+            "stopped_before_step": stop,
+            "state_step": saved,
+            "identical": identical,
+            "max_abs_diff": diff,
+            "resumed_train_s": second["train_s"],
+        }
 
     def predict(self, bf16: dict[str, Any], float32: dict[str, Any]) -> dict[str, Any]:
         import pandas as pd
@@ -330,23 +424,42 @@ class GpuCheck:
         for label, run, precision in (("same", bf16, None), ("bf16 inference", float32, "bf16")):
             folder = self.work / run["folder"]
             csv = folder / f"predict-{precision or 'default'}.csv"
-            argv = [sys.executable, "-m", "hdmap_ad.apps.cli", "predict", "--params", str(folder / "params.yaml"),
-                    "--model", str(folder / MODEL_FILE), "--device", str(self.device),
-                    str(self.work / "raw" / domain / "test"), "--out", str(csv)]
-            self.subprocess(argv + (["--precision", precision] if precision else []), folder,
-                            f"predict {run['name']} model" + (f" at {precision}" if precision else ""))
+            argv = [
+                sys.executable,
+                "-m",
+                "hdmap_ad.apps.cli",
+                "predict",
+                "--params",
+                str(folder / "params.yaml"),
+                "--model",
+                str(folder / MODEL_FILE),
+                "--device",
+                str(self.device),
+                str(self.work / "raw" / domain / "test"),
+                "--out",
+                str(csv),
+            ]
+            self.subprocess(
+                argv + (["--precision", precision] if precision else []),
+                folder,
+                f"predict {run['name']} model" + (f" at {precision}" if precision else ""),
+            )
             predicted = scores_by_file(pd.read_csv(csv))
             evaluated = scores_by_file(pd.read_csv(folder / SCORES_FILE).query("domain == @domain"))
             out[label] = agreement(evaluated, predicted)
         same = out["same"]
-        self.add_check("predict = evaluate (bf16-trained model, float32 inference)",
-                       same["n"] > 0 and same["max_rel_diff"] <= 1e-4,
-                       f"{same['n']} maps of {domain}, scores differ by up to {same['max_rel_diff']:.1e} relative")
+        self.add_check(
+            "predict = evaluate (bf16-trained model, float32 inference)",
+            same["n"] > 0 and same["max_rel_diff"] <= 1e-4,
+            f"{same['n']} maps of {domain}, scores differ by up to {same['max_rel_diff']:.1e} relative",
+        )
         b = out["bf16 inference"]
-        self.add_check("bf16 inference of the float32 model (measured; checked: finite, same maps)",
-                       b["n"] == same["n"] and math.isfinite(b["max_rel_diff"]),
-                       f"scores within {b['max_rel_diff']:.1e} relative (target 1e-2), "
-                       f"{100 * b['pairs_same_order']:.2f} % of map pairs in the same order (target 99 %)")
+        self.add_check(
+            "bf16 inference of the float32 model (measured; checked: finite, same maps)",
+            b["n"] == same["n"] and math.isfinite(b["max_rel_diff"]),
+            f"scores within {b['max_rel_diff']:.1e} relative (target 1e-2), "
+            f"{100 * b['pairs_same_order']:.2f} % of map pairs in the same order (target 99 %)",
+        )
         return out
 
     def pyfunc(self, run: dict[str, Any]) -> dict[str, Any]:
@@ -356,28 +469,56 @@ class GpuCheck:
         from hdmap_ad.pipeline.data import PreparedData
 
         folder, domain = self.work / run["folder"], self.shapes.domains[0]
-        result = self.worker(folder, {"task": "pyfunc", "run_id": run["run_id"], "device": str(self.device),
-                                      "prepared": str(self.work / "prepared"), "domain": domain}, "pyfunc model")
+        result = self.worker(
+            folder,
+            {
+                "task": "pyfunc",
+                "run_id": run["run_id"],
+                "device": str(self.device),
+                "prepared": str(self.work / "prepared"),
+                "domain": domain,
+            },
+            "pyfunc model",
+        )
         paths = PreparedData.load(self.work / "prepared").paths(domain, "test")
         served = scores_by_file(pd.DataFrame({"path": paths, "score": result["scores"]}))
         evaluated = scores_by_file(pd.read_csv(folder / SCORES_FILE).query("domain == @domain"))
         a = agreement(evaluated, served)
-        self.add_check("MLflow pyfunc model = evaluate", a["n"] > 0 and a["max_rel_diff"] <= 1e-4,
-                       f"{a['n']} maps, scores differ by up to {a['max_rel_diff']:.1e} relative; "
-                       f"loaded in {result['load_s']:.1f} s")
+        self.add_check(
+            "MLflow pyfunc model = evaluate",
+            a["n"] > 0 and a["max_rel_diff"] <= 1e-4,
+            f"{a['n']} maps, scores differ by up to {a['max_rel_diff']:.1e} relative; "
+            f"loaded in {result['load_s']:.1f} s",
+        )
         return {**a, "load_s": result["load_s"], "predict_s": result["predict_s"]}
 
     def bench(self) -> dict[str, Any]:
         folder = self.make_folder("bench", RunSpec("bench", "off", "auto"))
         out = folder / "bench.json"
-        argv = [sys.executable, "-m", "hdmap_ad.apps.cli", "bench", "--params", str(folder / "params.yaml"),
-                "--device", str(self.device), "--precision", "float32,bf16", *self.shapes.bench, "--out", str(out)]
+        argv = [
+            sys.executable,
+            "-m",
+            "hdmap_ad.apps.cli",
+            "bench",
+            "--params",
+            str(folder / "params.yaml"),
+            "--device",
+            str(self.device),
+            "--precision",
+            "float32,bf16",
+            *self.shapes.bench,
+            "--out",
+            str(out),
+        ]
         self.subprocess(argv, folder, "bench")
         result = json.loads(out.read_text())
         summary = bench_summary(result)
-        self.add_check("bench", bool(summary["rows"]) and all(r["images_per_s"] > 0 for r in summary["rows"]),
-                       f"{len(summary['rows'])} phases measured; anomalib "
-                       + (result["anomalib"] or "not compared (not installed: pip install -e '.[bench]')"))
+        self.add_check(
+            "bench",
+            bool(summary["rows"]) and all(r["images_per_s"] > 0 for r in summary["rows"]),
+            f"{len(summary['rows'])} phases measured; anomalib "
+            + (result["anomalib"] or "not compared (not installed: pip install -e '.[bench]')"),
+        )
         return summary
 
 
@@ -400,10 +541,12 @@ def run_measures(folder: Path, run_id: str) -> dict[str, Any]:
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     steady = rates[1:] or rates
     run = client.get_run(run_id)
-    return {"images_per_s": float(np.median(steady)) if steady else float("nan"),
-            "feature_cache": run.data.params.get("feature_cache", "?"),
-            "precision_resolved": run.data.params.get("train.amp_resolved"),
-            "metrics": json.loads((folder / "metrics" / "eval.json").read_text())}
+    return {
+        "images_per_s": float(np.median(steady)) if steady else float("nan"),
+        "feature_cache": run.data.params.get("feature_cache", "?"),
+        "precision_resolved": run.data.params.get("train.amp_resolved"),
+        "metrics": json.loads((folder / "metrics" / "eval.json").read_text()),
+    }
 
 
 PARITY_METRICS = ("auroc", "pixel_auroc")
@@ -428,7 +571,7 @@ def metrics_parity(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def scores_by_file(frame: "pd.DataFrame") -> "pd.Series":
+def scores_by_file(frame: pd.DataFrame) -> pd.Series:
     """Scores keyed by the last three path parts (test/<label>/<file>: the frame holds one domain)."""
     import pandas as pd
 
@@ -436,7 +579,7 @@ def scores_by_file(frame: "pd.DataFrame") -> "pd.Series":
     return pd.Series(frame["score"].to_numpy(float), index=keys)
 
 
-def agreement(reference: "pd.Series", other: "pd.Series") -> dict[str, Any]:
+def agreement(reference: pd.Series, other: pd.Series) -> dict[str, Any]:
     """How closely `other` reproduces `reference` on their common maps: the largest relative score
     difference and the fraction of map pairs that both order the same way."""
     import numpy as np
@@ -448,27 +591,45 @@ def agreement(reference: "pd.Series", other: "pd.Series") -> dict[str, Any]:
     rel = np.abs(a - b) / np.maximum(np.abs(a), 1e-12)
     i, j = np.triu_indices(len(a), k=1)
     same = np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])
-    return {"n": int(len(common)), "max_rel_diff": float(rel.max()), "median_rel_diff": float(np.median(rel)),
-            "pairs_same_order": float(same.mean()) if len(i) else 1.0}
+    return {
+        "n": int(len(common)),
+        "max_rel_diff": float(rel.max()),
+        "median_rel_diff": float(np.median(rel)),
+        "pairs_same_order": float(same.mean()) if len(i) else 1.0,
+    }
 
 
 # bench's ratio of our images/s to anomalib's, per phase of ours
-SPEEDUP_KEY = {"ours_train_cache_on": "train_speedup_cache_on", "ours_train_cache_off": "train_speedup_cache_off",
-               "ours_infer": "infer_speedup"}
+SPEEDUP_KEY = {
+    "ours_train_cache_on": "train_speedup_cache_on",
+    "ours_train_cache_off": "train_speedup_cache_off",
+    "ours_infer": "infer_speedup",
+}
 
 
 def bench_summary(result: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for case in result["cases"]:
         for phase, m in case["phases"].items():
-            rows.append({"case": case["name"], "precision": case["precision"], "phase": phase,
-                         "images_per_s": m.get("images_per_s"), "pct_of_matmul_peak": m.get("pct_of_matmul_peak"),
-                         "peak_mb": m.get("peak_mb"),
-                         "ours_vs_anomalib": (case.get("ratios") or {}).get(SPEEDUP_KEY.get(phase, ""))})
-    return {"command": result["command"], "anomalib": result["anomalib"],
-            "matmul_peak_gflops": {p: v["gflops"] for p, v in result["matmul_peaks"].items()},
-            "rows": rows, "ratios": {c["name"]: c.get("ratios") for c in result["cases"]},
-            "precision_speedups": result.get("precision_speedups", [])}
+            rows.append(
+                {
+                    "case": case["name"],
+                    "precision": case["precision"],
+                    "phase": phase,
+                    "images_per_s": m.get("images_per_s"),
+                    "pct_of_matmul_peak": m.get("pct_of_matmul_peak"),
+                    "peak_mb": m.get("peak_mb"),
+                    "ours_vs_anomalib": (case.get("ratios") or {}).get(SPEEDUP_KEY.get(phase, "")),
+                }
+            )
+    return {
+        "command": result["command"],
+        "anomalib": result["anomalib"],
+        "matmul_peak_gflops": {p: v["gflops"] for p, v in result["matmul_peaks"].items()},
+        "rows": rows,
+        "ratios": {c["name"]: c.get("ratios") for c in result["cases"]},
+        "precision_speedups": result.get("precision_speedups", []),
+    }
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -491,47 +652,111 @@ def markdown(report: dict[str, Any]) -> str:
     dev = report["device"]
     mem = "allocator peak (MiB)" if dev["name"].startswith("cuda") else "process RSS peak (MiB)"
     parts = [
-        f"# gpu-check on {dev['model']} ({dev['name']}, torch {dev['torch']})", "",
+        f"# gpu-check on {dev['model']} ({dev['name']}, torch {dev['torch']})",
+        "",
         f"`{report['command']}`: {report['wall_s']:.0f} s in all; shapes `{report['shapes']['profile']}`, "
-        f"{report['shapes']['steps']} steps per run, encoder weights `{report['shapes']['weights']}`.", "",
-        "## Checks", "", _md_table(["check", "ok", "detail"],
-                                   [[c["check"], "yes" if c["ok"] else "**NO**", c["detail"]] for c in report["checks"]]),
-        "", "## Training runs", "",
-        _md_table(["run", "train.amp", "feature cache", "img/s", f"train {mem}", f"evaluate {mem}", "train s",
-                   "skipped steps"],
-                  [[r["name"], r["amp"], r["feature_cache"], r["images_per_s"], _memory(r.get("train_memory")),
-                    _memory(r.get("evaluate_memory")), r["train_s"], r["bad_steps"]] for r in report["runs"]]),
+        f"{report['shapes']['steps']} steps per run, encoder weights `{report['shapes']['weights']}`.",
+        "",
+        "## Checks",
+        "",
+        _md_table(
+            ["check", "ok", "detail"],
+            [[c["check"], "yes" if c["ok"] else "**NO**", c["detail"]] for c in report["checks"]],
+        ),
+        "",
+        "## Training runs",
+        "",
+        _md_table(
+            [
+                "run",
+                "train.amp",
+                "feature cache",
+                "img/s",
+                f"train {mem}",
+                f"evaluate {mem}",
+                "train s",
+                "skipped steps",
+            ],
+            [
+                [
+                    r["name"],
+                    r["amp"],
+                    r["feature_cache"],
+                    r["images_per_s"],
+                    _memory(r.get("train_memory")),
+                    _memory(r.get("evaluate_memory")),
+                    r["train_s"],
+                    r["bad_steps"],
+                ]
+                for r in report["runs"]
+            ],
+        ),
     ]
     if report.get("skipped"):
         parts += ["", "Not run here: " + "; ".join(report["skipped"]) + "."]
     names = [r["name"] for r in report["runs"] if r["name"] != "float32"]
-    parts += ["", "## Metrics by training precision (%, float32 inference)", "",
-              _md_table(["metric", "domain", "float32", *[f"{n} (Δ)" for n in names]],
-                        [[p["metric"], p["domain"], p["float32"],
-                          *[f"{_num(p.get(n))} ({_num(p.get(f'{n} - float32'), signed=True)})" for n in names]]
-                         for p in report["parity"]])]
+    parts += [
+        "",
+        "## Metrics by training precision (%, float32 inference)",
+        "",
+        _md_table(
+            ["metric", "domain", "float32", *[f"{n} (Δ)" for n in names]],
+            [
+                [
+                    p["metric"],
+                    p["domain"],
+                    p["float32"],
+                    *[f"{_num(p.get(n))} ({_num(p.get(f'{n} - float32'), signed=True)})" for n in names],
+                ]
+                for p in report["parity"]
+            ],
+        ),
+    ]
     pr, rs, pf = report["predict"], report["resume"], report["pyfunc"]
     lines = []
     if pr:
         b = pr["bf16 inference"]
-        lines += [f"- `hdmap-ad predict` vs evaluate ({pr['domain']}): max relative difference {pr['same']['max_rel_diff']:.1e}.",
-                  f"- bf16 inference of the float32 model: max relative difference {b['max_rel_diff']:.2e} "
-                  f"(median {b['median_rel_diff']:.1e}); {100 * b['pairs_same_order']:.2f} % of map pairs in the same order."]
+        lines += [
+            f"- `hdmap-ad predict` vs evaluate ({pr['domain']}): max relative difference {pr['same']['max_rel_diff']:.1e}.",
+            f"- bf16 inference of the float32 model: max relative difference {b['max_rel_diff']:.2e} "
+            f"(median {b['median_rel_diff']:.1e}); {100 * b['pairs_same_order']:.2f} % of map pairs in the same order.",
+        ]
     if pf:
         lines.append(f"- MLflow pyfunc model vs evaluate: max relative difference {pf['max_rel_diff']:.1e}.")
     if rs:
-        lines.append(f"- Resume: stopped before step {rs['stopped_before_step']}, resumed; "
-                     + ("weights identical to the uninterrupted run's." if rs["identical"]
-                        else f"weights differ by up to {rs['max_abs_diff']:.2e}."))
+        lines.append(
+            f"- Resume: stopped before step {rs['stopped_before_step']}, resumed; "
+            + (
+                "weights identical to the uninterrupted run's."
+                if rs["identical"]
+                else f"weights differ by up to {rs['max_abs_diff']:.2e}."
+            )
+        )
     parts += ["", "## Inference, resume", "", *(lines or ["- not run: see the failed checks"])]
     bench = report.get("bench")
     if bench:
         peaks = ", ".join(f"{p} {g:.4g} GFLOP/s" for p, g in bench["matmul_peak_gflops"].items())
-        parts += ["", "## Benchmark", "", f"`{bench['command']}`; matmul peak: {peaks}; anomalib: "
-                  f"{bench['anomalib'] or 'not installed'}.", "",
-                  _md_table(["case", "phase", "img/s", "% of matmul peak (same precision)", "peak MiB", "ours / anomalib"],
-                            [[r["case"], r["phase"], r["images_per_s"], r["pct_of_matmul_peak"], r["peak_mb"],
-                              r["ours_vs_anomalib"]] for r in bench["rows"]])]
+        parts += [
+            "",
+            "## Benchmark",
+            "",
+            f"`{bench['command']}`; matmul peak: {peaks}; anomalib: {bench['anomalib'] or 'not installed'}.",
+            "",
+            _md_table(
+                ["case", "phase", "img/s", "% of matmul peak (same precision)", "peak MiB", "ours / anomalib"],
+                [
+                    [
+                        r["case"],
+                        r["phase"],
+                        r["images_per_s"],
+                        r["pct_of_matmul_peak"],
+                        r["peak_mb"],
+                        r["ours_vs_anomalib"],
+                    ]
+                    for r in bench["rows"]
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 

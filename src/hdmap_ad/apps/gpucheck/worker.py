@@ -39,8 +39,10 @@ def _peak(device) -> dict[str, float]:
     import torch
 
     if device.type == "cuda":
-        return {"peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        return {
+            "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
     import resource
 
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # kB on Linux
@@ -79,15 +81,22 @@ def task_train(spec: dict[str, Any]) -> dict[str, Any]:
         out.update(interrupted=True, train_s=time.perf_counter() - start, train_memory=_peak(device))
         return out
     _sync(device)
-    out.update(train_s=time.perf_counter() - start, train_memory=_peak(device), run_id=summary["run_id"],
-               bad_steps=summary["bad_steps"])
+    out.update(
+        train_s=time.perf_counter() - start,
+        train_memory=_peak(device),
+        run_id=summary["run_id"],
+        bad_steps=summary["bad_steps"],
+    )
     if spec.get("evaluate", True):
         _reset_peak(device)
         start = time.perf_counter()
         result = evaluation.evaluate(params)
         _sync(device)
-        out.update(evaluate_s=time.perf_counter() - start, evaluate_memory=_peak(device),
-                   inference_precision=result["inference_precision"])
+        out.update(
+            evaluate_s=time.perf_counter() - start,
+            evaluate_memory=_peak(device),
+            inference_precision=result["inference_precision"],
+        )
     return out
 
 
@@ -103,11 +112,16 @@ def task_pyfunc(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     model = mlflow.pyfunc.load_model(f"runs:/{spec['run_id']}/model")
     load_s = time.perf_counter() - start
-    maps = np.ascontiguousarray(PreparedData.load(Path(spec["prepared"])).maps(spec["domain"], "test"), dtype=np.float32)
+    maps = np.ascontiguousarray(
+        PreparedData.load(Path(spec["prepared"])).maps(spec["domain"], "test"), dtype=np.float32
+    )
     start = time.perf_counter()
     predictions = model.predict(maps, params={"domain": spec["domain"]})
-    return {"load_s": load_s, "predict_s": time.perf_counter() - start,
-            "scores": [float(s) for s in predictions["score"]]}
+    return {
+        "load_s": load_s,
+        "predict_s": time.perf_counter() - start,
+        "scores": [float(s) for s in predictions["score"]],
+    }
 
 
 TASKS = {"train": task_train, "pyfunc": task_pyfunc}

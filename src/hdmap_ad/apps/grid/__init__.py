@@ -6,8 +6,31 @@ Two executors: `local` (the default: the DVC queue with N workers on this machin
 """
 
 from hdmap_ad.apps.grid.command import DESCRIPTION, add_parser, cmd_grid
-from hdmap_ad.apps.grid.local import (DEFAULT_METHODS, DEFAULT_SEEDS, DONE_STATES, Task, dvc_commands, parse_queue_status,
-                                      run_grid, validate, wait_for_tasks, worker_env)
+from hdmap_ad.apps.grid.local import (
+    DEFAULT_METHODS,
+    DEFAULT_SEEDS,
+    DONE_STATES,
+    Task,
+    dvc_commands,
+    parse_queue_status,
+    run_grid,
+    validate,
+    wait_for_tasks,
+    worker_env,
+)
 
-__all__ = ["DEFAULT_METHODS", "DEFAULT_SEEDS", "DESCRIPTION", "DONE_STATES", "Task", "add_parser", "cmd_grid",
-           "dvc_commands", "parse_queue_status", "run_grid", "validate", "wait_for_tasks", "worker_env"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "DEFAULT_SEEDS",
+    "DESCRIPTION",
+    "DONE_STATES",
+    "Task",
+    "add_parser",
+    "cmd_grid",
+    "dvc_commands",
+    "parse_queue_status",
+    "run_grid",
+    "validate",
+    "wait_for_tasks",
+    "worker_env",
+]

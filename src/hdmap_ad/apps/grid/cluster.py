@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdmap_ad.core.errors import HdmapError
-
 from hdmap_ad.apps.grid import local, node
+from hdmap_ad.core.errors import HdmapError
 
 # outputs of the pipeline: a modified one is not code, and the nodes rebuild or pull them anyway
 OUTPUT_PREFIXES = ("dvc.lock", "data/", "models/", "metrics/", "plots/", "reports/", "mlflow.db")
@@ -38,13 +37,13 @@ class TaskState:
     method: str
     seed: int
     exp_name: str
-    state: str = "queued"          # queued | running | done | failed | skipped
+    state: str = "queued"  # queued | running | done | failed | skipped
     node: str = ""
     ip: str = ""
     attempt: int = 0
     reason: str = ""
     tail: str = ""
-    where: str = ""                # the log (and work dir) on the node, for a failure
+    where: str = ""  # the log (and work dir) on the node, for a failure
 
     @property
     def key(self) -> str:
@@ -86,24 +85,32 @@ def code_commit(git_remote: str) -> tuple[str, str]:
     """(HEAD commit, the remote's URL): the commit every node runs. Refuses uncommitted code and a
     commit the remote does not have, since the nodes would run something else or nothing."""
     commit = _git(["rev-parse", "HEAD"])
-    changed = [line[3:] for line in _git(["status", "--porcelain", "--untracked-files=no"]).splitlines() if line.strip()]
+    changed = [
+        line[3:] for line in _git(["status", "--porcelain", "--untracked-files=no"]).splitlines() if line.strip()
+    ]
     changed = [f for f in changed if not f.startswith(OUTPUT_PREFIXES)]
     if changed:
-        raise HdmapError("grid --executor ray runs the committed code on every node; commit and push these first: "
-                         + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+        raise HdmapError(
+            "grid --executor ray runs the committed code on every node; commit and push these first: "
+            + ", ".join(changed[:8])
+            + (" ..." if len(changed) > 8 else "")
+        )
     try:
         url = _git(["remote", "get-url", git_remote])
     except HdmapError:
         raise HdmapError(f"grid --executor ray: no git remote {git_remote!r} (set one with --git-remote)") from None
     holders = [b.strip() for b in _git(["branch", "-r", "--contains", commit]).splitlines()]
     if not any(b.startswith(f"{git_remote}/") for b in holders):
-        raise HdmapError(f"grid --executor ray: commit {commit[:10]} is not on {git_remote!r}; `git push {git_remote}` "
-                         "it first (the nodes clone it from there)")
+        raise HdmapError(
+            f"grid --executor ray: commit {commit[:10]} is not on {git_remote!r}; `git push {git_remote}` "
+            "it first (the nodes clone it from there)"
+        )
     return commit, url
 
 
-def finished_pairs(settings: Any, methods: Sequence[str], seeds: Sequence[int], commit: str,
-                   params_path: Path, sets: Sequence[str]) -> dict[tuple[str, int], str]:
+def finished_pairs(
+    settings: Any, methods: Sequence[str], seeds: Sequence[int], commit: str, params_path: Path, sets: Sequence[str]
+) -> dict[tuple[str, int], str]:
     """{(method, seed): run id} of the pairs that already have the run compare would use, at this
     commit and with exactly these settings (its comparison_key, recomputed for the run's data)."""
     from hdmap_ad.apps.compare import collect
@@ -147,8 +154,14 @@ class Display:
             table.add_column(col)
         colour = {"done": "green", "failed": "red", "running": "cyan", "skipped": "dim"}
         for t in self.tasks:
-            table.add_row(t.method, str(t.seed), f"[{colour.get(t.state, 'white')}]{t.state}[/]",
-                          f"{t.node[:8]} {t.ip}".strip(), str(t.attempt or ""), t.reason[:60])
+            table.add_row(
+                t.method,
+                str(t.seed),
+                f"[{colour.get(t.state, 'white')}]{t.state}[/]",
+                f"{t.node[:8]} {t.ip}".strip(),
+                str(t.attempt or ""),
+                t.reason[:60],
+            )
         return table
 
     def update(self) -> None:
@@ -177,7 +190,9 @@ def _reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise HdmapError(f"grid: no Ray head answers at {address} ({err}); is `ray start --head` running there?") from None
+        raise HdmapError(
+            f"grid: no Ray head answers at {address} ({err}); is `ray start --head` running there?"
+        ) from None
 
 
 def plan_lines(tasks: Sequence[TaskState], sets: Sequence[str], commit: str, url: str) -> list[str]:
@@ -190,10 +205,24 @@ def plan_lines(tasks: Sequence[TaskState], sets: Sequence[str], commit: str, url
     return lines
 
 
-def run_grid_ray(params_path: Path | str, methods: Sequence[str], seeds: Sequence[int], sets: Sequence[str] = (), *,
-                 address: str, cpus_per_task: float = 1.0, gpus_per_task: float | None = None, max_retries: int = 2,
-                 shared_dir: str | None = None, git_remote: str = "origin", force: bool = False, compare: bool = True,
-                 dry_run: bool = False, poll_s: float = 1.0, out: Callable[[str], None] = print) -> Outcome:
+def run_grid_ray(
+    params_path: Path | str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    sets: Sequence[str] = (),
+    *,
+    address: str,
+    cpus_per_task: float = 1.0,
+    gpus_per_task: float | None = None,
+    max_retries: int = 2,
+    shared_dir: str | None = None,
+    git_remote: str = "origin",
+    force: bool = False,
+    compare: bool = True,
+    dry_run: bool = False,
+    poll_s: float = 1.0,
+    out: Callable[[str], None] = print,
+) -> Outcome:
     """The whole grid on a Ray cluster; Outcome.code 0 when every (method, seed) is done or skipped."""
     from hdmap_ad.apps import compare as compare_mod
     from hdmap_ad.pipeline import tracking
@@ -206,21 +235,29 @@ def run_grid_ray(params_path: Path | str, methods: Sequence[str], seeds: Sequenc
         raise HdmapError("grid: --max-retries must be >= 0, --cpus-per-task > 0 and --gpus-per-task >= 0")
     for item in sets:
         if len(local._split_top_level(item.partition("=")[2])) > 1:
-            raise HdmapError(f"grid --executor ray: -S {item!r} is a sweep; give one value per key (the grid is "
-                             "--methods x --seeds)")
+            raise HdmapError(
+                f"grid --executor ray: -S {item!r} is a sweep; give one value per key (the grid is --methods x --seeds)"
+            )
     local.validate(params_path, methods, seeds, sets, out)
     settings = compare_mod.load_settings(params_path, sets)
     uri = tracking.tracking_uri(settings.tracking_uri)
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        raise HdmapError(f"grid --executor ray: the tracking store {uri} is local to this machine; start a tracking "
-                         "server every node reaches and set MLFLOW_TRACKING_URI=http://HOST:PORT (docs/multi-machine.md)")
+        raise HdmapError(
+            f"grid --executor ray: the tracking store {uri} is local to this machine; start a tracking "
+            "server every node reaches and set MLFLOW_TRACKING_URI=http://HOST:PORT (docs/multi-machine.md)"
+        )
     commit, url = code_commit(git_remote)
     grid_id = uuid.uuid4().hex[:6]
     tasks = [TaskState(m, s, f"g{grid_id}-{m}-{s}") for m in methods for s in seeds]
-    out(f"grid on Ray ({address}): {len(methods)} method(s) x {len(seeds)} seed(s) = {len(tasks)} task(s) at commit "
+    out(
+        f"grid on Ray ({address}): {len(methods)} method(s) x {len(seeds)} seed(s) = {len(tasks)} task(s) at commit "
         f"{commit[:10]}; MLflow experiment {settings.experiment!r} at {uri}; work dirs "
-        + (f"under the shared {shared_dir} (a retried task resumes)" if shared_dir else
-           "in each node's temp dir (a retried task restarts)"))
+        + (
+            f"under the shared {shared_dir} (a retried task resumes)"
+            if shared_dir
+            else "in each node's temp dir (a retried task restarts)"
+        )
+    )
     if dry_run:
         for line in plan_lines(tasks, sets, commit, url):
             out(line)
@@ -232,7 +269,10 @@ def run_grid_ray(params_path: Path | str, methods: Sequence[str], seeds: Sequenc
         done_before = finished_pairs(settings, methods, seeds, commit, params_path, sets)
         for t in tasks:
             if (t.method, t.seed) in done_before:
-                t.state, t.reason = "skipped", f"finished and evaluated at this commit: run {done_before[(t.method, t.seed)][:8]}"
+                t.state, t.reason = (
+                    "skipped",
+                    f"finished and evaluated at this commit: run {done_before[(t.method, t.seed)][:8]}",
+                )
 
     try:
         import ray
@@ -256,19 +296,36 @@ def run_grid_ray(params_path: Path | str, methods: Sequence[str], seeds: Sequenc
             gpus = gpus_per_task if gpus_per_task is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
             cpus = 1.0 if gpus else cpus_per_task
             if resources.get("CPU", 0) < cpus or resources.get("GPU", 0) < gpus:
-                raise HdmapError(f"grid: no node of the cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for a task "
-                                 f"(cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU)")
-            out(f"{len(todo)} task(s), each asking for " + (f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU(s)")
-                + f"; a task whose worker or node dies is retried up to {max_retries} time(s)")
+                raise HdmapError(
+                    f"grid: no node of the cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for a task "
+                    f"(cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU)"
+                )
+            out(
+                f"{len(todo)} task(s), each asking for "
+                + (f"{gpus:g} GPU" if gpus else f"{cpus:g} CPU(s)")
+                + f"; a task whose worker or node dies is retried up to {max_retries} time(s)"
+            )
             cloudpickle.register_pickle_by_value(node)  # the task logic travels with the task
             # on the head node: a worker node that dies must not take the progress record with it
             progress = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(node.Progress).remote()
-            remote = ray.remote(node.task_entry).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries,
-                                                         retry_exceptions=False)
-            base = {"commit": commit, "git_remote": url, "sets": sets, "tracking_uri": uri,
-                    "experiment": settings.experiment, "shared_dir": shared_dir, "grid_id": grid_id}
-            pending = {remote.remote({**base, "key": t.key, "method": t.method, "seed": t.seed,
-                                      "exp_name": t.exp_name}, progress): t for t in todo}
+            remote = ray.remote(node.task_entry).options(
+                num_cpus=cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+            )
+            base = {
+                "commit": commit,
+                "git_remote": url,
+                "sets": sets,
+                "tracking_uri": uri,
+                "experiment": settings.experiment,
+                "shared_dir": shared_dir,
+                "grid_id": grid_id,
+            }
+            pending = {
+                remote.remote(
+                    {**base, "key": t.key, "method": t.method, "seed": t.seed, "exp_name": t.exp_name}, progress
+                ): t
+                for t in todo
+            }
             _wait(ray, pending, progress, display, git_remote, poll_s, out)
         display.update()
     finally:
@@ -289,8 +346,9 @@ def run_grid_ray(params_path: Path | str, methods: Sequence[str], seeds: Sequenc
     return Outcome(0 if not failed else 1, tasks, dashboard)
 
 
-def _wait(ray: Any, pending: dict, progress: Any, display: Display, git_remote: str, poll_s: float,
-          out: Callable[[str], None]) -> None:
+def _wait(
+    ray: Any, pending: dict, progress: Any, display: Display, git_remote: str, poll_s: float, out: Callable[[str], None]
+) -> None:
     """Until every task ended: follow where each one runs, pull each finished experiment."""
     from ray.exceptions import RayError
 
@@ -314,16 +372,24 @@ def _wait(ray: Any, pending: dict, progress: Any, display: Display, git_remote: 
                 t.state = "failed"
                 t.reason = f"lost after {t.attempt} attempt(s): {type(err).__name__}"
                 continue
-            t.node, t.ip, t.attempt = result.get("node", t.node), result.get("ip", t.ip), result.get("attempt", t.attempt)
+            t.node, t.ip, t.attempt = (
+                result.get("node", t.node),
+                result.get("ip", t.ip),
+                result.get("attempt", t.attempt),
+            )
             if not result.get("ok"):
                 t.state, t.reason, t.tail = "failed", result.get("reason", "failed"), result.get("tail", "")
                 t.where = f"log {result.get('log')} on {t.ip}"
                 continue
             pull = [local._dvc(["dvc"])[0], "exp", "pull", git_remote, t.exp_name]
-            done = subprocess.run(pull, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=local.worker_env())
+            done = subprocess.run(
+                pull, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=local.worker_env()
+            )
             if done.returncode != 0:
                 t.state = "failed"
-                t.reason = f"ran, but `{shlex.join(pull)}` failed: " + " ".join((done.stderr or done.stdout).split())[-300:]
+                t.reason = (
+                    f"ran, but `{shlex.join(pull)}` failed: " + " ".join((done.stderr or done.stdout).split())[-300:]
+                )
             else:
                 t.state = "done"
         display.update()

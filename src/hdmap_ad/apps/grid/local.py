@@ -16,7 +16,6 @@ Each training process of the grid claims a GPU of its own on a multi-GPU machine
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -34,6 +33,8 @@ from hdmap_ad.core.method_params import METHOD_PARAMS
 DEFAULT_METHODS = tuple(METHOD_PARAMS)  # every registered method
 DEFAULT_SEEDS = (42, 43, 44, 123, 456)
 DONE_STATES = {"Success", "Failed"}
+
+
 @dataclass(frozen=True)
 class Task:
     rev: str
@@ -60,9 +61,19 @@ def parse_queue_status(text: str) -> tuple[dict[str, Task], tuple[int, int] | No
     return tasks, workers
 
 
-def dvc_commands(methods: Sequence[str], seeds: Sequence[int], sets: Sequence[str], jobs: int,
-                 force: bool = False) -> tuple[list[str], list[str]]:
-    queue = ["dvc", "exp", "run", "--queue", "-S", f"method={','.join(methods)}", "-S", f"seed={','.join(map(str, seeds))}"]
+def dvc_commands(
+    methods: Sequence[str], seeds: Sequence[int], sets: Sequence[str], jobs: int, force: bool = False
+) -> tuple[list[str], list[str]]:
+    queue = [
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        f"method={','.join(methods)}",
+        "-S",
+        f"seed={','.join(map(str, seeds))}",
+    ]
     for item in sets:
         queue += ["-S", item]
     if force:
@@ -98,12 +109,19 @@ def _first_choice(sets: Sequence[str]) -> list[str]:
     return out
 
 
-def validate(params_path: Path, methods: Sequence[str], seeds: Sequence[int], sets: Sequence[str],
-             out: Callable[[str], None] = print) -> None:
+def validate(
+    params_path: Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    sets: Sequence[str],
+    out: Callable[[str], None] = print,
+) -> None:
     """Fail before queueing anything: every method's full configuration must validate."""
     if not methods or not seeds:
         raise HdmapError("grid: need at least one method and one seed")
-    dup = sorted({m for m in methods if list(methods).count(m) > 1}) + sorted({str(s) for s in seeds if list(seeds).count(s) > 1})
+    dup = sorted({m for m in methods if list(methods).count(m) > 1}) + sorted(
+        {str(s) for s in seeds if list(seeds).count(s) > 1}
+    )
     if dup:
         raise HdmapError(f"grid: listed twice: {', '.join(dup)}")
     for item in sets:
@@ -124,7 +142,9 @@ def _default_runner(cmd: Sequence[str]) -> subprocess.CompletedProcess:
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         try:
-            done = subprocess.run(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, env=worker_env())
+            done = subprocess.run(
+                list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, env=worker_env()
+            )
         except FileNotFoundError:
             raise HdmapError(f"`{cmd[0]}` not found: install DVC in this environment (pip install -e .)") from None
         out.seek(0)
@@ -163,17 +183,29 @@ def _check(result: subprocess.CompletedProcess, cmd: Sequence[str]) -> str:
 
 def _untracked(root: Path) -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root, capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard"], cwd=root, capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def run_grid(params_path: Path | str, methods: Sequence[str], seeds: Sequence[int], sets: Sequence[str] = (),
-             jobs: int = 1, *, compare: bool = True, dry_run: bool = False, force: bool = False, poll_s: float = 10.0,
-             stall_s: float = 300.0, runner: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None,
-             out: Callable[[str], None] = print) -> int:
+def run_grid(
+    params_path: Path | str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    sets: Sequence[str] = (),
+    jobs: int = 1,
+    *,
+    compare: bool = True,
+    dry_run: bool = False,
+    force: bool = False,
+    poll_s: float = 10.0,
+    stall_s: float = 300.0,
+    runner: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
     """The whole grid; returns the exit status (0: every experiment succeeded)."""
     from hdmap_ad.apps import compare as compare_mod
     from hdmap_ad.pipeline import tracking
@@ -190,32 +222,46 @@ def run_grid(params_path: Path | str, methods: Sequence[str], seeds: Sequence[in
     n = len(methods) * len(seeds)
     for item in sets:  # a sweep in -S (key=a,b) multiplies the grid, as dvc does
         n *= len(_split_top_level(item.partition("=")[2]))
-    out(f"grid: {len(methods)} method(s) x {len(seeds)} seed(s){' x sweeps' if n > len(methods) * len(seeds) else ''} "
+    out(
+        f"grid: {len(methods)} method(s) x {len(seeds)} seed(s){' x sweeps' if n > len(methods) * len(seeds) else ''} "
         f"= {n} experiment(s), {jobs} worker(s); "
-        f"MLflow experiment {settings.experiment!r} at {uri}")
+        f"MLflow experiment {settings.experiment!r} at {uri}"
+    )
     if dry_run:
         out(f"# 1. create the MLflow store and experiment {settings.experiment!r} if missing (hdmap-ad init-tracking)")
         out(shlex.join(queue_cmd))
         out(shlex.join(start_cmd))
         out("# 4. wait until `dvc queue status` shows every task Success or Failed")
         if compare:
-            out("hdmap-ad compare" + (f" --methods {','.join(methods)}" if methods else "")
-                + "".join(f" --set {shlex.quote(s)}" for s in _first_choice(sets)))
+            out(
+                "hdmap-ad compare"
+                + (f" --methods {','.join(methods)}" if methods else "")
+                + "".join(f" --set {shlex.quote(s)}" for s in _first_choice(sets))
+            )
         return 0
 
     run = runner or _default_runner
-    untracked = [f for f in _untracked(Path.cwd())
-                 if f not in ("dvc.lock", "mlflow.db") and not f.startswith(("data/", "models/", "metrics/", "plots/", "reports/"))]
+    untracked = [
+        f
+        for f in _untracked(Path.cwd())
+        if f not in ("dvc.lock", "mlflow.db")
+        and not f.startswith(("data/", "models/", "metrics/", "plots/", "reports/"))
+    ]
     if untracked:
-        out(f"warning: {len(untracked)} untracked file(s) are NOT copied into queued experiments (git add them): "
-            + ", ".join(untracked[:8]) + (" ..." if len(untracked) > 8 else ""))
+        out(
+            f"warning: {len(untracked)} untracked file(s) are NOT copied into queued experiments (git add them): "
+            + ", ".join(untracked[:8])
+            + (" ..." if len(untracked) > 8 else "")
+        )
     exp_id = tracking.ensure_experiment(settings.experiment, settings.tracking_uri)
     # the workers' compare stages log there: create it now too, not in a race between them
     tracking.ensure_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
     out(f"MLflow experiment {settings.experiment!r} (id {exp_id}) ready at {uri}")
     if jobs > 1 and (gpus := cuda_device_count()) > 1:
-        out(f"{gpus} GPUs: each worker claims its own (runtime.device=auto)"
-            + (f"; {jobs - gpus} worker(s) wait for a free GPU" if jobs > gpus else ""))
+        out(
+            f"{gpus} GPUs: each worker claims its own (runtime.device=auto)"
+            + (f"; {jobs - gpus} worker(s) wait for a free GPU" if jobs > gpus else "")
+        )
 
     status_cmd = _dvc(["dvc", "queue", "status"])
     before, _ = parse_queue_status(_check(run(status_cmd), status_cmd))
@@ -251,8 +297,9 @@ def run_grid(params_path: Path | str, methods: Sequence[str], seeds: Sequence[in
     return 0 if not failed and not unfinished else 1
 
 
-def wait_for_tasks(revs: set[str], run, status_cmd: Sequence[str], *, poll_s: float, stall_s: float,
-                   out: Callable[[str], None]) -> dict[str, Task]:
+def wait_for_tasks(
+    revs: set[str], run, status_cmd: Sequence[str], *, poll_s: float, stall_s: float, out: Callable[[str], None]
+) -> dict[str, Task]:
     """Poll `dvc queue status` until every task in `revs` is Success/Failed (or gone, or no worker is
     left for `stall_s` seconds); print a progress line whenever the counts change."""
     last_line, idle_since, latest = None, None, {}
@@ -266,10 +313,14 @@ def wait_for_tasks(revs: set[str], run, status_cmd: Sequence[str], *, poll_s: fl
                     latest[rev] = Task(rev, "", "Gone")
                 elif latest[rev].status not in DONE_STATES:
                     latest[rev] = Task(rev, latest[rev].name, "Gone")
-            counts = {s: sum(t.status == s for t in latest.values()) for s in ("Success", "Failed", "Running", "Queued")}
+            counts = {
+                s: sum(t.status == s for t in latest.values()) for s in ("Success", "Failed", "Running", "Queued")
+            }
             done = counts["Success"] + counts["Failed"]
-            line = (f"{done}/{len(revs)} done ({counts['Failed']} failed), {counts['Running']} running, "
-                    f"{counts['Queued']} queued" + (f"; workers {workers[0]} active, {workers[1]} idle" if workers else ""))
+            line = (
+                f"{done}/{len(revs)} done ({counts['Failed']} failed), {counts['Running']} running, "
+                f"{counts['Queued']} queued" + (f"; workers {workers[0]} active, {workers[1]} idle" if workers else "")
+            )
             if line != last_line:
                 out(time.strftime("[%H:%M:%S] ") + line)
                 last_line = line
@@ -279,13 +330,17 @@ def wait_for_tasks(revs: set[str], run, status_cmd: Sequence[str], *, poll_s: fl
             if workers is not None and sum(workers) == 0:
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since >= stall_s:
-                    out(f"no queue worker has been alive for {stall_s:.0f} s while {len(pending)} task(s) wait: "
-                        f"restart them with `dvc queue start -j N`")
+                    out(
+                        f"no queue worker has been alive for {stall_s:.0f} s while {len(pending)} task(s) wait: "
+                        f"restart them with `dvc queue start -j N`"
+                    )
                     return latest
             else:
                 idle_since = None
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        out("stopped waiting; the queue keeps running in the background: `dvc queue status`, "
-            "`dvc queue stop` (after the running ones) or `dvc queue kill NAME`")
+        out(
+            "stopped waiting; the queue keeps running in the background: `dvc queue status`, "
+            "`dvc queue stop` (after the running ones) or `dvc queue kill NAME`"
+        )
         raise

@@ -108,18 +108,31 @@ def _tail(path: Path, n: int = TAIL_LINES) -> str:
     return "\n".join(line for line in lines[-n:] if line.strip())
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float | None = None,
-         keep: Any = None) -> int:
+def _run(
+    cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float | None = None, keep: Any = None
+) -> int:
     """Run a command in its own process group, output appended to `log`, with the watchdog beside it;
     `keep`: a lock file the command holds too, so the lock outlives a killed worker until its command is gone."""
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True, pass_fds=(keep.fileno(),) if keep is not None else ())
-        dog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(proc.pid)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=(keep.fileno(),) if keep is not None else (),
+        )
+        dog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(proc.pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -144,7 +157,7 @@ def _lock(path: Path) -> Any:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 fh.close()
-                raise RuntimeError(f"{path}: still locked after {LOCK_WAIT_S:.0f} s by an earlier attempt")
+                raise RuntimeError(f"{path}: still locked after {LOCK_WAIT_S:.0f} s by an earlier attempt") from None
             time.sleep(1.0)
 
 
@@ -158,8 +171,9 @@ def mark_dead_attempts(spec: dict[str, Any]) -> list[str]:
         exp = client.get_experiment_by_name(spec["experiment"])
         if exp is None:
             return []
-        runs = client.search_runs([exp.experiment_id],
-                                  f"tags.dvc_exp_name = '{spec['exp_name']}' and attributes.status = 'RUNNING'")
+        runs = client.search_runs(
+            [exp.experiment_id], f"tags.dvc_exp_name = '{spec['exp_name']}' and attributes.status = 'RUNNING'"
+        )
         for run in runs:
             client.set_terminated(run.info.run_id, "KILLED")
         return [r.info.run_id for r in runs]
@@ -194,7 +208,9 @@ def run_task(spec: dict[str, Any], attempt: int) -> dict[str, Any]:
             if _run([*git, "clone", "-q", "--no-checkout", spec["git_remote"], str(workdir)], root, env, log, 600) != 0:
                 return _failure(f"git clone {spec['git_remote']} failed", log, workdir)
             if _run([*git, "checkout", "-q", "--detach", spec["commit"]], workdir, env, log, 300) != 0:
-                return _failure(f"commit {spec['commit'][:10]} is not on {spec['git_remote']} (git push it)", log, workdir)
+                return _failure(
+                    f"commit {spec['commit'][:10]} is not on {spec['git_remote']} (git push it)", log, workdir
+                )
             for key, value in (("user.name", "hdmap-ad grid"), ("user.email", "grid@hdmap-ad.invalid")):
                 subprocess.run(["git", "config", key, value], cwd=workdir, check=True, timeout=30)
         else:

@@ -31,7 +31,7 @@ def patch_token_mean(recon: Reconstruction) -> Tensor:
     tokens = recon.bottleneck_out
     if tokens.shape[1] < h * w:
         raise ValueError(f"bottleneck output has {tokens.shape[1]} tokens, fewer than the {h * w} patches")
-    return tokens[:, tokens.shape[1] - h * w:, :].mean(dim=1)
+    return tokens[:, tokens.shape[1] - h * w :, :].mean(dim=1)
 
 
 @register
@@ -44,7 +44,9 @@ class Aux(Baseline):
         super().__init__(params, ctx)
         if len(ctx.domains) < 2:
             # One class makes the CE identically 0: the method would silently be the baseline.
-            raise HdmapError(f"method aux needs at least 2 domains in data.domains to classify, got {list(ctx.domains)}")
+            raise HdmapError(
+                f"method aux needs at least 2 domains in data.domains to classify, got {list(ctx.domains)}"
+            )
         self.head = nn.Sequential(nn.LayerNorm(ctx.embed_dim), nn.Linear(ctx.embed_dim, len(ctx.domains)))
         nn.init.trunc_normal_(self.head[1].weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF)
         nn.init.zeros_(self.head[1].bias)

@@ -32,8 +32,10 @@ class Scale(Baseline):
         else:
             # The group count is known only once the model is configured, so checked here.
             if len(params.weights) != ctx.num_groups:
-                raise HdmapError(f"method scale: weights has {len(params.weights)} entries "
-                                 f"but model.fuse_groups has {ctx.num_groups} groups")
+                raise HdmapError(
+                    f"method scale: weights has {len(params.weights)} entries "
+                    f"but model.fuse_groups has {ctx.num_groups} groups"
+                )
             fixed = torch.tensor(params.weights, dtype=torch.float32)
             self.register_buffer("fixed_alpha", fixed / fixed.sum())
 
@@ -57,7 +59,9 @@ class Scale(Baseline):
         if not self.params.learnable:
             return []
         # The loop sets each group's lr to schedule(step) × lr_mult; "lr" here is only the start value.
-        return [{"params": [self.logits], "lr": lr * self.params.lr_mult, "lr_mult": self.params.lr_mult, "name": self.name}]
+        return [
+            {"params": [self.logits], "lr": lr * self.params.lr_mult, "lr_mult": self.params.lr_mult, "name": self.name}
+        ]
 
     def diagnostics(self) -> dict[str, float]:
         return {f"scale/alpha_{g}": a for g, a in enumerate(self.alpha().detach().tolist())}
