@@ -1,33 +1,53 @@
 # Quick start (fresh clone, Python 3.11 + git):
 #   make run    create .venv, install hdmap-ad with its dependencies, run the DVC pipeline
-#   make test   the full test suite (what CI runs)
+#   make test   lint, then the full test suite (what CI runs)
+# `make help` lists every target.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# pytest workers: the suite is dominated by subprocesses (dvc, MLflow servers) that wait on I/O, so two
+# workers per core pay off on the 2-core machines; set PYTEST_WORKERS=0 to run in one process.
+PYTEST_WORKERS ?= 4
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test install bench gpu-check clean-outputs
+.PHONY: help run install test test-fast lint format bench gpu-check
 
-run: $(VENV)/.installed
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 20
+
+run: $(VENV)/.installed  ## install, then run the DVC pipeline on the embedded synthetic data
 	$(BIN)/hdmap-ad init-tracking
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/hdmap-ad show
 
-test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+install: $(VENV)/.installed  ## create .venv and install hdmap-ad with the dev tools
 
-install: $(VENV)/.installed
+test: lint  ## lint, then the full test suite with the slowest 20 tests listed (CI runs this)
+	$(PYTEST) --durations=20
 
+test-fast: $(VENV)/.installed  ## every test not marked slow (the edit-test loop, ~3 min)
+	$(PYTEST) -m "not slow" --durations=10
+
+lint: $(VENV)/.installed  ## ruff check and format check over src/ and tests/
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(VENV)/.installed  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+# pip prints one line per package (--progress-bar off: no bar redrawn in logs); a fresh install takes minutes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --upgrade --progress-bar off pip
+	$(BIN)/pip install --progress-bar off -e '.[dev]'
 	touch $@
 
-bench: $(VENV)/.installed  # side by side with anomalib's Dinomaly: installs the `bench` extra
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+bench: $(VENV)/.installed  ## side by side with anomalib's Dinomaly (installs the bench extra); BENCH_ARGS=...
+	$(BIN)/pip install --progress-bar off -e '.[dev,bench]'
 	$(BIN)/hdmap-ad bench $(BENCH_ARGS)
 
-gpu-check: $(VENV)/.installed  # every CUDA path end to end, one report (docs/design.md#pipe-gpu-check); CPU: tiny shapes
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+gpu-check: $(VENV)/.installed  ## every CUDA path end to end, one report (CPU: tiny shapes); GPU_CHECK_ARGS=...
+	$(BIN)/pip install --progress-bar off -e '.[dev,bench]'
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/hdmap-ad gpu-check $(GPU_CHECK_ARGS)

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 import shipped
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ["domain_A", "domain_C"]
@@ -54,12 +55,12 @@ def tiny_params(root: Path) -> dict:
     raw["synth"].update(
         out="data/raw/synthetic", n_train=16, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0
     )
-    raw["preprocess"] = {"resize": [28, 84], "crop": [28, 84]}
+    raw["preprocess"] = {"resize": list(tiny.SIZE), "crop": list(tiny.SIZE)}
     raw["model"].update(
         encoder="small",
         weights="random",
         target_blocks=None,
-        encoder_overrides={"depth": 10, "embed_dim": 32, "num_heads": 2},
+        encoder_overrides=dict(tiny.ENCODER),
     )
     raw["train"].update(steps=5, batch_size=4, warmup_steps=2, val_every=1000, amp="off")
     raw["runtime"].update(log_every=5, checkpoint_every=5, device="cpu", resume="never", feature_cache="auto")

@@ -3,6 +3,7 @@ they run."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,27 @@ def test_output_paths_are_named_once_and_match_dvc_yaml():
     assert declared <= named, f"dvc.yaml outputs not named in hdmap_ad.core.paths: {declared - named}"
     untracked = {str(paths.STATE_FILE), str(paths.RUN_FILE), str(paths.REPORT_FILE), str(paths.REPORT_PLOTS_DIR)}
     assert named - untracked == declared
+
+
+def test_the_centre_crop_offset_is_computed_in_one_place():
+    """Preprocessing, the masks' geometry and the plots' crop frame must agree on where the crop sits: only
+    core/preprocess.py computes the offset; everything else calls `center_crop_offset`."""
+    pattern = re.compile(r"round\(\(\s*\w+\s*-\s*\w+\s*\)\s*/\s*2")
+    computing = sorted(
+        str(f.relative_to(REPO)) for f in PACKAGE.rglob("*.py") if pattern.search(f.read_text(encoding="utf-8"))
+    )
+    assert computing == ["src/hdmap_ad/core/preprocess.py"]
+
+
+def test_the_tests_build_one_tiny_encoder():
+    """Every test's tiny encoder is tests/tiny.py's (or named as a variant of it), so changing it changes
+    them all: no test module spells out its size again."""
+    spelled = re.compile(r"""embed_dim["']?\s*[:=]\s*\d""")
+    again = [
+        f"{f.name}: {line.strip()}"
+        for f in sorted((REPO / "tests").glob("*.py"))
+        if f.name != "tiny.py"
+        for line in f.read_text().splitlines()
+        if spelled.search(line) and "**" not in line  # `{**tiny.ENCODER, "embed_dim": 64}` is a named variant
+    ]
+    assert again == []

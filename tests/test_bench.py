@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import shipped
+import tiny
 from hdmap_ad.apps.bench import ours
 from hdmap_ad.apps.cli import main
 from hdmap_ad.apps.gpucheck.command import bench_summary
@@ -30,7 +31,7 @@ from hdmap_ad.core.features import make_feature_source
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = shipped.params_file()
-TINY = "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}"
+TINY = f"model.encoder_overrides={json.dumps(tiny.ENCODER)}"
 CPU = torch.device("cpu")
 
 

@@ -5,6 +5,7 @@ errors offline. Tiny timm encoders only (embed_dim 32); nothing is downloaded.""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny
 from hdmap_ad.core.encoder import (
     DEFAULT_TARGET_BLOCKS,
     ENCODER_NAMES,
@@ -24,7 +26,7 @@ from hdmap_ad.core.encoder import (
 )
 from hdmap_ad.core.errors import HdmapError
 
-TINY = {"depth": 6, "embed_dim": 32, "num_heads": 2}
+TINY = {**tiny.ENCODER, "depth": 6}
 SIZE = (28, 42)  # 2×3 patches: non-square on purpose
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -280,7 +282,7 @@ def test_hub_unreachable_fails_fast_in_a_fresh_process(tmp_path):
     code = (
         "from hdmap_ad.core.encoder import create_vit\n"
         "from hdmap_ad.core.errors import HdmapError\n"
-        "try:\n    create_vit('small', 'hub', (28, 42), {'depth': 2, 'embed_dim': 32, 'num_heads': 2})\n"
+        f"try:\n    create_vit('small', 'hub', (28, 42), {dict(tiny.ENCODER, depth=2)!r})\n"
         "except HdmapError as e:\n    print('ERR', e)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -437,7 +439,7 @@ def test_pos_embed_default_resolves_to_original_for_dinov2_encoders():
     from hdmap_ad.core.config import load_params
     from hdmap_ad.core.model import Dinomaly
 
-    params = load_params(shipped.params_file(), ["model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}"])
+    params = load_params(shipped.params_file(), [f"model.encoder_overrides={json.dumps(tiny.ENCODER)}"])
     assert params.model.pos_embed == "auto" and params.model.encoder == "small"
     model = Dinomaly(dinomaly_config(params))
     assert model.config.pos_embed == "original" and model.encoder.pos_embed_mode == "original"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import tiny
 from fixtures_pipeline import TinyPipeline, tiny_params
 
 pytest.importorskip("onnxruntime")
@@ -138,7 +139,7 @@ def test_onnx_scores_equal_pytorch_for_every_method(method, tiny_pipeline, tmp_p
         target_blocks=[0, 1],
         fuse_groups=[[0], [1]],
         decoder_depth=2,
-        encoder_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
+        encoder_overrides={**tiny.ENCODER, "depth": 2},
     )
     raw["evaluate"]["amp"] = "off"
     params = parse_params(raw, source="test")

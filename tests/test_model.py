@@ -33,6 +33,7 @@ from hdmap_ad.core.model import (
     scale_easy_gradients,
 )
 from hdmap_ad.core.optim import StableAdamW
+from tiny import ENCODER as TINY_ENCODER
 from tiny import model_config as tiny_model_config
 
 PREFIX = 5
@@ -129,7 +130,7 @@ def test_large_defaults_to_its_target_blocks():
 
 def test_init_follows_the_spec():
     torch.manual_seed(0)
-    model = Dinomaly(tiny_model_config(encoder_overrides={"depth": 10, "embed_dim": 64, "num_heads": 2}))
+    model = Dinomaly(tiny_model_config(encoder_overrides={**TINY_ENCODER, "embed_dim": 64}))
     weights = []
     for m in [*model.bottleneck.modules(), *model.decoder.modules()]:
         if isinstance(m, torch.nn.Linear):

@@ -22,14 +22,15 @@ import pytest
 import yaml
 
 import shipped
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TINY = {
     "synth": {"n_train": 16, "n_test_good": 10, "n_test_fault": 10},
-    "preprocess": {"resize": [28, 84], "crop": [28, 84]},
-    "model": {"encoder_overrides": {"depth": 10, "embed_dim": 32, "num_heads": 2}},
+    "preprocess": {"resize": list(tiny.SIZE), "crop": list(tiny.SIZE)},
+    "model": {"encoder_overrides": dict(tiny.ENCODER)},
     "train": {"steps": 8, "batch_size": 4, "val_every": 4, "warmup_steps": 2},
     "runtime": {"log_every": 2, "checkpoint_every": 2},
     "evaluate": {"batch_size": 16, "n_examples": 4},

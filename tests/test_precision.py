@@ -12,16 +12,14 @@ import pytest
 import torch
 
 import shipped
+import tiny
 from hdmap_ad.core import checkpoint, runtime
 from hdmap_ad.core.config import load_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import ScoreConfig, anomaly_map, global_cosine_hm_loss, group_distances, image_score
 
 TINY = [
-    "preprocess.resize=[28, 84]",
-    "preprocess.crop=[28, 84]",
-    "model.encoder_overrides={depth: 10, embed_dim: 32, num_heads: 2}",
-    "model.weights=random",
+    *tiny.MODEL,
     "train.steps=5",
     "train.batch_size=4",
     "runtime.log_every=1",

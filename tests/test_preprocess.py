@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop_offset, preprocess
 from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, PreparedData, read_map
 
 SIZES = [  # (resize, crop): the paper's square setting, the project's non-square defaults, odd margins (x.5 rounding)
@@ -94,3 +94,14 @@ def test_cuda_matches_cpu():
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
     assert preprocess(x.cuda(), (70, 210), (56, 196)).device.type == "cuda"  # stays on the input's device
+
+
+def test_centre_crop_offset_is_torchvisions_over_every_margin():
+    """The offset shared by preprocessing, mask geometry and plots is torchvision's CenterCrop's, for every
+    even and odd margin up to 12 pixels on each axis."""
+    for rh in range(1, 25):
+        for ch in range(max(1, rh - 12), rh + 1):
+            image = torch.arange(rh * (rh + 3), dtype=torch.float32).reshape(1, rh, rh + 3)
+            top, left = center_crop_offset((rh, rh + 3), (ch, ch))
+            expected = v2.functional.center_crop(image, [ch, ch])
+            assert torch.equal(image[:, top : top + ch, left : left + ch], expected), (rh, ch)

@@ -27,6 +27,13 @@ def _pair(name: str, size: int | Sequence[int]) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def center_crop_offset(resize: Sequence[int], crop: Sequence[int]) -> tuple[int, int]:
+    """(top, left) of the centre crop inside the resized map, rounded as torchvision's CenterCrop: the one
+    definition that preprocessing, the masks' geometry and the plots' crop frame share."""
+    (rh, rw), (ch, cw) = _pair("resize", resize), _pair("crop", crop)
+    return int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+
+
 def preprocess(
     maps: torch.Tensor | np.ndarray,
     resize: Sequence[int],
@@ -54,7 +61,7 @@ def preprocess(
     x = x.to(device=device if device is not None else x.device, dtype=torch.float32)[:, None]
     if x.shape[-2:] != (rh, rw):  # torchvision leaves an image of the target size untouched
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+    top, left = center_crop_offset((rh, rw), (ch, cw))
     x = x[..., top : top + ch, left : left + cw].expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

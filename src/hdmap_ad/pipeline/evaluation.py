@@ -19,6 +19,7 @@ from hdmap_ad.core.files import atomic_dir, write_json, write_text
 from hdmap_ad.core.inference import score_maps
 from hdmap_ad.core.model import gaussian_blur
 from hdmap_ad.core.paths import EVAL_DETAILS_FILE, EVAL_FILE, MODEL_FILE, PLOTS_DIR, RUN_FILE, SCORES_FILE
+from hdmap_ad.core.preprocess import center_crop_offset
 from hdmap_ad.core.runtime import console, precision_label, resolve_precision, select_device, set_threads
 from hdmap_ad.pipeline import plots, tracking
 from hdmap_ad.pipeline.data import PreparedData
@@ -41,8 +42,8 @@ def masks_to_score_grid(masks: np.ndarray, params: Params) -> np.ndarray:
     mask stays a set of labelled pixels instead of being interpolated and thresholded again."""
     t = torch.from_numpy((np.asarray(masks) > 0.5).astype(np.float32))[:, None]
     t = F.interpolate(t, size=tuple(params.preprocess.resize), mode="nearest")
-    (h, w), (ch, cw) = params.preprocess.resize, params.preprocess.crop
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    (ch, cw) = params.preprocess.crop
+    top, left = center_crop_offset(params.preprocess.resize, params.preprocess.crop)
     t = t[..., top : top + ch, left : left + cw]
     t = F.interpolate(t, size=tuple(params.score.size), mode="nearest")
     return (t[:, 0] > 0.5).numpy().astype(np.uint8)
@@ -146,7 +147,7 @@ def _pick_examples(domain: str, labels: np.ndarray, scores: np.ndarray, k: int) 
 def crop_region(shape: tuple[int, int], params: Params) -> tuple[float, float, float, float]:
     """(top, left, height, width) in input pixels of what the model sees: the centre crop after the resize."""
     (h, w), (rh, rw), (ch, cw) = shape, params.preprocess.resize, params.preprocess.crop
-    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+    top, left = center_crop_offset((rh, rw), (ch, cw))
     sy, sx = h / rh, w / rw
     return top * sy, left * sx, ch * sy, cw * sx
 
