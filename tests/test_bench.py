@@ -25,7 +25,7 @@ import shipped
 import tiny
 from hdmap_ad.apps.bench import ours
 from hdmap_ad.apps.cli import main
-from hdmap_ad.apps.gpucheck.command import bench_summary
+from hdmap_ad.apps.gpucheck.report import bench_summary
 from hdmap_ad.core.config import load_params
 from hdmap_ad.core.features import make_feature_source
 

@@ -12,7 +12,7 @@ import pytest
 
 import shipped
 from hdmap_ad.apps.cli import main
-from hdmap_ad.apps.gpucheck.command import agreement, metrics_parity
+from hdmap_ad.apps.gpucheck.report import agreement, metrics_parity
 
 
 def test_gpu_check_runs_every_part_on_cpu_and_reports(tmp_path, capsys):
