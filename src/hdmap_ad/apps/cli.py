@@ -221,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (run once before parallel workers)")
 
     # the larger commands live beside their own module, each adding its subcommand
-    from hdmap_ad.apps import bench, checkpoint_cli, compare, export, gpucheck, grid, predict
+    from hdmap_ad.apps import bench, checkpoint_cli, compare, export, gpucheck, grid, predict, serve
     from hdmap_ad.apps.bench import onnx as bench_onnx
 
-    for module in (predict, export, compare, grid, bench, bench_onnx, gpucheck, checkpoint_cli):
+    for module in (predict, serve, export, compare, grid, bench, bench_onnx, gpucheck, checkpoint_cli):
         module.add_parser(sub, common)
     return parser
 

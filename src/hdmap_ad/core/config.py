@@ -177,6 +177,22 @@ class MlflowParams(Section):
     tracking_uri: str | None = None
 
 
+class ServeParams(Section):
+    """`hdmap-ad serve`: where it listens and what it refuses before parsing (docs/design.md#pipe-serve)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5001, ge=1, le=65535)
+    # A body over max_request_mb is refused with 413 while it streams in, before any parsing; one that
+    # holds more maps, or more numbers than max_maps maps of the model's H×W, gets 413 before JSON parsing.
+    max_request_mb: float = Field(16.0, gt=0, le=1024)
+    max_maps: int = Field(256, ge=1)
+    # Requests read and scored at once; others wait unread (their bodies stay in the kernel's buffers).
+    concurrency: int = Field(1, ge=1, le=64)
+    max_connections: int = Field(32, ge=1)  # open connections beyond this are answered 503
+    read_timeout_s: float = Field(30.0, gt=0)  # a body that arrives slower than this is answered 408
+    request_timeout_s: float = Field(60.0, gt=0)  # scoring stops between batches after this (504)
+
+
 class CompareParams(Section):
     baseline: str = "baseline"
     methods: list[str] | None = None  # None: every method found in MLflow
@@ -213,6 +229,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     compare: CompareParams = CompareParams()
+    serve: ServeParams = ServeParams()
     # The chosen method's own section, validated by that method's schema (hdmap_ad.core.method_params).
     method_params: dict[str, Any] = Field(default_factory=dict)
     # All methods' sections as written, so `compare` and docs can show them; never used for training.
@@ -230,7 +247,8 @@ class Params(Section):
 
     def resolved(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what MLflow and checkpoints record)."""
-        out = self.model_dump(mode="json", exclude={"source", "method_params"})
+        # serving settings are the server's, not the model's: left out of model files and MLflow params
+        out = self.model_dump(mode="json", exclude={"source", "method_params", "serve"})
         out[self.method] = self.method_params
         return out
 

@@ -11,8 +11,10 @@ the dependencies), and pinned requirements of the current environment. It is log
 (MLflow "models from code": `pyfunc_model.py` builds the model object), not as a pickle: loading
 it unpickles nothing. It is still code, so load models only from a store you trust. Signature:
 
-    input   tensor float32, shape (-1, -1, -1): N maps of H×W (any H×W: preprocessing resizes)
-    params  domain: string (optional; "" or absent = pooled threshold), threshold: double (optional)
+    input   tensor float32, shape (-1, -1, -1): N maps of the training maps' H×W
+    params  domain: string (optional; "" or absent = pooled threshold), threshold: double (optional),
+            resize: boolean (default false: a map of another H×W is refused with HTTP 400; true:
+            the PyTorch model scores it after resizing, though its threshold was not chosen for it)
     output  columns score (double), is_anomaly (boolean), threshold (double)
 
 Serving (`mlflow models serve -m <uri> --env-manager local -h 127.0.0.1 -p 5001`), request body of
@@ -40,8 +42,10 @@ domain's own, else the pooled one, unless the request gives `threshold`. The dev
 Logged from an exported `.onnx` file instead (`hdmap-ad export --log-model`, or
 `log_pyfunc_model(Path("model.onnx"))`), the same model code scores on onnxruntime's CPU provider
 (`core/onnx_scorer.py`) and imports no PyTorch; its requirements are mlflow, onnxruntime, numpy and
-pandas. Inputs, outputs and decisions are the same, except that maps must have the training maps'
-H×W (the graph does not resize other sizes: such a request gets HTTP 400 naming the shapes).
+pandas. Inputs, outputs and decisions are the same; `resize` is refused (the graph does not resize).
+
+`mlflow models serve` bounds neither the request size nor the server's memory: `hdmap-ad serve`
+(hdmap_ad.pipeline.http_server) serves the same model with the same /invocations contract and does.
 """
 
 from __future__ import annotations
@@ -162,7 +166,13 @@ with warnings.catch_warnings(record=True):
             self.trained = load_trained(Path(context.artifacts[ARTIFACT_KEY]), self.device)
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-            from hdmap_ad.core.decision import decide, threshold_for
+            return self.score_request(model_input, params, request_deadline())
+
+        def score_request(
+            self, model_input: Any, params: dict[str, Any] | None, deadline: float | None
+        ) -> pd.DataFrame:
+            """`predict` with an explicit deadline (time.monotonic(); None: none): `hdmap-ad serve` calls this."""
+            from hdmap_ad.core.decision import decide, map_shape, shape_mismatch, threshold_for
 
             params = params or {}
             domain = params.get("domain") or None
@@ -173,20 +183,33 @@ with warnings.catch_warnings(record=True):
             override = params.get("threshold")
             if override is not None and not np.isfinite(float(override)):
                 raise MlflowException.invalid_parameter_value(f"params.threshold {override!r}: must be a finite number")
+            resize = bool(params.get("resize") or False)
+            if resize and self.onnx is not None:
+                raise MlflowException.invalid_parameter_value(
+                    "params.resize: not available on an exported ONNX model (its graph takes the training maps' H×W)"
+                )
             maps = as_map_list(model_input)
             if not maps:
                 return pd.DataFrame(
                     {"score": np.zeros(0), "is_anomaly": np.zeros(0, dtype=bool), "threshold": np.zeros(0)}
                 )
+            want = map_shape(self.trained)
+            odd = [] if resize else shape_mismatch((m.shape for m in maps), want)
+            if odd:  # both backends refuse another H×W unless asked: the threshold was chosen for this one
+                h, w = maps[odd[0]].shape
+                raise MlflowException.invalid_parameter_value(
+                    f"map(s) {', '.join(map(str, odd[:10]))}{' ...' if len(odd) > 10 else ''}: shape {h}x{w}, "
+                    f"the model was trained on {want[0]}x{want[1]} maps"
+                    + ("" if self.onnx is not None else " (params.resize=true scores them after resizing)")
+                )
             batch_size = self.onnx.batch_size if self.onnx is not None else self.trained.params.evaluate.batch_size
-            deadline = request_deadline()
             scores = np.full(len(maps), np.nan, dtype=np.float64)
             for start in range(0, len(maps), batch_size):
-                # The scoring server answers 504 at its timeout but cannot stop this thread: stop here
+                # A server's timeout answer cannot stop this thread: stop here, between batches
                 # (counted from here, so never before the server's own timeout).
                 if deadline is not None and time.monotonic() > deadline:
-                    raise MlflowException(
-                        f"stopped after the scoring server's request timeout with {start} of "
+                    raise ScoringTimeout(
+                        f"stopped after the server's request timeout with {start} of "
                         f"{len(maps)} maps scored; send fewer maps per request"
                     )
                 scores[start : start + batch_size] = self._score(maps[start : start + batch_size], batch_size)
@@ -215,17 +238,14 @@ with warnings.catch_warnings(record=True):
                 return score_arrays(self.trained, maps, self.device, batch_size, description="serve")[0]
             from hdmap_ad.core.errors import HdmapError
 
-            want = self.onnx.input_shape
-            odd = [i for i, m in enumerate(maps) if tuple(m.shape) != want]
-            if odd:  # the exported graph has the training maps' fixed size; it does not resize
-                raise MlflowException.invalid_parameter_value(
-                    f"map(s) {', '.join(map(str, odd[:10]))}: shape {maps[odd[0]].shape[0]}x{maps[odd[0]].shape[1]}, "
-                    f"this exported model takes {want[0]}x{want[1]} maps"
-                )
             try:
                 return self.onnx.score(np.stack(maps), batch_size)[0]
             except HdmapError as err:
                 raise MlflowException.invalid_parameter_value(str(err)) from None
+
+
+class ScoringTimeout(MlflowException):
+    """Scoring stopped at the request's deadline (HTTP 504)."""
 
 
 def request_deadline() -> float | None:
@@ -250,7 +270,13 @@ def signature() -> mlflow.models.ModelSignature:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), name="maps")]),
         outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"), ColSpec("double", "threshold")]),
-        params=ParamSchema([ParamSpec("domain", "string", None), ParamSpec("threshold", "double", None)]),
+        params=ParamSchema(
+            [
+                ParamSpec("domain", "string", None),
+                ParamSpec("threshold", "double", None),
+                ParamSpec("resize", "boolean", False),
+            ]
+        ),
     )
 
 
