@@ -185,6 +185,8 @@ def test_bad_input_is_one_clear_line(exported, tmp_path):
             scorer.score(maps)
         assert "\n" not in str(err.value)
     assert scorer.score(good[0])[0].shape == (1,)  # one H×W map is a batch of one
+    scores, amaps = scorer.score(good[:0], keep_maps=True)  # no maps: empty results, no onnxruntime error
+    assert scores.shape == (0,) and amaps.shape == (0, *scorer.info["score"]["size"])
 
     with pytest.raises(HdmapError, match="not a readable ONNX model"):
         OnnxScorer(Path(__file__))
@@ -251,7 +253,8 @@ def test_predict_onnx_backend_matches_the_torch_backend(exported, tiny_pipeline,
         == 2
     )
     err = capsys.readouterr().err
-    assert f"error: {odd / 'small.tiff'}: shape 20x40, the exported model takes 31x95" in err and "Traceback" not in err
+    assert f"error: {odd / 'small.tiff'}: shape 20x40, the model was trained on 31x95 maps" in err
+    assert "Traceback" not in err
     ref = pd.read_csv(tmp_path / "torch.csv", keep_default_na=False).set_index("path")
     got = pd.read_csv(tmp_path / "onnx.csv", keep_default_na=False).set_index("path")
     assert list(got.index) == list(ref.index) and (got["domain"] == ref["domain"]).all()
@@ -315,5 +318,30 @@ def test_served_onnx_model_scores_like_pytorch_without_importing_torch(exported,
     thr = tiny_pipeline.thresholds["domain_A"]
     assert got["threshold"] == pytest.approx([thr] * len(maps))
     assert got["flags"] == [bool(s >= thr) for s in got["scores"]]
-    assert got["odd"][0] == 400 and "this exported model takes 31x95" in got["odd"][1]
+    assert got["odd"][0] == 400 and "shape 20x40, the model was trained on 31x95 maps" in got["odd"][1]
     assert got["torch"] is False
+
+
+def test_predict_onnx_counts_an_overflowing_map_as_failed_and_refuses_resize(exported, tiny_pipeline, tmp_path, capsys):
+    import tifffile
+
+    folder = tmp_path / "domain_A"
+    folder.mkdir()
+    huge = folder / "huge.tiff"
+    tifffile.imwrite(huge, np.full((31, 95), 3e38, dtype=np.float32))
+    good = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "good").glob("*.tif*"))[0]
+    out = tmp_path / "p.csv"
+    common = ["--params", tiny_pipeline.params_file, "--backend", "onnx", "--model", exported, "--out", out]
+    capsys.readouterr()
+    assert _predict([*common, good, huge]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: {huge}: the model's score is NaN/Inf (largest absolute value in the map 3e+38); "
+        "values this large overflow the model's arithmetic"
+    ]
+    assert "1 failed" in err and list(pd.read_csv(out)["path"]) == [str(good)]
+    assert _predict([*common, "--resize", good]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --resize: not available with --backend onnx (float32 on the CPU, an exported file)"
+    )

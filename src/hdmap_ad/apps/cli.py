@@ -117,10 +117,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_init_tracking(args: argparse.Namespace) -> int:
     from hdmap_ad.pipeline import tracking
+    from hdmap_ad.pipeline.store_check import open_experiment
 
     params = _params(args)
-    exp_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
-    tracking.ensure_experiment(tracking.compare_experiment_name(params.mlflow.experiment), params.mlflow.tracking_uri)
+    # within seconds: a dead server or a read-only store is one line, not minutes of retries
+    exp_id = open_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
+    open_experiment(tracking.compare_experiment_name(params.mlflow.experiment), params.mlflow.tracking_uri)
     print(
         f"MLflow experiment {params.mlflow.experiment!r} (id {exp_id}) at {tracking.tracking_uri(params.mlflow.tracking_uri)}"
     )

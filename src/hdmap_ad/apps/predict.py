@@ -24,10 +24,13 @@ Inputs: files, or folders searched recursively for .tif/.tiff/.png (hidden entri
 `ground_truth` folders, which hold fault masks rather than maps, are skipped). A file that cannot
 be read, holds NaN/Inf, or is not 2-D (H×W or H×W×1) is reported as one line
 `error: <path>: <what>` on stderr and skipped; the others are still scored and written, and the
-exit status is 2. Maps of another H×W than the training maps are scored (preprocessing resizes
-every map bilinearly to `preprocess.resize`, as in training), with one warning per differing
-shape when the training shape is known: such scores are not comparable with the threshold, since
-the model only learned what normal maps of the training geometry look like.
+exit status is 2. So is a map whose score is NaN/Inf (values so large they overflow the model's
+arithmetic): it is reported the same way and left out of the CSV. Maps of another H×W than the
+training maps are refused the same way by both backends (the threshold was chosen for one
+geometry); `--resize` scores them after resizing (preprocessing resizes every map bilinearly to
+`preprocess.resize`, as in training), with one warning per differing shape: such scores are not
+comparable with the threshold, since the model only learned what normal maps of the training
+geometry look like.
 
 This module keeps its top-level imports light: every `hdmap-ad` call imports it to build the parser.
 """
@@ -71,14 +74,14 @@ knows (e.g. domain_A); is_anomaly = score >= threshold, where the threshold is t
 (else the pooled one) as chosen on the validation subset at training time, or --threshold.
 
 Unreadable / NaN / non-2-D inputs are reported as `error: <path>: <what>` and skipped; the rest is
-scored and written; the exit status is then 2. Maps of another size are resized like training maps.
+scored and written; the exit status is then 2. So are maps whose score is NaN/Inf, and maps of
+another H×W than the training maps (unless --resize: then scored after resizing, PyTorch only).
 
 --register NAME registers the run's MLflow pyfunc model (logging it from the checkpoint first if
 the run has none) as a new version of NAME; INPUT may then be omitted.
 
 --backend onnx scores with an exported model (`hdmap-ad export`, a .onnx file or the MLflow model
-it was logged as) on onnxruntime, float32 on the CPU: same CSV, thresholds and decisions. Its graph
-takes the training maps' H×W only; maps of another size are reported as errors and skipped.
+it was logged as) on onnxruntime, float32 on the CPU: same CSV, thresholds and decisions.
 """
 
 
@@ -374,6 +377,7 @@ def run_predict(args: argparse.Namespace) -> int:
             ("--device", args.device not in ("auto", "cpu")),
             ("--register", bool(args.register)),
             ("--precision", args.precision not in (None, "off")),
+            ("--resize", args.resize),
         ):
             if bad:
                 raise HdmapError(f"{flag}: not available with --backend onnx (float32 on the CPU, an exported file)")
@@ -396,6 +400,10 @@ def run_predict(args: argparse.Namespace) -> int:
     except RuntimeError:
         raise HdmapError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
     uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.register) else ""
+    if uri:  # a dead or read-only store is one line within seconds, not minutes of retries
+        from hdmap_ad.pipeline.store_check import check_store
+
+        check_store(uri, write=False)
     with contextlib.ExitStack() as stack:
         import tempfile
 
@@ -434,14 +442,15 @@ def run_predict(args: argparse.Namespace) -> int:
         if not inputs:
             raise HdmapError(f"no map could be scored ({failed} input(s) failed); {args.out} not written")
 
+        # Both backends refuse another H×W unless --resize (torch only): the threshold was chosen for one shape
         want = scorer.input_shape if onnx else expected_shape(trained)
-        if onnx:  # the graph takes the training maps' H×W only: other maps are reported and skipped
+        if want is not None and not args.resize:
             keep = [i for i, m in enumerate(maps) if tuple(m.shape) == want]
             for i in sorted(set(range(len(maps))) - set(keep)):
                 report(
                     str(inputs[i].path),
-                    f"shape {maps[i].shape[0]}x{maps[i].shape[1]}, the exported model takes "
-                    f"{want[0]}x{want[1]} maps (--backend torch resizes other sizes)",
+                    f"shape {maps[i].shape[0]}x{maps[i].shape[1]}, the model was trained on {want[0]}x{want[1]} maps"
+                    + (" (the exported graph does not resize)" if onnx else " (--resize scores it after resizing)"),
                 )
             failed += len(maps) - len(keep)
             inputs, maps = [inputs[i] for i in keep], [maps[i] for i in keep]
@@ -455,7 +464,7 @@ def run_predict(args: argparse.Namespace) -> int:
             for shape, count in odd.items():
                 print(
                     f"warning: {count} map(s) of shape {shape[0]}x{shape[1]}, the model was trained on {want[0]}x{want[1]}: "
-                    "scored after resizing, but the threshold was not chosen for them",
+                    "scored after resizing (--resize), but the threshold was not chosen for them",
                     file=sys.stderr,
                 )
 
@@ -472,6 +481,22 @@ def run_predict(args: argparse.Namespace) -> int:
             scores, amaps = inference.score_arrays(
                 trained, maps, device, batch_size, keep_maps=args.maps is not None, description="predict", amp=precision
             )
+        # A NaN/Inf score is a map that could not be scored (values so large they overflow the model's
+        # arithmetic): reported and left out like any other failure, never written as an empty score
+        finite = np.isfinite(scores)
+        for i in np.flatnonzero(~finite):
+            report(
+                str(inputs[i].path),
+                f"the model's score is NaN/Inf (largest absolute value in the map {float(np.abs(maps[i]).max()):.3g}); "
+                "values this large overflow the model's arithmetic",
+            )
+        if not finite.all():
+            failed += int((~finite).sum())
+            keep = np.flatnonzero(finite).tolist()
+            inputs, maps, scores = [inputs[i] for i in keep], [maps[i] for i in keep], scores[keep]
+            amaps = [amaps[i] for i in keep] if amaps is not None else None
+            if not inputs:
+                raise HdmapError(f"no map could be scored ({failed} input(s) failed); {args.out} not written")
         domains = [infer_domain(item.path, trained.domains) for item in inputs]
         rows, thresholds = [], []
         for item, domain, score in zip(inputs, domains, scores):
@@ -492,9 +517,6 @@ def run_predict(args: argparse.Namespace) -> int:
                 "pass --threshold",
                 file=sys.stderr,
             )
-        bad_scores = int(np.sum(~np.isfinite(scores)))
-        if bad_scores:
-            print(f"warning: {bad_scores} map(s) got a NaN/Inf score (is_anomaly left empty)", file=sys.stderr)
         out = write_text(pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False), Path(args.out))
 
         if args.maps is not None:
@@ -542,6 +564,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--precision",
         choices=["auto", "bf16", "fp16", "off"],
         help="inference precision (default: the model's evaluate.amp; auto: bf16 where native, else float32)",
+    )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="score maps of another H×W than the training maps after resizing them (default: refuse them);\n"
+        "the threshold was not chosen for them. PyTorch backend only",
     )
     p.add_argument("--register", metavar="NAME", help="register the run's MLflow pyfunc model as a new version of NAME")
     p.add_argument(

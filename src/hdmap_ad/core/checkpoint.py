@@ -200,12 +200,22 @@ def save(payload: dict[str, Any], path: Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from safetensors import SafetensorError
+
     try:
         save_file(encoder.tensors, str(tmp), metadata={METADATA_KEY: meta})  # one entry: its order is fixed
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: the old file stays as it was
+        what = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else _first_line(err)
+        kept = f"{path} is unchanged" if path.exists() else f"{path} was not written"
+        raise HdmapError(f"{path}: cannot write the checkpoint ({what}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return digest
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _is_pickle(head: bytes) -> bool:

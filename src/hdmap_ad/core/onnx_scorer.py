@@ -102,7 +102,7 @@ class OnnxScorer:
                 f"ONNX model {self.path.name}: maps are {maps.shape[1]}x{maps.shape[2]}, the model takes "
                 f"{h}x{w} (the training maps' size; the torch backend resizes other sizes)"
             )
-        finite = np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+        finite = np.isfinite(maps).all(axis=(1, 2))  # (reshape(N, -1) fails for N = 0)
         if not finite.all():
             bad = np.flatnonzero(~finite)
             listed = ", ".join(map(str, bad[:10].tolist())) + (" ..." if len(bad) > 10 else "")
@@ -129,6 +129,9 @@ class OnnxScorer:
         size = int(batch_size or self.batch_size)
         if size <= 0:
             raise HdmapError(f"batch size {size}: must be positive")
+        if len(maps) == 0:  # nothing to score: empty results, not an onnxruntime error on an empty batch
+            side = tuple(int(v) for v in (self.info.get("score") or {}).get("size") or (0, 0))
+            return np.zeros(0), (np.zeros((0, *side), dtype=np.float32) if keep_maps else None)
         scores, kept = [], []
         for start in range(0, len(maps), size):
             amaps, s = self.run(maps[start : start + size])

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -181,6 +182,12 @@ def _list_maps(folder: Path) -> list[Path]:
     files = [
         p for p in folder.iterdir() if p.suffix.lower() in MAP_SUFFIXES and not p.name.startswith(".") and p.is_file()
     ]
+    for p in files:
+        try:  # the manifest (and DVC, MLflow) store paths as UTF-8: a name that is not cannot be recorded
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+            raise HdmapError(f"{shown}: file name is not valid UTF-8; rename the file") from None
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 

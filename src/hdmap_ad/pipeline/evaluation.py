@@ -299,6 +299,10 @@ def load_model_and_run(params: Params, device: torch.device) -> checkpoint.Train
     """models/model.pt, with `info["run_id"]` set to the MLflow run that trained it (models/run.json,
     else the run tagged with the model's hash). No such run, or no usable store, is an error here,
     before the slow scoring: results that cannot be logged must not pass silently."""
+    from hdmap_ad.pipeline.store_check import check_store
+
+    uri = tracking.tracking_uri(params.mlflow.tracking_uri)
+    check_store(uri, write=False)  # within seconds, before anything slow
     trained = checkpoint.load_trained(MODEL_FILE, device)
     trained.info["run_id"] = checkpoint.find_run(
         MODEL_FILE,
@@ -308,6 +312,10 @@ def load_model_and_run(params: Params, device: torch.device) -> checkpoint.Train
         RUN_FILE,
         fallback_run_id=trained.info.get("run_id"),
     )
+    import mlflow
+
+    # and takes a write (a read-only sqlite file is otherwise found only after scoring)
+    check_store(uri, mlflow.MlflowClient(uri).get_run(trained.info["run_id"]).info.experiment_id, write=True)
     return trained
 
 

@@ -43,7 +43,13 @@ def run_compare(
 
     console = console or Console()
     methods = list(methods) if methods else (list(settings.methods) if settings.methods else None)
+    from hdmap_ad.pipeline import store_check, tracking
+
+    # the store answers within seconds (and, when compare logs, takes a write) before the slow statistics
+    store_check.check_store(tracking.tracking_uri(settings.tracking_uri), write=False)
     selection, experiment_id, uri = collect(settings, methods, profile, reference=reference)
+    if log_run:
+        store_check.open_experiment(compare_experiment(settings), settings.tracking_uri)
     baseline = settings.baseline
     # The baseline is always listed (its tables say so when it has no runs); then the asked-for or found methods.
     method_list = order_methods(list(methods or selection.used) + [baseline], baseline)

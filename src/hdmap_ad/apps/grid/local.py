@@ -253,9 +253,12 @@ def run_grid(
             + ", ".join(untracked[:8])
             + (" ..." if len(untracked) > 8 else "")
         )
-    exp_id = tracking.ensure_experiment(settings.experiment, settings.tracking_uri)
+    from hdmap_ad.pipeline.store_check import open_experiment
+
+    # within seconds: the store answers and takes writes, before any experiment is queued
+    exp_id = open_experiment(settings.experiment, settings.tracking_uri)
     # the workers' compare stages log there: create it now too, not in a race between them
-    tracking.ensure_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
+    open_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
     out(f"MLflow experiment {settings.experiment!r} (id {exp_id}) ready at {uri}")
     if jobs > 1 and (gpus := cuda_device_count()) > 1:
         out(
