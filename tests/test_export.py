@@ -345,3 +345,76 @@ def test_predict_onnx_counts_an_overflowing_map_as_failed_and_refuses_resize(exp
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --resize: not available with --backend onnx (float32 on the CPU, an exported file)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance: the file records a hash of itself; with a signing key, a signature
+
+
+def _tampered(exported: Path, tmp_path: Path, how: str) -> Path:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(exported))
+    if how == "weights":  # an initializer multiplied by 10
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 10, init.name))
+    else:  # a threshold edited in metadata_props
+        for prop in model.metadata_props:
+            if prop.key == "hdmap_ad.thresholds":
+                prop.value = json.dumps({k: -1e9 for k in json.loads(prop.value)})
+    out = tmp_path / f"{how}.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("how", ["weights", "threshold"])
+def test_an_altered_onnx_file_is_refused(exported, tiny_pipeline, tmp_path, capsys, how):
+    altered = _tampered(exported, tmp_path, how)
+    good = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "good").glob("*.tif*"))[0]
+    capsys.readouterr()
+    rc = _predict(
+        [
+            "--params",
+            tiny_pipeline.params_file,
+            "--backend",
+            "onnx",
+            "--model",
+            altered,
+            "--out",
+            tmp_path / "p.csv",
+            good,
+        ]
+    )
+    assert rc == 2 and not (tmp_path / "p.csv").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {altered}: ONNX model content does not match its recorded hash (damaged or altered graph, "
+        "weights or metadata); export it again from the checkpoint"
+    )
+
+
+def test_signed_onnx_export_with_a_shared_key(exported, tiny_pipeline, tmp_path, monkeypatch, capsys):
+    from hdmap_ad.apps.cli import main
+    from hdmap_ad.core.onnx_scorer import OnnxScorer
+
+    key = "k" * 32
+    monkeypatch.setenv("HDMAP_AD_SIGNING_KEY", key)
+    # an unsigned file (exported without the key) is refused while a key is set
+    with pytest.raises(Exception, match="not signed, and a signing key is set"):
+        OnnxScorer(exported)
+    monkeypatch.chdir(tiny_pipeline.root)
+    signed = tmp_path / "signed.onnx"
+    export = ["export", "--params", tiny_pipeline.params_file, "--model", tiny_pipeline.checkpoint]
+    assert main([*map(str, export), "--format", "onnx", "--out", str(signed)]) == 0
+    scorer = OnnxScorer(signed)
+    assert len(scorer.info["signature"]) == 64
+    capsys.readouterr()
+    assert main(["checkpoint", "verify", str(signed)]) == 0
+    assert "content matches its hash and its signature" in capsys.readouterr().out
+    monkeypatch.setenv("HDMAP_AD_SIGNING_KEY", "another key, also long")
+    assert main(["checkpoint", "verify", str(signed)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {signed}: signature does not match the signing key (altered, or signed with another key); not loaded"
+    )
+    monkeypatch.delenv("HDMAP_AD_SIGNING_KEY")  # no key: the signature is not checked, the hash still is
+    assert OnnxScorer(signed).thresholds == OnnxScorer(exported).thresholds

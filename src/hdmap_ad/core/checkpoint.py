@@ -11,7 +11,8 @@ by their path in it (`model/decoder.0.attn.qkv.weight`, `optimizer/state/3/exp_a
 entry, `hdmap_ad`, a JSON object: `format_version`, `payload` (the rest of the payload as plain
 JSON, each tensor replaced by `{"__tensor__": "<name>"}`; tuples, dicts with non-string keys and
 NaN/Inf floats are tagged the same way) and `sha256`, a hash of the payload JSON and of every
-tensor's name, dtype, shape and bytes, taken at save time and checked at load time. Reading one
+tensor's name, dtype, shape and bytes, taken at save time and checked at load time; with a shared
+signing key set (core/signing.py), also `signature`, an HMAC of that hash, checked at load time. Reading one
 needs only safetensors and json: nothing is unpickled, so a crafted file cannot run code. Saving
 is deterministic (sorted keys, no timestamps): the same payload gives byte-identical files.
 
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdmap_ad.core import methods
+from hdmap_ad.core import methods, signing
 from hdmap_ad.core.config import Params, move_legacy_runtime_keys, parse_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import Dinomaly, DinomalyConfig, ScoreConfig
@@ -196,7 +197,11 @@ def save(payload: dict[str, Any], path: Path) -> str:
     encoder = _Encoder()
     tree = encoder.encode(dict(payload))
     digest = content_hash(tree, encoder.tensors)
-    meta = _canonical({"format_version": FORMAT_VERSION, "payload": tree, "sha256": digest})
+    header = {"format_version": FORMAT_VERSION, "payload": tree, "sha256": digest}
+    signature = signing.sign(digest)  # with a shared key set (core/signing.py); else unsigned
+    if signature is not None:
+        header["signature"] = signature
+    meta = _canonical(header)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -223,7 +228,7 @@ def _is_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{")
 
 
-def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+def read(path: Path, required: tuple[str, ...] = (), check_signature: bool = True) -> tuple[dict[str, Any], str]:
     """The payload of the checkpoint at `path` and its verified content hash.
 
     Every problem is one HdmapError line naming the file: missing, an old pickle file (never
@@ -254,6 +259,7 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
     try:
         header = json.loads(meta)
         version, tree, recorded = header.get("format_version"), header.get("payload"), header.get("sha256")
+        signature = header.get("signature")
     except (ValueError, AttributeError, RecursionError):
         raise HdmapError(f"{path}: damaged checkpoint metadata (not valid JSON)") from None
     if version != FORMAT_VERSION:
@@ -270,6 +276,8 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
             f"{path}: checkpoint content does not match its recorded hash (damaged or altered file); "
             "restore it (`dvc pull` / `dvc checkout`) or retrain it"
         )
+    if check_signature:
+        signing.check(recorded, signature, str(path))  # only with a shared key set
     used: set[str] = set()
     try:
         payload = _decode(tree, tensors, used)
@@ -281,6 +289,16 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
     if missing:
         raise HdmapError(f"{path}: checkpoint lacks {', '.join(missing)} (incomplete, or not this kind of checkpoint)")
     return payload, recorded
+
+
+def sign_file(path: Path) -> str:
+    """Sign the checkpoint at `path` with the configured key (its content hash is checked first; the
+    payload, and so the hash, stay the same); return the hash."""
+    if signing.signing_key() is None:
+        raise HdmapError(f"{path}: no signing key set ({signing.KEY_ENV} or {signing.KEY_FILE_ENV})")
+    payload, digest = read(path, check_signature=False)
+    save(payload, path)
+    return digest
 
 
 def load(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -27,12 +27,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hdmap_ad.core import signing
 from hdmap_ad.core.checkpoint import TrainedModel, score_config
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.inference import score_images
 from hdmap_ad.core.methods import Method
 from hdmap_ad.core.model import Dinomaly, ScoreConfig
-from hdmap_ad.core.onnx_scorer import FORMAT, INPUT_NAME, METADATA_PREFIX, OUTPUT_NAMES
+from hdmap_ad.core.onnx_scorer import (
+    FORMAT,
+    HASH_KEY,
+    HASH_PLACEHOLDER,
+    INPUT_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAMES,
+    SIGNATURE_KEY,
+    SIGNATURE_PLACEHOLDER,
+    fill_hash_and_signature,
+)
 from hdmap_ad.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
 # opset 18 is the first whose Resize has `antialias`, which the preprocessing resize uses
@@ -149,13 +160,18 @@ def export_onnx(
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise HdmapError(f"ONNX export of the model failed ({type(err).__name__}: {first})") from None
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata(trained, (h, w), run_id, commit))
+    props = metadata(trained, (h, w), run_id, commit)
+    # filled in below, over the serialized file: the hash covers graph, initializers and every other entry
+    props[METADATA_PREFIX + HASH_KEY] = json.dumps(HASH_PLACEHOLDER)
+    if signing.signing_key() is not None:
+        props[METADATA_PREFIX + SIGNATURE_KEY] = json.dumps(SIGNATURE_PLACEHOLDER)
+    onnx.helper.set_model_props(proto, props)
     proto.doc_string = "hdmap-ad Dinomaly scorer: raw HDMAP maps N×H×W -> anomaly_map N×S×S, score N"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        onnx.save_model(proto, str(tmp))
+        tmp.write_bytes(fill_hash_and_signature(proto.SerializeToString(), signing.sign))
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, out)
     finally:

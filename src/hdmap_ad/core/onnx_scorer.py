@@ -1,7 +1,9 @@
 """Score maps with an exported ONNX model (`hdmap-ad export`) on onnxruntime, without PyTorch.
 
 Imports only numpy, onnxruntime and this package's torch-free modules, so a deployment needs
-neither torch nor timm nor the encoder weights. Input checks happen here, before onnxruntime sees
+neither torch nor timm nor the encoder weights. The file records a SHA-256 of itself (graph,
+initializers and metadata, with the hash's own place blanked) and, with a shared signing key set,
+an HMAC of that hash (core/signing.py): a file that no longer matches is refused. Input checks happen here, before onnxruntime sees
 the data: a wrong rank, H×W or dtype, or NaN/Inf, is one `HdmapError` line instead of a runtime
 stack trace.
 
@@ -12,7 +14,9 @@ stack trace.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,53 @@ from hdmap_ad.core.errors import HdmapError
 INPUT_NAME = "maps"
 OUTPUT_NAMES = ("anomaly_map", "score")
 METADATA_PREFIX = "hdmap_ad."
-FORMAT = 1
+FORMAT = 2  # 2: the file records its content hash (and, with a signing key, its signature)
+# The file's own hash and signature live in its metadata; they are computed over the serialized file
+# with these placeholders in their place (same length, so nothing else moves).
+HASH_KEY, SIGNATURE_KEY = "content_sha256", "signature"
+HASH_PLACEHOLDER, SIGNATURE_PLACEHOLDER = "0" * 64, "1" * 64
+
+
+def _quoted(value: str) -> bytes:
+    return json.dumps(value).encode()
+
+
+def content_hash(data: bytes, recorded_hash: str, recorded_signature: str | None) -> str | None:
+    """SHA-256 of the serialized model `data` with its recorded hash (and signature) put back to their
+    placeholders; None when a recorded value is not found exactly once in the file."""
+    swaps = [(_quoted(recorded_hash), _quoted(HASH_PLACEHOLDER))]
+    if recorded_signature is not None:
+        swaps.append((_quoted(recorded_signature), _quoted(SIGNATURE_PLACEHOLDER)))
+    spans = []
+    for needle, placeholder in swaps:
+        at = data.find(needle)
+        if at < 0 or data.find(needle, at + 1) >= 0:
+            return None
+        spans.append((at, needle, placeholder))
+    h, pos, view = hashlib.sha256(), 0, memoryview(data)
+    for at, needle, placeholder in sorted(spans):
+        h.update(view[pos:at])
+        h.update(placeholder)
+        pos = at + len(needle)
+    h.update(view[pos:])
+    return h.hexdigest()
+
+
+def fill_hash_and_signature(data: bytes, signature: Callable[[str], str | None]) -> bytes:
+    """The serialized model `data` (holding the placeholders) with its content hash and, when
+    `signature(hash)` gives one, its signature filled in."""
+    digest = content_hash(
+        data, HASH_PLACEHOLDER, SIGNATURE_PLACEHOLDER if _quoted(SIGNATURE_PLACEHOLDER) in data else None
+    )
+    if digest is None:
+        raise HdmapError("ONNX export: the hash placeholder is not found exactly once in the serialized model")
+    out = data.replace(_quoted(HASH_PLACEHOLDER), _quoted(digest))
+    if _quoted(SIGNATURE_PLACEHOLDER) in data:
+        signed = signature(digest)
+        if signed is None:
+            raise HdmapError("ONNX export: a signature placeholder but no signing key")
+        out = out.replace(_quoted(SIGNATURE_PLACEHOLDER), _quoted(signed))
+    return out
 
 
 class OnnxScorer:
@@ -45,8 +95,9 @@ class OnnxScorer:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        data = self.path.read_bytes()  # hashed and run from the same bytes
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for a damaged or foreign file
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise HdmapError(f"{self.path}: not a readable ONNX model ({first})") from None
@@ -64,7 +115,17 @@ class OnnxScorer:
                 if not info
                 else f"metadata format {info.get('format')!r}, this hdmap-ad reads format {FORMAT}"
             )
-            raise HdmapError(f"{self.path}: {what}")
+            raise HdmapError(f"{self.path}: {what}" + (" (re-export it with `hdmap-ad export`)" if info else ""))
+        recorded, signature = info.get(HASH_KEY), info.get(SIGNATURE_KEY)
+        if not isinstance(recorded, str) or content_hash(data, recorded, signature) != recorded:
+            raise HdmapError(
+                f"{self.path}: ONNX model content does not match its recorded hash (damaged or altered graph, "
+                "weights or metadata); export it again from the checkpoint"
+            )
+        del data
+        from hdmap_ad.core import signing
+
+        signing.check(recorded, signature, str(self.path))  # only with a shared key set
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME] or [o.name for o in self.session.get_outputs()] != list(OUTPUT_NAMES):
             raise HdmapError(f"{self.path}: graph inputs {names} / outputs are not those of an hdmap-ad export")

@@ -116,7 +116,8 @@ def sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = unquote(uri[len("sqlite:///") :]).split("?", 1)[0]
-    return Path(path[len("file:") :] if path.startswith("file:") else path)
+    path = path[len("file:") :] if path.startswith("file:") else path  # sqlite's URI form (e.g. ?mode=ro)
+    return Path(path) if path and path != ":memory:" else None
 
 
 def open_experiment(name: str, configured_uri: str | None = None) -> str:

@@ -50,6 +50,17 @@ def run_compare(
     selection, experiment_id, uri = collect(settings, methods, profile, reference=reference)
     if log_run:
         store_check.open_experiment(compare_experiment(settings), settings.tracking_uri)
+        import mlflow
+
+        from hdmap_ad.pipeline.orphans import end_orphan_runs
+
+        # runs left RUNNING by a killed process: ended now (compare leaves unfinished runs out anyway)
+        for run in end_orphan_runs(mlflow.MlflowClient(uri), [experiment_id], "hdmap-ad compare"):
+            console.print(
+                f"MLflow run {run.info.run_name} ({run.info.run_id}) was RUNNING, but its process is gone: "
+                "marked KILLED",
+                markup=False,
+            )
     baseline = settings.baseline
     # The baseline is always listed (its tables say so when it has no runs); then the asked-for or found methods.
     method_list = order_methods(list(methods or selection.used) + [baseline], baseline)

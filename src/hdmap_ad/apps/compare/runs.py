@@ -499,6 +499,7 @@ def _sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///") :].split("?", 1)[0]
+    path = path[len("file:") :] if path.startswith("file:") else path  # sqlite's URI form (e.g. ?mode=ro)
     return Path(path) if path and path != ":memory:" else None
 
 
