@@ -403,8 +403,15 @@ def test_signed_onnx_export_with_a_shared_key(exported, tiny_pipeline, tmp_path,
     with pytest.raises(Exception, match="not signed, and a signing key is set"):
         OnnxScorer(exported)
     monkeypatch.chdir(tiny_pipeline.root)
+    import shutil
+
+    model = tmp_path / "model.pt"  # the shared checkpoint, unsigned: export refuses it until it is signed
+    shutil.copy(tiny_pipeline.checkpoint, model)
+    export = ["export", "--params", tiny_pipeline.params_file, "--model", model]
+    assert main([*map(str, export), "--format", "onnx", "--out", str(tmp_path / "refused.onnx")]) == 2
+    assert "not signed, and a signing key is set" in capsys.readouterr().err
+    assert main(["checkpoint", "sign", str(model)]) == 0
     signed = tmp_path / "signed.onnx"
-    export = ["export", "--params", tiny_pipeline.params_file, "--model", tiny_pipeline.checkpoint]
     assert main([*map(str, export), "--format", "onnx", "--out", str(signed)]) == 0
     scorer = OnnxScorer(signed)
     assert len(scorer.info["signature"]) == 64
