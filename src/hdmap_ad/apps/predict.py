@@ -287,7 +287,8 @@ def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking
 # the command
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
+def tracking_uri_from_args(args: argparse.Namespace) -> str:
+    """The MLflow store a command's `--params` (with `--set`) points at (see `tracking.tracking_uri`)."""
     from hdmap_ad.pipeline import tracking
 
     configured = None
@@ -395,7 +396,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise HdmapError(str(err).replace("runtime.device=", "--device ")) from None
     except RuntimeError:
         raise HdmapError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
-    uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.register) else ""
+    uri = tracking_uri_from_args(args) if (is_mlflow_reference(args.model) or args.register) else ""
     with contextlib.ExitStack() as stack:
         import tempfile
 

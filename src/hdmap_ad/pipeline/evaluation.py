@@ -300,7 +300,7 @@ def load_model_and_run(params: Params, device: torch.device) -> checkpoint.Train
     else the run tagged with the model's hash). No such run, or no usable store, is an error here,
     before the slow scoring: results that cannot be logged must not pass silently."""
     trained = checkpoint.load_trained(MODEL_FILE, device)
-    trained.info["run_id"] = checkpoint.find_run(
+    trained.info["run_id"] = tracking.find_run(
         MODEL_FILE,
         trained.info["sha256"],
         params.mlflow.experiment,
