@@ -148,7 +148,7 @@ def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs(
     """The model file stores a hash of the code training runs. It must cover every module training imports
     (else a code change would resume an old state) and nothing else (else an edit of compare or the CLI,
     which does not rerun train, would change the model's bytes and leave a fresh clone's dvc.lock dirty)."""
-    from hdmap_ad.pipeline.training import code_files
+    from hdmap_ad.pipeline.fingerprint import code_files
 
     graph = grimp.build_graph("hdmap_ad")
     entry = "hdmap_ad.pipeline.training"

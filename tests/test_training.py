@@ -13,7 +13,8 @@ import tiny
 from hdmap_ad.core import checkpoint
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods.baseline import Baseline
-from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
+from hdmap_ad.pipeline.train_steps import batch_indices
+from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = [
@@ -63,13 +64,13 @@ def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
 
 
 def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
-    from hdmap_ad.pipeline import training
+    from hdmap_ad.pipeline import fingerprint
 
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     capsys.readouterr()
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     assert "resuming from" in capsys.readouterr().err
-    monkeypatch.setattr(training, "code_digest", lambda: "edited-code")
+    monkeypatch.setattr(fingerprint, "code_digest", lambda: "edited-code")
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     err = capsys.readouterr().err
     assert "different configuration, code or data; starting afresh" in err and "resuming from" not in err
