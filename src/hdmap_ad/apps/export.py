@@ -80,15 +80,15 @@ def run_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hdmap_ad.apps.predict import expected_shape, is_mlflow_reference, resolve_model, tracking_uri_from_args
     from hdmap_ad.core.checkpoint import load_trained
     from hdmap_ad.core.export import export_onnx
     from hdmap_ad.pipeline import tracking
+    from hdmap_ad.pipeline.model_source import expected_shape, is_mlflow_reference, resolve_model, tracking_uri_for
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise HdmapError(f"--out {out}: is a folder; give a file name, e.g. {out / 'model.onnx'}")
-    uri = tracking_uri_from_args(args) if (is_mlflow_reference(args.model) or args.log_model) else ""
+    uri = tracking_uri_for(args.params, args.set) if (is_mlflow_reference(args.model) or args.log_model) else ""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-export-")))
         resolved = resolve_model(args.model, workdir, uri)
