@@ -1,6 +1,6 @@
 """`hdmap-ad export`: a trained model as one portable ONNX file, checked against PyTorch.
 
-    hdmap-ad export --model models/model.pt --format onnx --out model.onnx
+    hdmap-ad export --model models/model.safetensors --format onnx --out model.onnx
 
 `--model` is resolved as `predict` resolves it (a checkpoint file, an MLflow run id, runs:/...,
 models:/...). The graph (hdmap_ad.core.export) takes raw maps N×H×W float32 of the training maps'

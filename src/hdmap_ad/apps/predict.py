@@ -1,11 +1,11 @@
 """`hdmap-ad predict`: score HDMAP map files with a trained model and decide with its stored threshold.
 
-    hdmap-ad predict --model models/model.pt data/raw/synthetic/domain_C/test --out predictions.csv
+    hdmap-ad predict --model models/model.safetensors data/raw/synthetic/domain_C/test --out predictions.csv
 
 `--model` is a checkpoint file, an MLflow run id, a `runs:/<run id>[/<path>]` URI or a
 `models:/<name>/<version>` (or `models:/<model id>`) URI; MLflow references are resolved in the
 tracking store (`MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` in --params > sqlite mlflow.db at the
-repo root) and the checkpoint (`checkpoint/model.pt` of the run, or the checkpoint inside a logged
+repo root) and the checkpoint (`checkpoint/model.safetensors` of the run, or the checkpoint inside a logged
 pyfunc model) is downloaded to a temporary folder (hdmap_ad.pipeline.model_source, shared with export).
 A checkpoint is never unpickled: it is read as safetensors + JSON and checked against its recorded hash
 (hdmap_ad.core.checkpoint); an old pickle-based one is refused with the `hdmap-ad checkpoint migrate`
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.pipeline.model_source import (
+    CHECKPOINT_SUFFIX,
     expected_shape,
     is_mlflow_reference,
     register,
@@ -64,7 +65,7 @@ CSV_COLUMNS = ["path", "domain", "score", "is_anomaly"]
 DESCRIPTION = """\
 Score HDMAP maps with a trained model and write path,domain,score,is_anomaly to a CSV.
 
---model: a checkpoint file (models/model.pt), an MLflow run id, runs:/<run id>[/<artifact path>],
+--model: a checkpoint file (models/model.safetensors), an MLflow run id, runs:/<run id>[/<artifact path>],
 or models:/<name>/<version> (models:/<model id>); MLflow references are downloaded from the
 tracking store (MLFLOW_TRACKING_URI, else mlflow.tracking_uri of --params, else mlflow.db at the
 repo root).
@@ -252,7 +253,7 @@ def run_predict(args: argparse.Namespace) -> int:
         import tempfile
 
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-predict-")))
-        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else ".pt")
+        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else CHECKPOINT_SUFFIX)
         if onnx:
             from hdmap_ad.core.onnx_scorer import OnnxScorer
 

@@ -36,6 +36,7 @@ from hdmap_ad.core import methods
 from hdmap_ad.core.config import Params, move_legacy_runtime_keys, parse_params
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import Dinomaly, DinomalyConfig, ScoreConfig
+from hdmap_ad.core.paths import LEGACY_SUFFIX
 
 RANDOM_ENCODER_SEED = 0
 FORMAT_VERSION = 2
@@ -224,13 +225,19 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], st
 
     path = Path(path)
     if not path.is_file():
+        legacy = path.with_suffix(LEGACY_SUFFIX)
+        if path.suffix == ".safetensors" and legacy.is_file():  # a workspace from before the rename
+            raise HdmapError(
+                f"{path}: checkpoint not found; {legacy} is its old name (same format): "
+                f"`dvc checkout` restores it under the new name, or rename it (mv {legacy} {path})"
+            )
         raise HdmapError(f"{path}: checkpoint not found (run `dvc repro train` first)")
     with open(path, "rb") as f:
         head = f.read(16)
     if _is_pickle(head):
         raise HdmapError(
             f"{path}: an old pickle-based checkpoint (format 1); it is not loaded because unpickling can run code. "
-            f"If you trust its origin, convert it: hdmap-ad checkpoint migrate {path} NEW.pt"
+            f"If you trust its origin, convert it: hdmap-ad checkpoint migrate {path} NEW.safetensors"
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -296,7 +296,7 @@ def metric_items(result: dict[str, Any]) -> dict[str, float]:
 
 
 def load_model_and_run(params: Params, device: torch.device) -> checkpoint.TrainedModel:
-    """models/model.pt, with `info["run_id"]` set to the MLflow run that trained it (models/run.json,
+    """models/model.safetensors, with `info["run_id"]` set to the MLflow run that trained it (models/run.json,
     else the run tagged with the model's hash). No such run, or no usable store, is an error here,
     before the slow scoring: results that cannot be logged must not pass silently."""
     trained = checkpoint.load_trained(MODEL_FILE, device)

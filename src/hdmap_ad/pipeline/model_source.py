@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.core.paths import LEGACY_SUFFIX, MODEL_FILE
+from hdmap_ad.pipeline.tracking import CHECKPOINT_ARTIFACT_DIR
 
 if TYPE_CHECKING:
     from hdmap_ad.core.checkpoint import TrainedModel
 
-CHECKPOINT_ARTIFACT = "checkpoint/model.pt"  # where training.train logs the checkpoint in its run
+CHECKPOINT_SUFFIX = MODEL_FILE.suffix  # .safetensors; LEGACY_SUFFIX (.pt) is still found, same content
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_ARTIFACT_DIR}/{MODEL_FILE.name}"  # the model file in its training run
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -54,18 +57,27 @@ def is_mlflow_reference(spec: str) -> bool:
     return spec.startswith(("runs:/", "models:/")) or bool(_RUN_ID.match(spec))
 
 
-def find_checkpoint(folder: Path, suffix: str = ".pt") -> Path:
-    """The checkpoint (`suffix` .pt, or .onnx for an exported model) inside a downloaded artifact
-    folder (a pyfunc model's artifacts/, or a run's checkpoint/)."""
+def find_checkpoint(folder: Path, suffix: str = CHECKPOINT_SUFFIX) -> Path:
+    """The checkpoint (`suffix` .safetensors, or .onnx for an exported model) inside a downloaded artifact
+    folder (a pyfunc model's artifacts/, or a run's checkpoint/). A checkpoint logged under its old name
+    (model.pt, runs and pyfunc models from before the rename) is found too: its content is the same."""
     folder = Path(folder)
     if folder.is_file():
         return folder
-    for candidate in (folder / "artifacts" / f"model{suffix}", folder / f"model{suffix}", folder / CHECKPOINT_ARTIFACT):
-        if candidate.is_file() and candidate.suffix == suffix:
-            return candidate
+    suffixes = (suffix, LEGACY_SUFFIX) if suffix == CHECKPOINT_SUFFIX else (suffix,)
+    for s in suffixes:
+        for candidate in (
+            folder / "artifacts" / f"model{s}",
+            folder / f"model{s}",
+            folder / CHECKPOINT_ARTIFACT_DIR / f"model{s}",
+        ):
+            if candidate.is_file():
+                return candidate
+    for s in suffixes:
+        found = sorted(folder.rglob(f"*{s}"))
+        if len(found) == 1:
+            return found[0]
     found = sorted(folder.rglob(f"*{suffix}"))
-    if len(found) == 1:
-        return found[0]
     what = f"no {suffix} model" if not found else f"{len(found)} {suffix} files, none at artifacts/model{suffix}"
     raise HdmapError(f"{folder}: {what} in the downloaded MLflow artifacts (is this an hdmap-ad model?)")
 
@@ -77,7 +89,7 @@ class ResolvedModel:
     source: str  # the --model value, for messages
 
 
-def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".pt") -> ResolvedModel:
+def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = CHECKPOINT_SUFFIX) -> ResolvedModel:
     """A local checkpoint path for `spec`, downloading MLflow artifacts into `workdir` when needed
     (`suffix` .onnx: an exported model, e.g. the artifacts of an ONNX pyfunc model)."""
     local = Path(spec)
@@ -99,12 +111,13 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".p
     mlflow.set_tracking_uri(tracking_uri)
     run_id: str | None = None
     try:
+        # a run's checkpoint folder, not its file: older runs hold the same content as model.pt
         if _RUN_ID.match(spec):
-            run_id, uri = spec, f"runs:/{spec}/{CHECKPOINT_ARTIFACT}"
+            run_id, uri = spec, f"runs:/{spec}/{CHECKPOINT_ARTIFACT_DIR}"
         elif spec.startswith("runs:/"):
             rest = spec[len("runs:/") :].strip("/")
             run_id, _, artifact = rest.partition("/")
-            uri = f"runs:/{run_id}/{artifact or CHECKPOINT_ARTIFACT}"
+            uri = f"runs:/{run_id}/{artifact or CHECKPOINT_ARTIFACT_DIR}"
             mlflow.MlflowClient().get_run(run_id)  # a clear "run not found" before any download
         else:
             uri = spec

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from hdmap_ad.pipeline.data import PreparedData
 
 
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the training run's artifact folder that holds its model file
+
+
 def tracking_uri(configured: str | None = None) -> str:
     """`MLFLOW_TRACKING_URI` > params `mlflow.tracking_uri` > sqlite `mlflow.db` at the repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured

@@ -27,7 +27,7 @@ from hdmap_ad.core.files import write_json
 from hdmap_ad.core.inference import score_maps
 from hdmap_ad.core.model import Dinomaly
 from hdmap_ad.core.optim import StableAdamW, warm_cosine_lr
-from hdmap_ad.core.paths import MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
+from hdmap_ad.core.paths import LEGACY_SUFFIX, MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
 from hdmap_ad.core.runtime import (
     StepProgress,
     console,
@@ -171,7 +171,13 @@ def set_up(params: Params, prepared_dir: Path | None) -> RunSetup:
 def load_resume_state(params: Params, fingerprint: str) -> dict[str, Any] | None:
     """The training state to continue from (`STATE_FILE`, with runtime.resume=auto), or None: none there,
     one from another configuration, code or data, or one that cannot be read (moved aside, with a warning)."""
-    if params.runtime.resume != "auto" or not STATE_FILE.is_file():
+    if params.runtime.resume != "auto":
+        return None
+    legacy = STATE_FILE.with_suffix(LEGACY_SUFFIX)
+    if not STATE_FILE.is_file() and legacy.is_file():  # the state's old name, same content: take it over
+        os.replace(legacy, STATE_FILE)
+        console.print(f"renamed {legacy} to {STATE_FILE} (the training state's new name)")
+    if not STATE_FILE.is_file():
         return None
     try:
         state = checkpoint.load(STATE_FILE, checkpoint.STATE_KEYS)
@@ -401,7 +407,7 @@ def log_model(run_id: str, model_sha256: str) -> None:
     from hdmap_ad.pipeline.serving import log_pyfunc_model
 
     mlflow.set_tag("model_sha256", model_sha256)
-    mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")
+    mlflow.log_artifact(str(MODEL_FILE), artifact_path=tracking.CHECKPOINT_ARTIFACT_DIR)
     log_pyfunc_model(MODEL_FILE)
     write_json({"run_id": run_id, "model_sha256": model_sha256}, RUN_FILE)
 
