@@ -34,7 +34,7 @@ class TinyPipeline:
     root: Path  # the working directory the stages ran in
     params_file: Path
     tracking_uri: str
-    checkpoint: Path  # models/model.pt
+    checkpoint: Path  # models/model.safetensors
     scores_csv: Path  # metrics/scores.csv of the evaluate stage
     data_root: Path  # the synthetic raw maps
     domains: list[str]

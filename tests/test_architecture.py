@@ -3,9 +3,13 @@ they run."""
 
 from __future__ import annotations
 
+import ast
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grimp
@@ -28,13 +32,93 @@ STAGE_ENTRY = {
 }
 
 
-def test_import_contracts_hold():
-    """apps -> pipeline -> core, never upwards, and no cycles inside a layer (pyproject's
-    [tool.importlinter] contracts, checked by import-linter)."""
+def _lint_imports(src: Path = PACKAGE.parent) -> subprocess.CompletedProcess:
+    """import-linter's verdict on pyproject's contracts for the package under `src`."""
     lint = Path(sys.executable).parent / "lint-imports"
-    out = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run([str(lint), "--no-cache"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_contracts_hold():
+    """apps -> pipeline -> core, never upwards, no cycles inside a layer, and core free of mlflow, dvc, ray
+    and onnxruntime (pyproject's [tool.importlinter] contracts, checked by import-linter): every contract
+    runs and is kept."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    out = _lint_imports()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "0 broken" in out.stdout
+    assert f"{len(contracts)} kept, 0 broken" in out.stdout
+    forbidden = next(c for c in contracts if c["type"] == "forbidden")
+    assert forbidden["source_modules"] == ["hdmap_ad.core"]
+    assert set(forbidden["forbidden_modules"]) == {"mlflow", "dvc", "ray", "onnxruntime"}
+
+
+@pytest.mark.parametrize(("module", "line"), [("core/files.py", "import mlflow"), ("core/devices.py", "import ray")])
+def test_the_core_contract_catches_a_tracking_import_in_core(tmp_path, module, line):
+    """The forbidden-imports contract is live: the same package with one such import in core (even inside
+    a function, where find_run's `import mlflow` sat) breaks it."""
+    shutil.copytree(PACKAGE, tmp_path / "hdmap_ad", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "hdmap_ad" / module
+    target.write_text(target.read_text() + f"\n\ndef _late() -> None:\n    {line}\n")
+    out = _lint_imports(tmp_path)
+    assert out.returncode != 0
+    assert f"hdmap_ad.{module[:-3].replace('/', '.')} -> {line.split()[1]}" in out.stdout
+
+
+def _private_imports(root: Path) -> list[str]:
+    """`from hdmap_ad.x import _y` (or `from . import _y`) in another module, and `x._y` on an imported
+    hdmap_ad module: a private name used outside the module that defines it."""
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        module = ".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+        tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
+                if not base.startswith("hdmap_ad"):
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{f.relative_to(root.parent)}:{node.lineno}: from {base} import {a.name}")
+                    if _module_file(f"{base}.{a.name}").is_file():
+                        aliases.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                aliases |= {a.asname for a in node.names if a.asname and a.name.startswith("hdmap_ad.")}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                found.append(f"{f.relative_to(root.parent)}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_used_across_modules():
+    assert _private_imports(PACKAGE) == []
+
+
+def test_the_private_name_scan_finds_one(tmp_path):
+    """The scan above is not vacuous: it reports both spellings in a copy of the package that has them."""
+    shutil.copytree(PACKAGE, tmp_path / "hdmap_ad", ignore=shutil.ignore_patterns("__pycache__"))
+    cli = tmp_path / "hdmap_ad" / "apps" / "cli.py"
+    cli.write_text(
+        cli.read_text()
+        + "\n\ndef _x():\n    from hdmap_ad.core.checkpoint import _escape\n"
+        + "    from hdmap_ad.core import checkpoint\n    return _escape, checkpoint._canonical\n"
+    )
+    found = _private_imports(tmp_path / "hdmap_ad")
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "from hdmap_ad.core.checkpoint import _escape",
+        "checkpoint._canonical",
+    ]
 
 
 def _module_file(module: str) -> Path:
@@ -64,7 +148,7 @@ def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs(
     """The model file stores a hash of the code training runs. It must cover every module training imports
     (else a code change would resume an old state) and nothing else (else an edit of compare or the CLI,
     which does not rerun train, would change the model's bytes and leave a fresh clone's dvc.lock dirty)."""
-    from hdmap_ad.pipeline.training import code_files
+    from hdmap_ad.pipeline.fingerprint import code_files
 
     graph = grimp.build_graph("hdmap_ad")
     entry = "hdmap_ad.pipeline.training"

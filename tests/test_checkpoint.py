@@ -29,7 +29,7 @@ def tiny_params(*extra: str):
 
 
 def model_payload() -> dict:
-    """What training saves as models/model.pt, for a tiny untrained model."""
+    """What training saves as models/model.safetensors, for a tiny untrained model."""
     params = tiny_params()
     torch.manual_seed(0)
     model, method = checkpoint.build(params, DOMAINS, torch.device("cpu"))
@@ -139,7 +139,7 @@ def test_codec_round_trips_optimizer_and_rng_state_deterministically(tmp_path):
         "scalar": torch.tensor(2.5),
         "view": torch.arange(10.0)[2:5],
     }
-    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     digest = checkpoint.save(payload, first)
     loaded, loaded_digest = checkpoint.read(first)
     assert loaded_digest == digest
@@ -198,13 +198,13 @@ def test_a_pickle_bomb_model_never_runs(tmp_path, a_map, capsys, writer):
     errors = error_lines(capsys)
     assert len(errors) == 1 and "old pickle-based checkpoint" in errors[0] and "checkpoint migrate" in errors[0], errors
     # migrate's restricted unpickler refuses it too
-    assert main(["checkpoint", "migrate", str(evil), str(tmp_path / "new.pt")]) == 2
-    assert not marker.exists() and not (tmp_path / "new.pt").exists()
+    assert main(["checkpoint", "migrate", str(evil), str(tmp_path / "new.safetensors")]) == 2
+    assert not marker.exists() and not (tmp_path / "new.safetensors").exists()
     assert "cannot be read safely" in error_lines(capsys)[0]
 
 
 def test_a_flipped_weight_byte_fails_the_hash_check(tmp_path, a_map, capsys):
-    model = tmp_path / "model.pt"
+    model = tmp_path / "model.safetensors"
     checkpoint.save(model_payload(), model)
     assert predict_cli(model, a_map, tmp_path / "ok.csv") == 0
     capsys.readouterr()
@@ -223,7 +223,7 @@ def test_a_flipped_weight_byte_fails_the_hash_check(tmp_path, a_map, capsys):
 
 @pytest.mark.parametrize("content", ["truncated", "garbage", "empty", "no_keys", "wrong_shapes"])
 def test_bad_model_files_are_one_line_errors(tmp_path, a_map, capsys, content):
-    path = tmp_path / "model.pt"
+    path = tmp_path / "model.safetensors"
     if content == "truncated":
         checkpoint.save(model_payload(), path)
         path.write_bytes(path.read_bytes()[:5000])
@@ -255,7 +255,7 @@ def test_bad_model_files_are_one_line_errors(tmp_path, a_map, capsys, content):
 
 
 def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
-    old_model, new_model = tmp_path / "old" / "model.pt", tmp_path / "model.pt"
+    old_model, new_model = tmp_path / "old" / "model.pt", tmp_path / "model.safetensors"
     payload = model_payload()
     # format-1 files were written when the config still had `data.source`
     old_config = {**payload["config"], "data": {**payload["config"]["data"], "source": "synthetic"}}
@@ -280,7 +280,7 @@ def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
     p.sum().backward()
     opt.step()
     old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    old_state, new_state = tmp_path / "old" / "last.pt", tmp_path / "last.pt"
+    old_state, new_state = tmp_path / "old" / "last.pt", tmp_path / "last.safetensors"
     old_save(
         {"optimizer": opt.state_dict(), "rng": old_rng, "step": 3, "fingerprint": "x", "model": {}, "method": {}},
         old_state,
@@ -292,7 +292,7 @@ def test_old_format_files_are_refused_and_migrate(tmp_path, a_map, capsys):
     runtime.set_rng_state(state["rng"])
     assert_same(draws, (random.random(), np.random.rand(), torch.rand(2)))
     # nothing to migrate in a new file
-    assert main(["checkpoint", "migrate", str(new_state), str(tmp_path / "again.pt")]) == 2
+    assert main(["checkpoint", "migrate", str(new_state), str(tmp_path / "again.safetensors")]) == 2
     assert "nothing to migrate" in error_lines(capsys)[-1]
 
 

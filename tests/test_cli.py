@@ -111,7 +111,17 @@ def test_bad_params_is_one_line(workspace, capsys):
 
 def test_evaluate_without_model_is_one_line(workspace, capsys):
     assert main(["evaluate"]) == 2
-    assert "models/model.pt" in capsys.readouterr().err
+    assert "models/model.safetensors" in capsys.readouterr().err
+
+
+def test_a_model_file_under_its_old_name_gets_a_one_line_hint(workspace, capsys):
+    """A workspace from before the rename holds models/model.pt: evaluate names both and the way out."""
+    (workspace / "models").mkdir(exist_ok=True)
+    (workspace / "models" / "model.pt").write_bytes(b"anything")
+    assert main(["evaluate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models/model.safetensors: checkpoint not found; models/model.pt is its old name" in err[0]
+    assert "dvc checkout" in err[0] and "mv models/model.pt models/model.safetensors" in err[0]
 
 
 @pytest.mark.parametrize("setting, needle", [("seed=-1", "seed"), ("method=focl", "unknown method 'focl'")])

@@ -235,7 +235,7 @@ def test_pixel_auroc_is_taken_on_the_blurred_maps(inside):
 
     root, params, _ = inside
     details = _read(root, "metrics/eval_details.json")
-    trained = checkpoint.load_trained(root / "models/model.pt", torch.device("cpu"))
+    trained = checkpoint.load_trained(root / "models/model.safetensors", torch.device("cpu"))
     prepared = PreparedData.load(Path(params.data.prepared))
     domain = "domain_A"
     scored = score_maps(

@@ -148,7 +148,7 @@ def test_eval_json_matches_sklearn_on_scores_csv(repo):
 
 
 OUTPUTS = (
-    "models/model.pt",
+    "models/model.safetensors",
     "models/train_config.json",
     "metrics/train.json",
     "metrics/eval.json",
@@ -172,7 +172,7 @@ def restore_params(repo: Path) -> None:
 
 
 def test_rerunning_the_same_training_leaves_the_workspace_clean(repo):
-    """model.pt, the metrics and dvc.lock depend only on the configuration, not on the MLflow run: a
+    """model.safetensors, the metrics and dvc.lock depend only on the configuration, not on the MLflow run: a
     fresh clone that reruns the committed pipeline leaves git clean."""
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first run")
@@ -214,7 +214,7 @@ def test_a_killed_train_keeps_the_last_good_model_and_metrics(repo):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    state = repo / "models/train_state/last.pt"
+    state = repo / "models/train_state/last.safetensors"
     try:
         assert _wait_for(lambda: state.is_file() and state.stat().st_mtime > start, proc), "training never checkpointed"
     finally:
@@ -247,7 +247,7 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    state = repo / "models/train_state/last.pt"
+    state = repo / "models/train_state/last.safetensors"
     assert _wait_for(lambda: state.is_file() and state.stat().st_mtime > start, first), "training never started"
     second = dvc(repo, "exp", "run", "-S", "seed=12", check=False)
     assert second.returncode != 0
@@ -347,7 +347,7 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     from hdmap_ad.core import checkpoint
 
     reference = json.loads((repo / "metrics/train.json").read_text())
-    reference_thresholds = checkpoint.load(repo / "models/model.pt")["thresholds"]
+    reference_thresholds = checkpoint.load(repo / "models/model.safetensors")["thresholds"]
     shutil.rmtree(repo / "models/train_state", ignore_errors=True)
     env = env_for(repo)
     proc = subprocess.Popen(
@@ -359,7 +359,7 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
         text=True,
         start_new_session=True,
     )
-    state = repo / "models/train_state/last.pt"
+    state = repo / "models/train_state/last.safetensors"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if state.is_file():
@@ -377,4 +377,6 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     assert "resuming from" in out.stderr
     resumed = json.loads((repo / "metrics/train.json").read_text())
     assert resumed["val_auroc"] == reference["val_auroc"]
-    assert checkpoint.load(repo / "models/model.pt")["thresholds"] == pytest.approx(reference_thresholds, abs=1e-9)
+    assert checkpoint.load(repo / "models/model.safetensors")["thresholds"] == pytest.approx(
+        reference_thresholds, abs=1e-9
+    )

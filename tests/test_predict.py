@@ -151,6 +151,52 @@ def test_mlflow_run_id_and_registered_model(tiny_pipeline, tmp_path, capsys):
     assert "models:/hdmap-tiny-file/1" in capsys.readouterr().err
 
 
+def test_models_under_the_old_name_model_pt_are_still_read(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """The model file was called model.pt before (same safetensors content): such a local file, and a run
+    that logged its checkpoint as checkpoint/model.pt, still predict what the new names do. New runs log
+    checkpoint/model.safetensors."""
+    import mlflow
+
+    assert tiny_pipeline.checkpoint.name == "model.safetensors"
+    files = sorted((tiny_pipeline.data_root / "domain_A" / "test" / "fault").glob("*.tif*"))[:2]
+    ref = tmp_path / "ref.csv"
+    assert predict(["--model", tiny_pipeline.checkpoint, "--out", ref, *files], tiny_pipeline) == 0
+    client = mlflow.MlflowClient(tiny_pipeline.tracking_uri)
+    logged = [a.path for a in client.list_artifacts(tiny_pipeline.run_id, "checkpoint")]
+    assert logged == ["checkpoint/model.safetensors"]
+
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    shutil.copy(tiny_pipeline.checkpoint, old)
+    uri = f"sqlite:///{tmp_path / 'old-store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a store of its own: the shared one stays as it is
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.MlflowClient().create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifact(str(old), artifact_path="checkpoint")
+    for model in (old, run.info.run_id, f"runs:/{run.info.run_id}"):
+        out = tmp_path / "pred.csv"
+        assert predict(["--model", model, "--out", out, *files], tiny_pipeline) == 0, capsys.readouterr().err
+        assert out.read_text() == ref.read_text()
+
+
+def test_find_checkpoint_prefers_the_new_name_and_falls_back_to_the_old(tmp_path):
+    from hdmap_ad.core.errors import HdmapError
+    from hdmap_ad.pipeline.model_source import find_checkpoint
+
+    for layout in ("artifacts", "checkpoint", "."):
+        folder = tmp_path / layout.strip(".") / "x"
+        (folder / layout).mkdir(parents=True)
+        (folder / layout / "model.pt").write_bytes(b"old")
+        assert find_checkpoint(folder).name == "model.pt"
+        (folder / layout / "model.safetensors").write_bytes(b"new")
+        assert find_checkpoint(folder).name == "model.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HdmapError, match=r"no \.safetensors model in the downloaded MLflow artifacts"):
+        find_checkpoint(empty)
+
+
 def _sample(pipeline: TinyPipeline, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Four maps (good and faulty, two domains) and their scores from `hdmap-ad predict`."""
     from hdmap_ad.pipeline.data import read_map
@@ -310,7 +356,7 @@ def test_logged_model_is_code_and_safetensors_not_a_pickle(tiny_pipeline, tmp_pa
     flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor.get("model_code_path") and (folder / Path(flavor["model_code_path"]).name).is_file()
     assert "python_model" not in flavor  # the cloudpickled object's entry
-    head = (folder / "artifacts" / "model.pt").read_bytes()[:9]
+    head = (folder / "artifacts" / "model.safetensors").read_bytes()[:9]
     assert head[8:9] == b"{" and not head.startswith(b"PK")  # a safetensors header, not a torch.save zip
 
 

@@ -13,7 +13,8 @@ import tiny
 from hdmap_ad.core import checkpoint
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.methods.baseline import Baseline
-from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, batch_indices, train
+from hdmap_ad.pipeline.train_steps import batch_indices
+from hdmap_ad.pipeline.training import STATE_FILE, TRAIN_METRICS, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = [
@@ -55,24 +56,37 @@ def test_same_seed_same_metrics(workdir, prepared_dir):
 def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
     # batch 3 does not divide the training maps: the cache's last chunk is a padded one
     on = train(tiny_params(prepared_dir, "runtime.resume=never", "runtime.feature_cache=on", "train.batch_size=3"))
-    state_on = checkpoint.load(workdir / "models/model.pt")["model"]
+    state_on = checkpoint.load(workdir / "models/model.safetensors")["model"]
     off = train(tiny_params(prepared_dir, "runtime.resume=never", "runtime.feature_cache=off", "train.batch_size=3"))
-    state_off = checkpoint.load(workdir / "models/model.pt")["model"]
+    state_off = checkpoint.load(workdir / "models/model.safetensors")["model"]
     assert on["val"] == off["val"] and on["thresholds"] == off["thresholds"]
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
 
 
 def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
-    from hdmap_ad.pipeline import training
+    from hdmap_ad.pipeline import fingerprint
 
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     capsys.readouterr()
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     assert "resuming from" in capsys.readouterr().err
-    monkeypatch.setattr(training, "code_digest", lambda: "edited-code")
+    monkeypatch.setattr(fingerprint, "code_digest", lambda: "edited-code")
     train(tiny_params(prepared_dir, "runtime.resume=auto"))
     err = capsys.readouterr().err
     assert "different configuration, code or data; starting afresh" in err and "resuming from" not in err
+
+
+def test_a_state_under_its_old_name_is_renamed_and_resumed(workdir, prepared_dir, capsys):
+    """models/train_state/last.pt (the state's name before the rename, same content) is taken over."""
+    train(tiny_params(prepared_dir, "runtime.resume=auto"))
+    assert STATE_FILE == Path("models/train_state/last.safetensors") and STATE_FILE.is_file()
+    legacy = STATE_FILE.with_name("last.pt")
+    STATE_FILE.rename(legacy)
+    capsys.readouterr()
+    train(tiny_params(prepared_dir, "runtime.resume=auto"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"renamed {legacy} to {STATE_FILE}" in err and f"resuming from {STATE_FILE} at step 6/6" in err
+    assert STATE_FILE.is_file() and not legacy.exists()
 
 
 def test_a_finished_state_with_other_score_settings_gets_a_run_of_its_own(workdir, prepared_dir, capsys):
@@ -85,7 +99,7 @@ def test_a_finished_state_with_other_score_settings_gets_a_run_of_its_own(workdi
     assert again["run_id"] == first["run_id"]  # same settings: the same run
     capsys.readouterr()
     other = train(tiny_params(prepared_dir, "runtime.resume=auto", "score.top_ratio=0.05"))
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines where the console is not a terminal
     assert "resuming from" in err and "into a new MLflow run" in err
     assert other["run_id"] != first["run_id"]
     client = mlflow.MlflowClient()

@@ -1,7 +1,7 @@
 """`hdmap-ad checkpoint`: verify a checkpoint file, or convert an old pickle-based one.
 
-    hdmap-ad checkpoint verify models/model.pt [--run RUN_ID]
-    hdmap-ad checkpoint migrate old-model.pt models/model.pt
+    hdmap-ad checkpoint verify models/model.safetensors [--run RUN_ID]
+    hdmap-ad checkpoint migrate old-model.pt models/model.safetensors
 
 Checkpoints are safetensors files whose content hash is checked on every load (see
 hdmap_ad.core.checkpoint). Files written by hdmap-ad before that (format 1) are torch.save pickles,

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "train one multi-class model over all selected domains",
         "Train Dinomaly with the chosen `method` and `seed` on the prepared data. Logs to MLflow, writes\n"
-        "models/model.pt and metrics/train.json; resumes from models/train_state/last.pt (runtime.resume).",
+        "models/model.safetensors and metrics/train.json; resumes from models/train_state/last.safetensors (runtime.resume).",
     )
     p.add_argument(
         "--expect-config",

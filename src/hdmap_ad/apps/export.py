@@ -1,6 +1,6 @@
 """`hdmap-ad export`: a trained model as one portable ONNX file, checked against PyTorch.
 
-    hdmap-ad export --model models/model.pt --format onnx --out model.onnx
+    hdmap-ad export --model models/model.safetensors --format onnx --out model.onnx
 
 `--model` is resolved as `predict` resolves it (a checkpoint file, an MLflow run id, runs:/...,
 models:/...). The graph (hdmap_ad.core.export) takes raw maps N×H×W float32 of the training maps'
@@ -80,15 +80,15 @@ def run_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hdmap_ad.apps.predict import _tracking_uri, expected_shape, is_mlflow_reference, resolve_model
     from hdmap_ad.core.checkpoint import load_trained
     from hdmap_ad.core.export import export_onnx
     from hdmap_ad.pipeline import tracking
+    from hdmap_ad.pipeline.model_source import expected_shape, is_mlflow_reference, resolve_model, tracking_uri_for
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise HdmapError(f"--out {out}: is a folder; give a file name, e.g. {out / 'model.onnx'}")
-    uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.log_model) else ""
+    uri = tracking_uri_for(args.params, args.set) if (is_mlflow_reference(args.model) or args.log_model) else ""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-export-")))
         resolved = resolve_model(args.model, workdir, uri)

@@ -1,14 +1,15 @@
 """`hdmap-ad predict`: score HDMAP map files with a trained model and decide with its stored threshold.
 
-    hdmap-ad predict --model models/model.pt data/raw/synthetic/domain_C/test --out predictions.csv
+    hdmap-ad predict --model models/model.safetensors data/raw/synthetic/domain_C/test --out predictions.csv
 
 `--model` is a checkpoint file, an MLflow run id, a `runs:/<run id>[/<path>]` URI or a
 `models:/<name>/<version>` (or `models:/<model id>`) URI; MLflow references are resolved in the
 tracking store (`MLFLOW_TRACKING_URI` > `mlflow.tracking_uri` in --params > sqlite mlflow.db at the
-repo root) and the checkpoint (`checkpoint/model.pt` of the run, or the checkpoint inside a logged
-pyfunc model) is downloaded to a temporary folder. A checkpoint is never unpickled: it is read as
-safetensors + JSON and checked against its recorded hash (hdmap_ad.core.checkpoint); an old pickle-based
-one is refused with the `hdmap-ad checkpoint migrate` command that converts it.
+repo root) and the checkpoint (`checkpoint/model.safetensors` of the run, or the checkpoint inside a logged
+pyfunc model) is downloaded to a temporary folder (hdmap_ad.pipeline.model_source, shared with export).
+A checkpoint is never unpickled: it is read as safetensors + JSON and checked against its recorded hash
+(hdmap_ad.core.checkpoint); an old pickle-based one is refused with the `hdmap-ad checkpoint migrate`
+command that converts it.
 
 `--out` and `--maps` are checked to be writable before any map is scored.
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,22 +48,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hdmap_ad.core.errors import HdmapError
+from hdmap_ad.pipeline.model_source import (
+    CHECKPOINT_SUFFIX,
+    expected_shape,
+    is_mlflow_reference,
+    register,
+    resolve_model,
+    tracking_uri_for,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from hdmap_ad.core.checkpoint import TrainedModel
 
 MAP_SUFFIXES = (".tif", ".tiff", ".png")
 SKIP_DIRS = {"ground_truth"}
-CHECKPOINT_ARTIFACT = "checkpoint/model.pt"  # where training.train logs the checkpoint in its run
 CSV_COLUMNS = ["path", "domain", "score", "is_anomaly"]
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 DESCRIPTION = """\
 Score HDMAP maps with a trained model and write path,domain,score,is_anomaly to a CSV.
 
---model: a checkpoint file (models/model.pt), an MLflow run id, runs:/<run id>[/<artifact path>],
+--model: a checkpoint file (models/model.safetensors), an MLflow run id, runs:/<run id>[/<artifact path>],
 or models:/<name>/<version> (models:/<model id>); MLflow references are downloaded from the
 tracking store (MLFLOW_TRACKING_URI, else mlflow.tracking_uri of --params, else mlflow.db at the
 repo root).
@@ -95,17 +100,6 @@ def infer_domain(path: Path, domains: Sequence[str]) -> str | None:
     for part in reversed(Path(path).absolute().parts):
         if part in known:
             return part
-    return None
-
-
-def expected_shape(trained: TrainedModel) -> tuple[int, int] | None:
-    """The training maps' H×W when the checkpoint tells it (map_shape, or the synthetic data's size)."""
-    shape = trained.info.get("map_shape")
-    if shape:
-        return int(shape[0]), int(shape[1])
-    p = trained.params
-    if p.synthetic_data:
-        return p.synth.height, p.synth.width
     return None
 
 
@@ -160,148 +154,7 @@ def collect_inputs(items: Sequence[str | Path]) -> Collected:
 
 
 # --------------------------------------------------------------------------------------------------
-# model references
-
-
-def is_mlflow_reference(spec: str) -> bool:
-    return spec.startswith(("runs:/", "models:/")) or bool(_RUN_ID.match(spec))
-
-
-def find_checkpoint(folder: Path, suffix: str = ".pt") -> Path:
-    """The checkpoint (`suffix` .pt, or .onnx for an exported model) inside a downloaded artifact
-    folder (a pyfunc model's artifacts/, or a run's checkpoint/)."""
-    folder = Path(folder)
-    if folder.is_file():
-        return folder
-    for candidate in (folder / "artifacts" / f"model{suffix}", folder / f"model{suffix}", folder / CHECKPOINT_ARTIFACT):
-        if candidate.is_file() and candidate.suffix == suffix:
-            return candidate
-    found = sorted(folder.rglob(f"*{suffix}"))
-    if len(found) == 1:
-        return found[0]
-    what = f"no {suffix} model" if not found else f"{len(found)} {suffix} files, none at artifacts/model{suffix}"
-    raise HdmapError(f"{folder}: {what} in the downloaded MLflow artifacts (is this an hdmap-ad model?)")
-
-
-@dataclass
-class ResolvedModel:
-    checkpoint: Path
-    run_id: str | None  # the MLflow run the reference names, when it names one
-    source: str  # the --model value, for messages
-
-
-def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = ".pt") -> ResolvedModel:
-    """A local checkpoint path for `spec`, downloading MLflow artifacts into `workdir` when needed
-    (`suffix` .onnx: an exported model, e.g. the artifacts of an ONNX pyfunc model)."""
-    local = Path(spec)
-    if local.is_file():
-        return ResolvedModel(local, None, spec)
-    if local.is_dir():  # e.g. a downloaded pyfunc model folder
-        return ResolvedModel(find_checkpoint(local, suffix), None, spec)
-    if not is_mlflow_reference(spec):
-        raise HdmapError(
-            f"--model {spec}: not a checkpoint file, an MLflow run id, runs:/<run id>/... or models:/<name>/<version>"
-        )
-
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one progress bar is ours
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    mlflow.set_tracking_uri(tracking_uri)
-    run_id: str | None = None
-    try:
-        if _RUN_ID.match(spec):
-            run_id, uri = spec, f"runs:/{spec}/{CHECKPOINT_ARTIFACT}"
-        elif spec.startswith("runs:/"):
-            rest = spec[len("runs:/") :].strip("/")
-            run_id, _, artifact = rest.partition("/")
-            uri = f"runs:/{run_id}/{artifact or CHECKPOINT_ARTIFACT}"
-            mlflow.MlflowClient().get_run(run_id)  # a clear "run not found" before any download
-        else:
-            uri = spec
-        target = workdir / "download"
-        target.mkdir(parents=True, exist_ok=True)
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except MlflowException as err:
-        first = (str(err.message if hasattr(err, "message") else err).strip().splitlines() or ["?"])[0][:300]
-        raise HdmapError(f"--model {spec}: cannot fetch it from the MLflow store {tracking_uri}: {first}") from None
-    except OSError as err:
-        raise HdmapError(f"--model {spec}: download from {tracking_uri} failed: {err}") from None
-    return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec)
-
-
-def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking_uri: str) -> str:
-    """Register the run's pyfunc model as a new version of `name`; log it from the checkpoint if missing."""
-    import logging
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from hdmap_ad.pipeline import serving
-
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    run_id = resolved.run_id or trained.info.get("run_id")
-    if not run_id and trained.info.get("sha256"):  # a model file names no run: find the run that logged it
-        try:
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = (
-                client.search_runs(
-                    experiments,
-                    filter_string=f"tags.model_sha256 = '{trained.info['sha256']}'",
-                    order_by=["attributes.start_time DESC"],
-                    max_results=1,
-                )
-                if experiments
-                else []
-            )
-        except MlflowException as err:
-            first = (str(err).strip().splitlines() or ["?"])[0][:300]
-            raise HdmapError(f"--register {name}: MLflow store {tracking_uri}: {first}") from None
-        run_id = runs[0].info.run_id if runs else None
-    if not run_id:
-        raise HdmapError(
-            f"--register {name}: no run in the MLflow store {tracking_uri} logged {resolved.source} "
-            "(no run is tagged with its model_sha256); give the run id as --model"
-        )
-    try:
-        run = client.get_run(run_id)
-        logged = serving.find_logged_model(run, serving.DEFAULT_NAME)
-        if logged is None:
-            with mlflow.start_run(run_id=run_id):
-                serving.log_pyfunc_model(resolved.checkpoint)
-        # MLflow notes that the run's artifacts hold no `model` folder (MLflow 3 keeps logged models apart)
-        quiet = serving.DropMessage(f"Run with id {run_id} has no artifacts at artifact path")
-        logger = logging.getLogger("mlflow.tracking._model_registry.fluent")
-        logger.addFilter(quiet)
-        try:
-            version = mlflow.register_model(f"runs:/{run_id}/{serving.DEFAULT_NAME}", name)
-        finally:
-            logger.removeFilter(quiet)
-    except MlflowException as err:
-        first = (str(err).strip().splitlines() or ["?"])[0][:300]
-        raise HdmapError(f"--register {name}: run {run_id} in {tracking_uri}: {first}") from None
-    return f"models:/{version.name}/{version.version}"
-
-
-# --------------------------------------------------------------------------------------------------
 # the command
-
-
-def _tracking_uri(args: argparse.Namespace) -> str:
-    from hdmap_ad.pipeline import tracking
-
-    configured = None
-    params_file = Path(args.params)
-    if params_file.is_file():
-        from hdmap_ad.core.config import load_params
-
-        configured = load_params(params_file, args.set).mlflow.tracking_uri
-    elif str(params_file) != "params.yaml":
-        raise HdmapError(f"--params {params_file}: not found")
-    return tracking.tracking_uri(configured)
 
 
 def _picture_paths(inputs: Sequence[Input], root: Path) -> list[Path]:
@@ -399,7 +252,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise HdmapError(str(err).replace("runtime.device=", "--device ")) from None
     except RuntimeError:
         raise HdmapError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
-    uri = _tracking_uri(args) if (is_mlflow_reference(args.model) or args.register) else ""
+    uri = tracking_uri_for(args.params, args.set) if (is_mlflow_reference(args.model) or args.register) else ""
     if uri:  # a dead or read-only store is one line within seconds, not minutes of retries
         from hdmap_ad.pipeline.store_check import check_store
 
@@ -408,7 +261,7 @@ def run_predict(args: argparse.Namespace) -> int:
         import tempfile
 
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-predict-")))
-        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else ".pt")
+        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else CHECKPOINT_SUFFIX)
         if onnx:
             from hdmap_ad.core.onnx_scorer import OnnxScorer
 

@@ -1,6 +1,6 @@
 """`hdmap-ad serve`: serve a trained model over HTTP (MLflow's /invocations contract) with bounded memory.
 
-    hdmap-ad serve --model models/model.pt                     # or a run id, runs:/..., models:/...
+    hdmap-ad serve --model models/model.safetensors                  # or a run id, runs:/..., models:/...
     hdmap-ad serve --backend onnx --model model.onnx --port 5002
 
 The model is resolved as `predict` resolves it and scored by the same pyfunc model code that
@@ -72,8 +72,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hdmap_ad import __version__
-    from hdmap_ad.apps.predict import is_mlflow_reference, resolve_model
     from hdmap_ad.pipeline.http_server import InvocationsApp, Limits
+    from hdmap_ad.pipeline.model_source import CHECKPOINT_SUFFIX, is_mlflow_reference, resolve_model
     from hdmap_ad.pipeline.serving import ARTIFACT_KEY, ONNX_ARTIFACT_KEY, HdmapPyfuncModel
     from hdmap_ad.pipeline.tracking import tracking_uri
 
@@ -82,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-serve-")))
         configured = params.mlflow.tracking_uri if params is not None else None
         uri = tracking_uri(configured) if is_mlflow_reference(args.model) else ""
-        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else ".pt")
+        resolved = resolve_model(args.model, workdir, uri, suffix=".onnx" if onnx else CHECKPOINT_SUFFIX)
         if onnx != (resolved.checkpoint.suffix == ".onnx"):
             raise HdmapError(
                 f"--model {args.model}: {resolved.checkpoint.name} is "

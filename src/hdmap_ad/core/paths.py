@@ -21,8 +21,9 @@ def repo_root() -> Path:
 
 # models/: written by the configure and train stages
 TRAIN_CONFIG_FILE = Path("models/train_config.json")  # what changes a trained model (configure)
-MODEL_FILE = Path("models/model.pt")  # the trained model (safetensors)
-STATE_FILE = Path("models/train_state/last.pt")  # resume state: scratch, not a DVC output
+MODEL_FILE = Path("models/model.safetensors")  # the trained model
+STATE_FILE = Path("models/train_state/last.safetensors")  # resume state: scratch, not a DVC output
+LEGACY_SUFFIX = ".pt"  # what both were called before: safetensors content under a PyTorch name
 RUN_FILE = Path("models/run.json")  # which MLflow run trained MODEL_FILE: machine-specific
 # metrics/ and plots/: the train and evaluate stages
 TRAIN_METRICS = Path("metrics/train.json")  # DVC metric

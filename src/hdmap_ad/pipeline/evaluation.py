@@ -296,7 +296,7 @@ def metric_items(result: dict[str, Any]) -> dict[str, float]:
 
 
 def load_model_and_run(params: Params, device: torch.device) -> checkpoint.TrainedModel:
-    """models/model.pt, with `info["run_id"]` set to the MLflow run that trained it (models/run.json,
+    """models/model.safetensors, with `info["run_id"]` set to the MLflow run that trained it (models/run.json,
     else the run tagged with the model's hash). No such run, or no usable store, is an error here,
     before the slow scoring: results that cannot be logged must not pass silently."""
     from hdmap_ad.pipeline.store_check import check_store
@@ -304,7 +304,7 @@ def load_model_and_run(params: Params, device: torch.device) -> checkpoint.Train
     uri = tracking.tracking_uri(params.mlflow.tracking_uri)
     check_store(uri, write=False)  # within seconds, before anything slow
     trained = checkpoint.load_trained(MODEL_FILE, device)
-    trained.info["run_id"] = checkpoint.find_run(
+    trained.info["run_id"] = tracking.find_run(
         MODEL_FILE,
         trained.info["sha256"],
         params.mlflow.experiment,

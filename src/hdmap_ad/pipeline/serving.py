@@ -3,9 +3,9 @@
 Logging (inside an active MLflow run; training calls this at the end of `train()`):
 
     from hdmap_ad.pipeline.serving import log_pyfunc_model
-    model_uri = log_pyfunc_model(Path("models/model.pt"))          # models:/<model id>
+    model_uri = log_pyfunc_model(Path("models/model.safetensors"))  # models:/<model id>
 
-The logged model holds the checkpoint (artifact `checkpoint` -> artifacts/model.pt, a safetensors
+The logged model holds the checkpoint (artifact `checkpoint` -> artifacts/model.safetensors, a safetensors
 file), a copy of the `hdmap_ad` package (code_paths, so it loads in a fresh process that has only
 the dependencies), and pinned requirements of the current environment. It is logged as code
 (MLflow "models from code": `pyfunc_model.py` builds the model object), not as a pickle: loading

@@ -8,10 +8,12 @@ is resolved from `DVC_ROOT`, and `ensure_experiment` is called once before worke
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.paths import repo_root
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 
     from hdmap_ad.core.config import Params
     from hdmap_ad.pipeline.data import PreparedData
+
+
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the training run's artifact folder that holds its model file
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -139,3 +144,71 @@ def log_dataset_input(prepared: PreparedData, name: str, context: str = "trainin
             prepared.manifest, source=str(prepared.out_dir), name=str(name), digest=prepared.data_digest()
         )
         mlflow.log_input(dataset, context=context)
+
+
+def find_run(
+    model_path: Path, model_sha256: str, experiment: str, uri: str, run_file: Path, fallback_run_id: str | None = None
+) -> str:
+    """The active MLflow run that trained the model file with content hash `model_sha256`.
+
+    `run_file` (models/run.json, written by training) when it records this hash; else the newest
+    run of `experiment` tagged `model_sha256` with it; else `fallback_run_id` (the run id a model
+    migrated from format 1 carries). A missing or unusable store, or no such run, is an HdmapError:
+    the caller checks this before its slow work so that results are never silently left unlogged.
+    """
+    for scheme in ("sqlite:///", "file:"):  # a local store that is gone must not be silently recreated empty
+        if uri.startswith(scheme):
+            local = Path(unquote(uri[len(scheme) :] if scheme == "sqlite:///" else urlparse(uri).path))
+            if not local.exists():
+                raise HdmapError(
+                    f"MLflow store {uri}: not found, so the run that trained {model_path} cannot be "
+                    "updated; restore the store or point MLFLOW_TRACKING_URI (mlflow.tracking_uri) at it"
+                )
+    import mlflow
+
+    recorded: dict[str, Any] = {}
+    if Path(run_file).is_file():
+        try:
+            recorded = json.loads(Path(run_file).read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        recorded = recorded if isinstance(recorded, dict) else {}
+    try:
+        client = mlflow.MlflowClient(uri)
+
+        def active(run_id: Any) -> bool:
+            if not isinstance(run_id, str) or not run_id:
+                return False
+            try:
+                return client.get_run(run_id).info.lifecycle_stage == "active"
+            except mlflow.exceptions.MlflowException:
+                return False
+
+        if recorded.get("model_sha256") == model_sha256 and active(recorded.get("run_id")):
+            return recorded["run_id"]
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.model_sha256 = '{model_sha256}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                return runs[0].info.run_id
+        if active(fallback_run_id):
+            return str(fallback_run_id)
+    except HdmapError:
+        raise
+    except Exception as err:  # MlflowException, sqlalchemy and connection errors all mean "unusable store"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise HdmapError(f"MLflow store {uri}: {first}") from None
+    if recorded.get("model_sha256") == model_sha256:
+        why = f"its run {recorded.get('run_id')} in {run_file} is gone"
+    else:
+        why = f"{run_file} records another model" if recorded.get("model_sha256") else f"no {run_file}"
+    raise HdmapError(
+        f"{model_path}: no run in the MLflow store {uri} (experiment {experiment!r}) trained this model "
+        f"(model_sha256 {model_sha256[:12]}; {why}); retrain it (`dvc repro train`) or point "
+        "MLFLOW_TRACKING_URI (mlflow.tracking_uri) at the store that holds its run"
+    )

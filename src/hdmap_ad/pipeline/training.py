@@ -1,14 +1,17 @@
-"""The one training loop: any method, seeded, resumable, with health checks and MLflow logging."""
+"""The one training loop: any method, seeded, resumable, with health checks and MLflow logging.
+
+`train` reads as its steps: set up (device, data, precision), resume (a matching training state), build
+the trainer, choose and open the MLflow run, the loop, save the model, log it. One optimisation step is
+pipeline/train_steps.py; what a run must match (code, configuration) is pipeline/fingerprint.py."""
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import json
+import contextlib
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdmap_ad.core import checkpoint
+from hdmap_ad.core import checkpoint, methods
 from hdmap_ad.core.config import Params, flatten
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.features import FeatureSource, make_feature_source
 from hdmap_ad.core.files import write_json
 from hdmap_ad.core.inference import score_maps
+from hdmap_ad.core.model import Dinomaly
 from hdmap_ad.core.optim import StableAdamW, warm_cosine_lr
-from hdmap_ad.core.paths import MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
+from hdmap_ad.core.paths import LEGACY_SUFFIX, MODEL_FILE, RUN_FILE, STATE_FILE, TRAIN_METRICS
 from hdmap_ad.core.runtime import (
     StepProgress,
-    autocast,
     console,
     precision_label,
     resolve_precision,
@@ -38,7 +41,9 @@ from hdmap_ad.core.runtime import (
 )
 from hdmap_ad.pipeline import tracking
 from hdmap_ad.pipeline.data import PreparedData
+from hdmap_ad.pipeline.fingerprint import check_config_unchanged, run_fingerprint
 from hdmap_ad.pipeline.metrics import image_metrics
+from hdmap_ad.pipeline.train_steps import batch_indices, build_optimizer, set_lr, train_step
 
 
 @dataclass
@@ -76,15 +81,6 @@ def load_train_set(prepared: PreparedData, params: Params) -> TrainSet:
         pick = np.concatenate(chosen)
         val[d] = (np.asarray(prepared.maps(d, "test")[pick], dtype=np.float32), labels[pick])
     return TrainSet(np.concatenate(maps), np.concatenate(ids), domains, val)
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Shuffled epochs without replacement, dropping the ragged tail; a pure function of the step,
-    so a resumed run draws exactly the batches the uninterrupted run would have."""
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
 def validate(
@@ -126,159 +122,305 @@ def val_line(step: int, total: int, val_metrics: dict[str, float]) -> str:
     return f"validation @ {step}/{total}: AUROC " + "  ".join(cells)
 
 
-def _grad_health(parameters: list[torch.nn.Parameter]) -> int:
-    return int(sum((~torch.isfinite(p.grad)).sum().item() for p in parameters if p.grad is not None))
+# --------------------------------------------------------------------------------------------------
+# train(): its steps
 
 
 @dataclass
-class StepResult:
-    loss: float  # NaN/Inf when the loss was not finite
-    nan_count: int  # non-finite gradient elements (0 when no backward ran)
-    total_norm: float  # gradient norm before clipping (NaN when no backward ran)
-    info: dict[str, float]
+class RunSetup:
+    """What one training run works on: the device, the data, and what a resumed state must match."""
 
-    @property
-    def good(self) -> bool:
-        """The update was applied: finite loss, finite gradients."""
-        return math.isfinite(self.loss) and self.nan_count == 0 and math.isfinite(self.total_norm)
-
-
-def build_optimizer(model, method, params: Params, device: torch.device) -> tuple[StableAdamW, torch.amp.GradScaler]:
-    """StableAdamW over the trainable model parameters plus the method's own groups (each with its
-    `lr_mult`), and the loss scaler (active only for fp16 autocast on CUDA). Training and the benchmark
-    both use exactly this."""
-    t = params.train
-    groups = [{"params": model.trainable_parameters(), "lr": t.lr, "lr_mult": 1.0, "name": "model"}]
-    for g in method.param_groups(t.lr):
-        groups.append({"lr_mult": 1.0, **g})
-    optimizer = StableAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, amsgrad=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
-    return optimizer, scaler
+    device: torch.device
+    prepared: PreparedData
+    train_set: TrainSet
+    data_digest: str
+    precision: str  # what train.amp resolved to on this machine
+    fingerprint: str  # configuration, code, data and precision (`run_fingerprint`)
+    comparison_key: str  # the settings runs are compared by (MLflow tag, resumed runs)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+@dataclass
+class Trainer:
+    """The model being trained and everything that moves with it from step to step."""
+
+    model: Dinomaly
+    method: methods.Method
+    optimizer: StableAdamW
+    scaler: torch.amp.GradScaler
+    features: FeatureSource
+    start_step: int
+    run_id: str | None  # the MLflow run: the resumed state's, then the one logged into
+    history: dict[str, Any]  # validation results by step and the count of skipped steps
 
 
-def train_step(
-    model,
-    method,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    features: FeatureSource,
-    idx: np.ndarray,
-    domain_ids: np.ndarray,
-    step: int,
-    params: Params,
-    device: torch.device,
-) -> StepResult:
-    """One optimisation step on the maps `idx`: decode their features, the method's loss, and, when
-    loss and gradients are finite, a clipped StableAdamW update (otherwise the update is skipped).
-    The training loop and `hdmap-ad bench` both run exactly this."""
-    t_params = params.train
-    all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = torch.from_numpy(domain_ids).to(device)
-    feats = features.batch(idx)
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, t_params.amp):
-        recon = model.decode(feats)
-        loss, info = method.loss(recon, ids, step)
-    loss_value = float(loss.detach())
-    nan_count, total_norm = 0, float("nan")
-    if math.isfinite(loss_value):
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grads = [p.grad for p in all_params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        total_norm = float(norm)
-        if math.isfinite(total_norm):
-            torch.nn.utils.clip_grads_with_norm_(all_params, t_params.grad_clip, norm)
-        else:  # only now count the bad elements (a full pass over the gradients); the update is skipped
-            nan_count = _grad_health(all_params)
-    result = StepResult(loss_value, nan_count, total_norm, info)
-    if result.good:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        if math.isfinite(loss_value):
-            scaler.update()  # fp16: an overflow must lower the loss scale, or it recurs every step
-        optimizer.zero_grad(set_to_none=True)
-    return result
+def set_up(params: Params, prepared_dir: Path | None) -> RunSetup:
+    """Threads, device, the training set and validation subset, and the precision train.amp resolves to."""
+    set_threads(params.runtime.num_threads)
+    device = select_device(params.runtime.device)
+    prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
+    train_set = load_train_set(prepared, params)
+    data_digest = prepared.data_digest()
+    precision = resolve_precision(device, params.train.amp, "train.amp")
+    console.print(f"precision: {precision_label(precision)} (train.amp={params.train.amp} on {device})")
+    fingerprint = run_fingerprint(params, data_digest, precision)
+    return RunSetup(
+        device, prepared, train_set, data_digest, precision, fingerprint, params.comparison_key(data_digest)
+    )
 
 
-def code_files(entry: str = __name__) -> list[Path]:
-    """The source files of `entry` and every hdmap_ad module it imports, directly or not (anywhere in a
-    file, as the DVC stage deps are checked), with the packages' __init__ files: the code training runs."""
-    src = Path(__file__).resolve().parents[2]  # the folder holding the hdmap_ad package
-
-    def source(module: str) -> Path | None:
-        base = src / module.replace(".", "/")
-        for f in (base / "__init__.py", base.with_suffix(".py")):
-            if f.is_file():
-                return f
-        return None  # a name imported from a module, not a module
-
-    seen: dict[str, Path] = {}
-    todo = [entry]
-    while todo:
-        module = todo.pop()
-        if module in seen or (f := source(module)) is None:
-            continue
-        seen[module] = f
-        parts = module.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run on import
-        for node in ast.walk(ast.parse(f.read_bytes(), str(f))):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        todo = [m for m in todo if m == "hdmap_ad" or m.startswith("hdmap_ad.")]
-    return sorted(seen.values())
+def load_resume_state(params: Params, fingerprint: str) -> dict[str, Any] | None:
+    """The training state to continue from (`STATE_FILE`, with runtime.resume=auto), or None: none there,
+    one from another configuration, code or data, or one that cannot be read (moved aside, with a warning)."""
+    if params.runtime.resume != "auto":
+        return None
+    legacy = STATE_FILE.with_suffix(LEGACY_SUFFIX)
+    if not STATE_FILE.is_file() and legacy.is_file():  # the state's old name, same content: take it over
+        os.replace(legacy, STATE_FILE)
+        console.print(f"renamed {legacy} to {STATE_FILE} (the training state's new name)")
+    if not STATE_FILE.is_file():
+        return None
+    try:
+        state = checkpoint.load(STATE_FILE, checkpoint.STATE_KEYS)
+    except HdmapError as err:  # truncated, damaged, old format: it must not block every later run
+        aside = STATE_FILE.with_name(STATE_FILE.name + ".corrupt")
+        os.replace(STATE_FILE, aside)
+        console.print(f"[yellow]warning: {err}\n  moved it to {aside}; starting afresh[/]")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        console.print(f"[yellow]{STATE_FILE}: from a different configuration, code or data; starting afresh[/]")
+        return None
+    return state
 
 
-def code_digest() -> str:
-    """Hash of the code training runs (`code_files`): a change there must not resume an old run's state.
-    Only that code: the fingerprint is stored in the model file, and DVC reruns train exactly when that
-    code changes, so a change elsewhere (compare, the CLI) must not change the model's bytes."""
-    src = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for f in code_files():
-        h.update(f.relative_to(src).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def build_trainer(params: Params, setup: RunSetup, state: dict[str, Any] | None) -> Trainer:
+    """Model, method and optimiser from the seed, then (when resuming) from `state`; the feature source."""
+    seed_everything(params.seed)
+    model, method = checkpoint.build(params, setup.train_set.domains, setup.device)
+    optimizer, scaler = build_optimizer(model, method, params, setup.device)
+    start_step, run_id, history = 0, None, {}
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"], strict=False)  # before compiling: keys carry no `_orig_mod.`
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise HdmapError(
+                f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
+                "delete it or set runtime.resume=never"
+            ) from None
+        start_step, run_id, history = int(state["step"]), state.get("run_id"), dict(state.get("history") or {})
+        console.print(f"resuming from {STATE_FILE} at step {start_step}/{params.train.steps}")
+    if params.train.compile:
+        model.decoder = torch.compile(model.decoder)
+    features = make_feature_source(model, setup.train_set.maps, params, setup.device)
+    return Trainer(model, method, optimizer, scaler, features, start_step, run_id, history)
 
 
-def run_fingerprint(params: Params, data_digest: str, precision: str = "") -> str:
-    """What a training state must match to be resumed: configuration, code, prepared data and the precision
-    train.amp resolved to (train.amp=auto may mean bf16 on one machine and float32 on another)."""
-    parts = f"{params.training_fingerprint()}:{code_digest()}:{data_digest}:{precision}"
-    return hashlib.sha256(parts.encode()).hexdigest()[:16]
-
-
-def check_config_unchanged(
-    params: Params, expected_config: Path | None, params_file: Path | str | None, overrides: list[str] | None = None
-) -> None:
-    """Under DVC: the params this run trains with must still be the ones the `configure` stage resolved,
-    and params.yaml must still say so. A second `dvc exp run` in the same workspace writes its `-S`
-    values into params.yaml before failing on DVC's lock; without this check the first run would finish
-    and DVC would record the other values beside a model trained with these."""
-    if expected_config is None:
-        return
-    from hdmap_ad.core.config import load_params
-
-    expected_path = Path(expected_config)
-    if not expected_path.is_file():
-        raise HdmapError(f"{expected_path}: not found (the DVC `configure` stage writes it; run `dvc repro`)")
-    expected = json.loads(expected_path.read_text())
-    now = load_params(params_file, overrides).training_config() if params_file is not None else params.training_config()
-    if params.training_config() != expected or now != expected:
-        raise HdmapError(
-            f"params.yaml changed while this run was in progress (it no longer matches {expected_path}); another "
-            "`dvc exp run` in this workspace? DVC runs one experiment per workspace at a time: queue them with "
-            "`dvc exp run --queue ...` + `dvc queue start`, or use `hdmap-ad grid`. This run was stopped so that "
-            "no result is recorded under settings it was not trained with"
+def choose_run(setup: RunSetup, state: dict[str, Any] | None, run_id: str | None) -> tuple[str | None, str | None]:
+    """(the MLflow run to continue, None for a new one; the run a new one resumes from). A resumed state
+    continues its run while that run exists and the settings it is compared by are unchanged."""
+    if run_id is not None and not tracking.run_exists(run_id):
+        console.print(f"[yellow]MLflow run {run_id} of the checkpoint is gone; logging to a new run[/]")
+        return None, None
+    if run_id is not None and state is not None and state.get("comparison_key") != setup.comparison_key:
+        # Same weights, other settings that the run is compared by (e.g. score.*): the old run keeps its
+        # own params and results; this one gets a run of its own.
+        console.print(
+            f"[yellow]{STATE_FILE}: settings the run is compared by changed (not the weights); "
+            "continuing from the checkpoint into a new MLflow run[/]"
         )
+        return None, run_id
+    return run_id, None
+
+
+@contextlib.contextmanager
+def open_run(
+    params: Params,
+    setup: RunSetup,
+    trainer: Trainer,
+    experiment_id: str,
+    run_id: str | None,
+    resumed_from: str | None,
+) -> Iterator[str]:
+    """The MLflow run (`run_id`, or a new one, which gets the params) with the data recorded as its input;
+    yields its id. An error inside ends the run as failed."""
+    import mlflow
+
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=tracking.run_name(params, setup.data_digest),
+        tags=tracking.run_tags(params, setup.data_digest),
+        log_system_metrics=False,
+    ) as run:
+        tracking.log_dataset_input(setup.prepared, params.data_root)
+        if run_id is None:
+            if resumed_from:
+                mlflow.set_tag("resumed_from_run", resumed_from)
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
+            mlflow.log_params(
+                {
+                    "n_train_maps": len(setup.train_set.maps),
+                    "device": str(setup.device),
+                    "train.amp_resolved": setup.precision,
+                    "feature_cache": trainer.features.describe(),
+                    "fingerprint": setup.fingerprint,
+                }
+            )
+        yield run.info.run_id
+
+
+def save_train_state(params: Params, setup: RunSetup, trainer: Trainer, step: int) -> None:
+    """What resuming at `step` needs (`STATE_FILE`)."""
+    checkpoint.save(
+        {
+            "model": checkpoint.trainable_state(trainer.model),
+            "method": trainer.method.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": {"step": step},
+            "step": step,
+            "rng": rng_state(),
+            "config": params.resolved(),
+            "fingerprint": setup.fingerprint,
+            "run_id": trainer.run_id,
+            "comparison_key": setup.comparison_key,
+            "domains": setup.train_set.domains,
+            "history": trainer.history,
+            "precision": setup.precision,
+        },
+        STATE_FILE,
+    )
+
+
+def train_loop(params: Params, setup: RunSetup, trainer: Trainer, bar: StepProgress) -> int:
+    """The steps from `trainer.start_step` on: updates, MLflow logs every runtime.log_every steps, validation
+    every train.val_every, the training state every runtime.checkpoint_every (after good updates only).
+    Stops with an error after train.max_bad_steps non-finite steps in a row; returns the skipped steps."""
+    import mlflow
+
+    t_params, run_params = params.train, params.runtime
+    model, method, optimizer, train_set, history = (
+        trainer.model,
+        trainer.method,
+        trainer.optimizer,
+        setup.train_set,
+        trainer.history,
+    )
+    bad_in_row, bad_total, window_loss, window_n, t_last = 0, history.get("bad_total", 0), 0.0, 0, time.perf_counter()
+    model.train()
+    method.train()
+    for step in range(trainer.start_step, t_params.steps):
+        lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
+        set_lr(optimizer, lr)
+        idx = batch_indices(len(train_set.maps), t_params.batch_size, step, params.seed)
+        result = train_step(
+            model,
+            method,
+            optimizer,
+            trainer.scaler,
+            trainer.features,
+            idx,
+            train_set.domain_ids[idx],
+            step,
+            params,
+            setup.device,
+        )
+        info, nan_count, total_norm = result.info, result.nan_count, result.total_norm
+        if result.good:
+            bad_in_row = 0
+            window_loss += result.loss
+            window_n += 1
+        else:
+            bad_in_row += 1
+            bad_total += 1
+            what = "loss" if not math.isfinite(result.loss) else "gradient"
+            warnings.warn(
+                f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped",
+                stacklevel=1,
+            )
+            mlflow.log_metrics({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step=step)
+            if bad_in_row >= t_params.max_bad_steps:
+                raise HdmapError(
+                    f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
+                    f"the last good checkpoint is kept at {STATE_FILE}"
+                )
+        done = step + 1
+        if done % run_params.log_every == 0 or done == t_params.steps:
+            now = time.perf_counter()
+            logs = {
+                "train/loss": window_loss / window_n if window_n else float("nan"),
+                "train/lr": lr,
+                "grad/total_norm": total_norm,
+                "grad/nan_count": nan_count,
+                "train/bad_steps": bad_total,
+                "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9),
+            }
+            logs.update(info)
+            logs.update(method.diagnostics())
+            mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=done)
+            bar.update(0, f"loss {logs['train/loss']:.4f} lr {lr:.2e} {logs['train/images_per_s']:.1f} img/s")
+            window_loss, window_n, t_last = 0.0, 0, now
+        if done % t_params.val_every == 0 and done != t_params.steps:
+            val_metrics, _ = validate(model, method, train_set, params, setup.device)
+            mlflow.log_metrics(val_metrics, step=done)
+            bar.note(val_line(done, t_params.steps, val_metrics))
+            history[f"val@{done}"] = val_metrics
+            model.train()
+            method.train()
+        history["bad_total"] = bad_total
+        # Only after a good update: a checkpoint must never sit on the far side of a divergence.
+        if bad_in_row == 0 and (done % run_params.checkpoint_every == 0 or done == t_params.steps):
+            save_train_state(params, setup, trainer, done)
+        bar.update(1)
+    return bad_total
+
+
+def save_model(
+    params: Params, setup: RunSetup, trainer: Trainer, val_metrics: dict[str, float], thresholds: dict[str, Any]
+) -> str:
+    """Write the trained model (`MODEL_FILE`); return its content hash.
+
+    No run id in the model file: two machines training one config write the same bytes (dvc.lock records
+    its hash). The run is found through models/run.json or the run's model_sha256 tag."""
+    final = {
+        "model": checkpoint.trainable_state(trainer.model),
+        "method": trainer.method.state_dict(),
+        "step": params.train.steps,
+        "config": params.resolved(),
+        "fingerprint": setup.fingerprint,
+        "domains": setup.train_set.domains,
+        "thresholds": thresholds,
+        "val": val_metrics,
+        "map_shape": list(setup.prepared.shape),
+        "precision": setup.precision,  # what train.amp resolved to on the machine that trained it
+    }
+    return checkpoint.save(final, MODEL_FILE)
+
+
+def log_model(run_id: str, model_sha256: str) -> None:
+    """Into the active run: the model file (artifact `checkpoint/`), its hash as a tag, the servable pyfunc
+    model (runs:/<run id>/model); and which run trained it into models/run.json."""
+    import mlflow
+
+    from hdmap_ad.pipeline.serving import log_pyfunc_model
+
+    mlflow.set_tag("model_sha256", model_sha256)
+    mlflow.log_artifact(str(MODEL_FILE), artifact_path=tracking.CHECKPOINT_ARTIFACT_DIR)
+    log_pyfunc_model(MODEL_FILE)
+    write_json({"run_id": run_id, "model_sha256": model_sha256}, RUN_FILE)
+
+
+def write_summary(params: Params, bad_total: int, val_metrics: dict[str, float]) -> dict[str, Any]:
+    """metrics/train.json (a DVC metric, hashed in dvc.lock): what people compare, in percent. The run's
+    ids live in models/run.json, the thresholds in the model."""
+    val_auroc = {
+        k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()
+    }
+    summary = {"steps": params.train.steps, "bad_steps": bad_total, "val_auroc": val_auroc}
+    write_json(summary, TRAIN_METRICS)
+    return summary
 
 
 def train(
@@ -295,215 +437,28 @@ def train(
     import mlflow
 
     check_config_unchanged(params, expected_config, params_file, overrides)
-    t_params, run_params = params.train, params.runtime
-    set_threads(run_params.num_threads)
-    device = select_device(run_params.device)
-    prepared = PreparedData.load(Path(prepared_dir or params.data.prepared))
-    train_set = load_train_set(prepared, params)
-    data_digest = prepared.data_digest()
-    precision = resolve_precision(device, t_params.amp, "train.amp")
-    console.print(f"precision: {precision_label(precision)} (train.amp={t_params.amp} on {device})")
-    fingerprint = run_fingerprint(params, data_digest, precision)
-
-    state = None
-    if run_params.resume == "auto" and STATE_FILE.is_file():
-        try:
-            state = checkpoint.load(STATE_FILE, checkpoint.STATE_KEYS)
-        except HdmapError as err:  # truncated, damaged, old format: it must not block every later run
-            aside = STATE_FILE.with_name(STATE_FILE.name + ".corrupt")
-            os.replace(STATE_FILE, aside)
-            console.print(f"[yellow]warning: {err}\n  moved it to {aside}; starting afresh[/]")
-            state = None
-        if state is not None and state.get("fingerprint") != fingerprint:
-            console.print(f"[yellow]{STATE_FILE}: from a different configuration, code or data; starting afresh[/]")
-            state = None
-
-    seed_everything(params.seed)
-    model, method = checkpoint.build(params, train_set.domains, device)
-    optimizer, scaler = build_optimizer(model, method, params, device)
-    start_step, run_id, history = 0, None, {}
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"], strict=False)  # before compiling: keys carry no `_orig_mod.`
-            method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise HdmapError(
-                f"{STATE_FILE}: training state does not fit this model ({type(err).__name__}: {first}); "
-                "delete it or set runtime.resume=never"
-            ) from None
-        start_step, run_id, history = int(state["step"]), state.get("run_id"), dict(state.get("history") or {})
-        console.print(f"resuming from {STATE_FILE} at step {start_step}/{t_params.steps}")
-
-    if t_params.compile:
-        model.decoder = torch.compile(model.decoder)
-    features: FeatureSource = make_feature_source(model, train_set.maps, params, device)
-
+    setup = set_up(params, prepared_dir)
+    state = load_resume_state(params, setup.fingerprint)
+    trainer = build_trainer(params, setup, state)
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
-    if run_id is not None and not tracking.run_exists(run_id):
-        console.print(f"[yellow]MLflow run {run_id} of the checkpoint is gone; logging to a new run[/]")
-        run_id = None
-    comparison_key = params.comparison_key(data_digest)
-    resumed_from = None
-    if run_id is not None and state is not None and state.get("comparison_key") != comparison_key:
-        # Same weights, other settings that the run is compared by (e.g. score.*): the old run keeps its
-        # own params and results; this one gets a run of its own.
-        console.print(
-            f"[yellow]{STATE_FILE}: settings the run is compared by changed (not the weights); "
-            "continuing from the checkpoint into a new MLflow run[/]"
-        )
-        resumed_from, run_id = run_id, None
-    new_run = run_id is None
-    with mlflow.start_run(
-        run_id=run_id,
-        experiment_id=experiment_id,
-        run_name=tracking.run_name(params, data_digest),
-        tags=tracking.run_tags(params, data_digest),
-        log_system_metrics=False,
-    ) as run:
-        run_id = run.info.run_id
-        tracking.log_dataset_input(prepared, params.data_root)
-        if new_run:
-            if resumed_from:
-                mlflow.set_tag("resumed_from_run", resumed_from)
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params.resolved()).items()})
-            mlflow.log_params(
-                {
-                    "n_train_maps": len(train_set.maps),
-                    "device": str(device),
-                    "train.amp_resolved": precision,
-                    "feature_cache": features.describe(),
-                    "fingerprint": fingerprint,
-                }
-            )
-
-        def save_state(step: int) -> None:
-            checkpoint.save(
-                {
-                    "model": checkpoint.trainable_state(model),
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"step": step},
-                    "step": step,
-                    "rng": rng_state(),
-                    "config": params.resolved(),
-                    "fingerprint": fingerprint,
-                    "run_id": run_id,
-                    "comparison_key": comparison_key,
-                    "domains": train_set.domains,
-                    "history": history,
-                    "precision": precision,
-                },
-                STATE_FILE,
-            )
-
-        bad_in_row, bad_total, window_loss, window_n, t_last = (
-            0,
-            history.get("bad_total", 0),
-            0.0,
-            0,
-            time.perf_counter(),
-        )
-        model.train()
-        method.train()
-        with StepProgress(
-            t_params.steps, f"train {params.method} seed {params.seed}", every=run_params.log_every, start=start_step
-        ) as bar:
-            for step in range(start_step, t_params.steps):
-                lr = warm_cosine_lr(step, t_params.lr, t_params.final_lr, t_params.steps, t_params.warmup_steps)
-                set_lr(optimizer, lr)
-                idx = batch_indices(len(train_set.maps), t_params.batch_size, step, params.seed)
-                result = train_step(
-                    model, method, optimizer, scaler, features, idx, train_set.domain_ids[idx], step, params, device
-                )
-                info, nan_count, total_norm = result.info, result.nan_count, result.total_norm
-                if result.good:
-                    bad_in_row = 0
-                    window_loss += result.loss
-                    window_n += 1
-                else:
-                    bad_in_row += 1
-                    bad_total += 1
-                    what = "loss" if not math.isfinite(result.loss) else "gradient"
-                    warnings.warn(
-                        f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped",
-                        stacklevel=1,
-                    )
-                    mlflow.log_metrics({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step=step)
-                    if bad_in_row >= t_params.max_bad_steps:
-                        raise HdmapError(
-                            f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
-                            f"the last good checkpoint is kept at {STATE_FILE}"
-                        )
-                done = step + 1
-                if done % run_params.log_every == 0 or done == t_params.steps:
-                    now = time.perf_counter()
-                    logs = {
-                        "train/loss": window_loss / window_n if window_n else float("nan"),
-                        "train/lr": lr,
-                        "grad/total_norm": total_norm,
-                        "grad/nan_count": nan_count,
-                        "train/bad_steps": bad_total,
-                        "train/images_per_s": window_n * t_params.batch_size / max(now - t_last, 1e-9),
-                    }
-                    logs.update(info)
-                    logs.update(method.diagnostics())
-                    mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=done)
-                    bar.update(0, f"loss {logs['train/loss']:.4f} lr {lr:.2e} {logs['train/images_per_s']:.1f} img/s")
-                    window_loss, window_n, t_last = 0.0, 0, now
-                if done % t_params.val_every == 0 and done != t_params.steps:
-                    val_metrics, _ = validate(model, method, train_set, params, device)
-                    mlflow.log_metrics(val_metrics, step=done)
-                    bar.note(val_line(done, t_params.steps, val_metrics))
-                    history[f"val@{done}"] = val_metrics
-                    model.train()
-                    method.train()
-                history["bad_total"] = bad_total
-                # Only after a good update: a checkpoint must never sit on the far side of a divergence.
-                if bad_in_row == 0 and (done % run_params.checkpoint_every == 0 or done == t_params.steps):
-                    save_state(done)
-                bar.update(1)
-
+    run_id, resumed_from = choose_run(setup, state, trainer.run_id)
+    with open_run(params, setup, trainer, experiment_id, run_id, resumed_from) as run_id:
+        trainer.run_id = run_id  # what the training states record from now on
+        steps = params.train.steps
+        description = f"train {params.method} seed {params.seed}"
+        with StepProgress(steps, description, every=params.runtime.log_every, start=trainer.start_step) as bar:
+            bad_total = train_loop(params, setup, trainer, bar)
         check_config_unchanged(params, expected_config, params_file, overrides)
-        val_metrics, thresholds = validate(model, method, train_set, params, device)
-        mlflow.log_metrics(val_metrics, step=t_params.steps)
-        bar.note(val_line(t_params.steps, t_params.steps, val_metrics))
-        # No run id in the model file: two machines training one config write the same bytes (dvc.lock
-        # records its hash). The run is found through models/run.json or the run's model_sha256 tag.
-        final = {
-            "model": checkpoint.trainable_state(model),
-            "method": method.state_dict(),
-            "step": t_params.steps,
-            "config": params.resolved(),
-            "fingerprint": fingerprint,
-            "domains": train_set.domains,
-            "thresholds": thresholds,
-            "val": val_metrics,
-            "map_shape": list(prepared.shape),
-            "precision": precision,  # what train.amp resolved to on the machine that trained it
-        }
-        model_sha256 = checkpoint.save(final, MODEL_FILE)
-        mlflow.set_tag("model_sha256", model_sha256)
-        mlflow.log_artifact(str(MODEL_FILE), artifact_path="checkpoint")
-        from hdmap_ad.pipeline.serving import log_pyfunc_model  # the servable model: runs:/<run id>/model
-
-        log_pyfunc_model(MODEL_FILE)
-        write_json({"run_id": run_id, "model_sha256": model_sha256}, RUN_FILE)
-        # metrics/train.json (a DVC metric, hashed in dvc.lock) holds what people compare, in percent; the
-        # run's ids live in models/run.json, the thresholds in the model
-        val_auroc = {
-            k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()
-        }
-        summary = {"steps": t_params.steps, "bad_steps": bad_total, "val_auroc": val_auroc}
-        write_json(summary, TRAIN_METRICS)
-        summary = {
-            **summary,
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "thresholds": thresholds,
-            "val": val_metrics,
-        }
+        val_metrics, thresholds = validate(trainer.model, trainer.method, setup.train_set, params, setup.device)
+        mlflow.log_metrics(val_metrics, step=steps)
+        bar.note(val_line(steps, steps, val_metrics))
+        log_model(run_id, save_model(params, setup, trainer, val_metrics, thresholds))
+        summary = write_summary(params, bad_total, val_metrics)
         mlflow.set_tag("stage", "trained")
-    return summary
+    return {
+        **summary,
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "thresholds": thresholds,
+        "val": val_metrics,
+    }

@@ -37,12 +37,12 @@ def synthetic_maps(n: int, spec: dict[str, Any], seed: int = 0):
 
 
 def ours_train_step(model, method, optimizer, features, params, device, n_maps: int, scaler=None):
-    """A closure `step(i) -> loss` running training.train_step, the training loop's own step, with
+    """A closure `step(i) -> loss` running train_steps.train_step, the training loop's own step, with
     its lr schedule and batch draw; steps count from HARD_MINING_STEP (hard mining at full ratio)."""
     import numpy as np
 
     from hdmap_ad.core.optim import warm_cosine_lr
-    from hdmap_ad.pipeline.training import batch_indices, build_optimizer, set_lr, train_step
+    from hdmap_ad.pipeline.train_steps import batch_indices, build_optimizer, set_lr, train_step
 
     t = params.train
     domain_ids = np.zeros(n_maps, dtype=np.int64)
@@ -62,7 +62,7 @@ def build_ours(params, device):
 
     from hdmap_ad.core import checkpoint
     from hdmap_ad.core.runtime import seed_everything
-    from hdmap_ad.pipeline.training import build_optimizer
+    from hdmap_ad.pipeline.train_steps import build_optimizer
 
     t = params.train
     seed_everything(params.seed)

@@ -234,7 +234,7 @@ def run_grid_ray(
     if max_retries < 0 or cpus_per_task <= 0 or (gpus_per_task is not None and gpus_per_task < 0):
         raise HdmapError("grid: --max-retries must be >= 0, --cpus-per-task > 0 and --gpus-per-task >= 0")
     for item in sets:
-        if len(local._split_top_level(item.partition("=")[2])) > 1:
+        if len(local.split_sweep_values(item.partition("=")[2])) > 1:
             raise HdmapError(
                 f"grid --executor ray: -S {item!r} is a sweep; give one value per key (the grid is --methods x --seeds)"
             )
@@ -381,7 +381,7 @@ def _wait(
                 t.state, t.reason, t.tail = "failed", result.get("reason", "failed"), result.get("tail", "")
                 t.where = f"log {result.get('log')} on {t.ip}"
                 continue
-            pull = [local._dvc(["dvc"])[0], "exp", "pull", git_remote, t.exp_name]
+            pull = [local.with_venv_dvc(["dvc"])[0], "exp", "pull", git_remote, t.exp_name]
             done = subprocess.run(
                 pull, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=local.worker_env()
             )

@@ -81,7 +81,7 @@ def dvc_commands(
     return queue, ["dvc", "queue", "start", "-j", str(jobs)]
 
 
-def _split_top_level(value: str) -> list[str]:
+def split_sweep_values(value: str) -> list[str]:
     """Hydra sweep syntax: `a,b` is a sweep, `[a,b]` a list; split on commas outside brackets/quotes."""
     out, depth, quote, cur = [], 0, None, ""
     for ch in value:
@@ -105,7 +105,7 @@ def _first_choice(sets: Sequence[str]) -> list[str]:
     out = []
     for item in sets:
         key, sep, value = item.partition("=")
-        out.append(f"{key}={_split_top_level(value)[0]}" if sep else item)
+        out.append(f"{key}={split_sweep_values(value)[0]}" if sep else item)
     return out
 
 
@@ -168,7 +168,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def _dvc(cmd: Sequence[str]) -> list[str]:
+def with_venv_dvc(cmd: Sequence[str]) -> list[str]:
     """Prefer the dvc next to this interpreter (the project's venv)."""
     local = Path(sys.executable).parent / "dvc"
     return [str(local), *cmd[1:]] if cmd and cmd[0] == "dvc" and local.exists() else list(cmd)
@@ -221,7 +221,7 @@ def run_grid(
     queue_cmd, start_cmd = dvc_commands(methods, seeds, sets, jobs, force)
     n = len(methods) * len(seeds)
     for item in sets:  # a sweep in -S (key=a,b) multiplies the grid, as dvc does
-        n *= len(_split_top_level(item.partition("=")[2]))
+        n *= len(split_sweep_values(item.partition("=")[2]))
     out(
         f"grid: {len(methods)} method(s) x {len(seeds)} seed(s){' x sweeps' if n > len(methods) * len(seeds) else ''} "
         f"= {n} experiment(s), {jobs} worker(s); "
@@ -266,10 +266,10 @@ def run_grid(
             + (f"; {jobs - gpus} worker(s) wait for a free GPU" if jobs > gpus else "")
         )
 
-    status_cmd = _dvc(["dvc", "queue", "status"])
+    status_cmd = with_venv_dvc(["dvc", "queue", "status"])
     before, _ = parse_queue_status(_check(run(status_cmd), status_cmd))
     out("$ " + shlex.join(queue_cmd))
-    queued_out = _check(run(_dvc(queue_cmd)), queue_cmd)
+    queued_out = _check(run(with_venv_dvc(queue_cmd)), queue_cmd)
     after, _ = parse_queue_status(_check(run(status_cmd), status_cmd))
     ours = {rev: t for rev, t in after.items() if rev not in before}
     if len(ours) != n:
@@ -281,7 +281,7 @@ def run_grid(
     if names:
         out(f"queued: {', '.join(names)}")
     out("$ " + shlex.join(start_cmd))
-    _check(run(_dvc(start_cmd)), start_cmd)
+    _check(run(with_venv_dvc(start_cmd)), start_cmd)
 
     final = wait_for_tasks(set(ours), run, status_cmd, poll_s=poll_s, stall_s=stall_s, out=out)
     failed = [t for t in final.values() if t.status == "Failed"]
