@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -118,7 +119,7 @@ def test_full_disk_while_saving_the_model_is_one_line_and_keeps_the_old_model(
     import safetensors.torch
 
     from hdmap_ad.apps.cli import main
-    from hdmap_ad.pipeline.training import MODEL_FILE
+    from hdmap_ad.pipeline.training import MODEL_FILE, PENDING_DIR, STATE_FILE
 
     work = tmp_path / "work"
     shutil.copytree(tiny_pipeline.root / "data" / "prepared", work / "data" / "prepared")
@@ -140,8 +141,62 @@ def test_full_disk_while_saving_the_model_is_one_line_and_keeps_the_old_model(
     capsys.readouterr()
     assert main(["train", "--set", "train.steps=6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    pending = PENDING_DIR / MODEL_FILE.name
     assert err[-1] == (
-        f"error: {MODEL_FILE}: cannot write the checkpoint (No space left on device); {MODEL_FILE} is unchanged"
+        f"error: {pending}: cannot write the checkpoint (No space left on device); {pending} was not written; "
+        f"{MODEL_FILE} is unchanged and the training state is kept in {STATE_FILE}: once there is room, "
+        "`dvc repro` (or `hdmap-ad train` with the same settings) continues from there without retraining"
     )
     assert (work / MODEL_FILE).read_bytes() == old
-    assert [f.name for f in (work / MODEL_FILE).parent.iterdir() if f.name.startswith(".")] == []
+    assert [f.name for f in (work / MODEL_FILE).parent.rglob(".*")] == []  # no partial file left
+
+
+def test_a_store_failure_after_training_keeps_everything_and_a_rerun_logs_it(
+    tiny_pipeline, tmp_path, monkeypatch, capsys
+):
+    import mlflow
+    import requests
+
+    from hdmap_ad.apps.cli import main
+    from hdmap_ad.pipeline import serving
+    from hdmap_ad.pipeline.training import MODEL_FILE, PENDING_DIR, STATE_FILE, TRAIN_METRICS
+
+    work = tmp_path / "work"
+    for part in ("data/prepared", "models", "metrics"):
+        shutil.copytree(tiny_pipeline.root / part, work / part)
+    shutil.copy(tiny_pipeline.params_file, work / "params.yaml")
+    monkeypatch.chdir(work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = {f: (work / f).read_bytes() for f in (MODEL_FILE, TRAIN_METRICS)}
+    real = serving.log_pyfunc_model
+
+    def store_gone(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(serving, "log_pyfunc_model", store_gone)
+    settings = ["--set", "train.steps=6", "--set", "runtime.resume=auto"]
+    capsys.readouterr()
+    assert main(["train", *settings]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"error: MLflow store {uri}: logging failed (connection refused); {MODEL_FILE} and {TRAIN_METRICS} are "
+        f"unchanged (dvc.lock still describes them); the trained model and its metrics wait in {PENDING_DIR}/, the "
+        f"training state in {STATE_FILE}: once the store works again, `dvc repro` (or `hdmap-ad train` with the "
+        "same settings) continues from there and logs them without retraining"
+    )
+    assert {f: (work / f).read_bytes() for f in before} == before
+    pending = (PENDING_DIR / MODEL_FILE.name).read_bytes()
+    assert (PENDING_DIR / TRAIN_METRICS.name).is_file()
+    run = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("hdmap-tiny-test").experiment_id]
+    )[0]
+    assert run.info.status == "FAILED"
+    # the store is back: the same command resumes at the last step, logs, and publishes that model
+    monkeypatch.setattr(serving, "log_pyfunc_model", real)
+    assert main(["train", *settings]) == 0
+    out = capsys.readouterr()
+    assert "resuming from" in out.out + out.err and "at step 6/6" in out.out + out.err
+    assert (work / MODEL_FILE).read_bytes() == pending
+    assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "FINISHED"
+    assert json.loads((work / "models" / "run.json").read_text())["run_id"] == run.info.run_id

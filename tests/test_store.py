@@ -157,3 +157,21 @@ def test_compare_on_a_hanging_or_read_only_store(tiny_pipeline: TinyPipeline, tm
     line = one_error(p)
     assert line.startswith(f"error: MLflow store {ro}: cannot create experiment") or "not writable" in line, line
     assert "the database is read-only" in line
+
+
+def test_train_on_a_dead_or_read_only_store_fails_before_the_slow_work(tiny_pipeline: TinyPipeline, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline.root, work)
+    model = (work / "models" / "model.safetensors").read_bytes()
+    with black_hole() as uri:
+        p, _ = hdmap(["train", "--set", "train.steps=6"], work, uri)
+    line = one_error(p)
+    assert line.startswith(f"error: MLflow store {uri}: not reachable (no answer within 5 s")
+    assert waited(line) <= CHECK_S
+    assert "caching encoder features" not in p.stdout + p.stderr  # stopped before the data was touched
+    ro = _read_only(work / "mlflow.db")
+    p, _ = hdmap(["train", "--set", "train.steps=6"], work, ro)
+    line = one_error(p)
+    assert line.startswith(f"error: MLflow store {ro}: not writable (the database is read-only)")
+    assert "caching encoder features" not in p.stdout + p.stderr
+    assert (work / "models" / "model.safetensors").read_bytes() == model

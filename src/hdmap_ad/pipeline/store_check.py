@@ -120,6 +120,21 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def is_store_error(err: BaseException) -> bool:
+    """Whether `err` comes from talking to the tracking store (MLflow, HTTP, database), not from our code."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (MlflowException, ConnectionError, TimeoutError)):
+        return True
+    module = type(err).__module__ or ""
+    return module.split(".")[0] in ("requests", "urllib3", "sqlalchemy", "sqlite3")
+
+
+def store_failed(uri: str, err: BaseException, kept: str) -> HdmapError:
+    """The one line for a store that failed while a command logged: what failed, then what was kept."""
+    return HdmapError(f"MLflow store {uri}: logging failed ({_reason(err, STORE_TIMEOUT_S)}); {kept}")
+
+
 def open_experiment(name: str, configured_uri: str | None = None) -> str:
     """The id of experiment `name` (created if missing) in a store that answered and took a write,
     all within seconds; else one HdmapError line. Commands that log call this before their slow work."""

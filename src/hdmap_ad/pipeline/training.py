@@ -1,4 +1,5 @@
 """The one training loop: any method, seeded, resumable, with health checks and MLflow logging.
+(Over 450 lines: the steps of one training read best in one place.)
 
 `train` reads as its steps: set up (device, data, precision), resume (a matching training state), build
 the trainer, choose and open the MLflow run, the loop, save the model, log it. One optimisation step is
@@ -248,13 +249,18 @@ def open_run(
     yields its id. An error inside ends the run as failed."""
     import mlflow
 
-    with mlflow.start_run(
+    from hdmap_ad.pipeline.orphans import process_tags
+
+    run = mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=tracking.run_name(params, setup.data_digest),
         tags=tracking.run_tags(params, setup.data_digest),
         log_system_metrics=False,
-    ) as run:
+    )
+    try:
+        # which process holds the run: a later train or compare ends it if this process dies (orphans.py)
+        mlflow.set_tags(process_tags())
         tracking.log_dataset_input(setup.prepared, params.data_root)
         if run_id is None:
             if resumed_from:
@@ -270,6 +276,16 @@ def open_run(
                 }
             )
         yield run.info.run_id
+    except BaseException as err:
+        try:
+            mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except Exception:  # the store may be what failed: the error being raised says what to do
+            pass
+        raise
+    mlflow.end_run("FINISHED")
+
+
+PENDING_DIR = STATE_FILE.parent / "pending"  # the trained model and its metrics until MLflow holds them
 
 
 def save_train_state(params: Params, setup: RunSetup, trainer: Trainer, step: int) -> None:
@@ -396,19 +412,34 @@ def save_model(
         "map_shape": list(setup.prepared.shape),
         "precision": setup.precision,  # what train.amp resolved to on the machine that trained it
     }
-    return checkpoint.save(final, MODEL_FILE)
+    try:
+        return checkpoint.save(final, PENDING_DIR / MODEL_FILE.name)
+    except HdmapError as err:  # e.g. a full disk: the published model is untouched, training need not rerun
+        raise HdmapError(
+            f"{err}; {MODEL_FILE} is unchanged and the training state is kept in {STATE_FILE}: once there is room, "
+            "`dvc repro` (or `hdmap-ad train` with the same settings) continues from there without retraining"
+        ) from None
 
 
-def log_model(run_id: str, model_sha256: str) -> None:
-    """Into the active run: the model file (artifact `checkpoint/`), its hash as a tag, the servable pyfunc
-    model (runs:/<run id>/model); and which run trained it into models/run.json."""
+def log_model(model_sha256: str) -> None:
+    """Into the active run: the pending model file (artifact `checkpoint/`), its hash as a tag, the servable
+    pyfunc model (runs:/<run id>/model)."""
     import mlflow
 
     from hdmap_ad.pipeline.serving import log_pyfunc_model
 
     mlflow.set_tag("model_sha256", model_sha256)
-    mlflow.log_artifact(str(MODEL_FILE), artifact_path=tracking.CHECKPOINT_ARTIFACT_DIR)
-    log_pyfunc_model(MODEL_FILE)
+    mlflow.log_artifact(str(PENDING_DIR / MODEL_FILE.name), artifact_path=tracking.CHECKPOINT_ARTIFACT_DIR)
+    log_pyfunc_model(PENDING_DIR / MODEL_FILE.name)
+
+
+def publish(run_id: str, model_sha256: str) -> None:
+    """The logged model and its metrics replace `MODEL_FILE` and `TRAIN_METRICS` (what dvc.lock records),
+    and models/run.json names the run: only once MLflow holds them, so a logging failure leaves the
+    workspace's model, metrics and dvc.lock describing one another."""
+    TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(PENDING_DIR / MODEL_FILE.name, MODEL_FILE)
+    os.replace(PENDING_DIR / TRAIN_METRICS.name, TRAIN_METRICS)
     write_json({"run_id": run_id, "model_sha256": model_sha256}, RUN_FILE)
 
 
@@ -419,7 +450,7 @@ def write_summary(params: Params, bad_total: int, val_metrics: dict[str, float])
         k.split("/", 1)[1]: (round(100.0 * v, 2) if math.isfinite(v) else None) for k, v in val_metrics.items()
     }
     summary = {"steps": params.train.steps, "bad_steps": bad_total, "val_auroc": val_auroc}
-    write_json(summary, TRAIN_METRICS)
+    write_json(summary, PENDING_DIR / TRAIN_METRICS.name)  # published with the model (`publish`)
     return summary
 
 
@@ -436,25 +467,53 @@ def train(
     model at the end, unless `params_file` still resolves to that training config."""
     import mlflow
 
+    from hdmap_ad.pipeline.orphans import end_orphan_runs
+    from hdmap_ad.pipeline.store_check import is_store_error, open_experiment, store_failed
+
     check_config_unchanged(params, expected_config, params_file, overrides)
+    # within seconds, before the slow work: the store answers and takes a write
+    experiment_id = open_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
+    uri = tracking.tracking_uri(params.mlflow.tracking_uri)
+    for orphan in end_orphan_runs(mlflow.MlflowClient(uri), [experiment_id], "hdmap-ad train"):
+        console.print(
+            f"MLflow run {orphan.info.run_name} ({orphan.info.run_id}) was RUNNING, but its process is gone: marked KILLED"
+        )
     setup = set_up(params, prepared_dir)
     state = load_resume_state(params, setup.fingerprint)
     trainer = build_trainer(params, setup, state)
-    experiment_id = tracking.ensure_experiment(params.mlflow.experiment, params.mlflow.tracking_uri)
     run_id, resumed_from = choose_run(setup, state, trainer.run_id)
-    with open_run(params, setup, trainer, experiment_id, run_id, resumed_from) as run_id:
-        trainer.run_id = run_id  # what the training states record from now on
-        steps = params.train.steps
-        description = f"train {params.method} seed {params.seed}"
-        with StepProgress(steps, description, every=params.runtime.log_every, start=trainer.start_step) as bar:
-            bad_total = train_loop(params, setup, trainer, bar)
-        check_config_unchanged(params, expected_config, params_file, overrides)
-        val_metrics, thresholds = validate(trainer.model, trainer.method, setup.train_set, params, setup.device)
-        mlflow.log_metrics(val_metrics, step=steps)
-        bar.note(val_line(steps, steps, val_metrics))
-        log_model(run_id, save_model(params, setup, trainer, val_metrics, thresholds))
-        summary = write_summary(params, bad_total, val_metrics)
-        mlflow.set_tag("stage", "trained")
+    try:
+        with open_run(params, setup, trainer, experiment_id, run_id, resumed_from) as run_id:
+            trainer.run_id = run_id  # what the training states record from now on
+            steps = params.train.steps
+            description = f"train {params.method} seed {params.seed}"
+            with StepProgress(steps, description, every=params.runtime.log_every, start=trainer.start_step) as bar:
+                bad_total = train_loop(params, setup, trainer, bar)
+            check_config_unchanged(params, expected_config, params_file, overrides)
+            val_metrics, thresholds = validate(trainer.model, trainer.method, setup.train_set, params, setup.device)
+            bar.note(val_line(steps, steps, val_metrics))
+            model_sha256 = save_model(params, setup, trainer, val_metrics, thresholds)
+            summary = write_summary(params, bad_total, val_metrics)
+            mlflow.log_metrics(val_metrics, step=steps)
+            log_model(model_sha256)
+            publish(run_id, model_sha256)
+            mlflow.set_tag("stage", "trained")
+    except Exception as err:
+        if not is_store_error(err):
+            raise
+        pending = (PENDING_DIR / MODEL_FILE.name).is_file()
+        kept = (
+            f"the trained model and its metrics wait in {PENDING_DIR}/, the training state in {STATE_FILE}"
+            if pending
+            else f"the training state is kept in {STATE_FILE} (its last checkpoint)"
+        )
+        raise store_failed(
+            uri,
+            err,
+            f"{MODEL_FILE} and {TRAIN_METRICS} are unchanged (dvc.lock still describes them); {kept}: once the "
+            "store works again, `dvc repro` (or `hdmap-ad train` with the same settings) continues from there and "
+            "logs them" + (" without retraining" if pending else ""),
+        ) from None
     return {
         **summary,
         "run_id": run_id,
