@@ -99,3 +99,35 @@ def test_a_short_key_is_refused(tmp_path, monkeypatch, capsys, tiny_pipeline):
     shutil.copy(tiny_pipeline.checkpoint, tmp_path / "m.pt")
     assert cli("checkpoint", "verify", tmp_path / "m.pt") == 2
     assert last_error(capsys) == "error: HDMAP_AD_SIGNING_KEY: a signing key needs at least 16 characters"
+
+
+def test_a_model_fetched_from_a_run_must_be_the_one_it_trained(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from hdmap_ad.core import checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("provenance", artifact_location=(tmp_path / "art").as_uri())
+    genuine = checkpoint.read(tiny_pipeline.checkpoint)[1]
+    folder = tmp_path / "swap" / "checkpoint"
+    folder.mkdir(parents=True)
+    altered_copy(tiny_pipeline, folder / "model.safetensors")  # a valid file with a fresh hash of its own
+    runs = {}
+    for name, source in (("honest", tiny_pipeline.checkpoint), ("swapped", folder / "model.safetensors")):
+        run = client.create_run(exp, run_name=name, tags={"model_sha256": genuine})
+        client.log_artifact(run.info.run_id, str(source), artifact_path="checkpoint")
+        client.set_terminated(run.info.run_id)
+        runs[name] = run.info.run_id
+    good = tiny_pipeline.data_root / "domain_A" / "test" / "good"
+    predict = ["predict", "--params", tiny_pipeline.params_file, "--device", "cpu", "--out", tmp_path / "p.csv"]
+    assert cli(*predict, "--model", f"runs:/{runs['honest']}", good) == 0
+    capsys.readouterr()
+    assert cli(*predict, "--model", f"runs:/{runs['swapped']}", good) == 2
+    line = last_error(capsys)
+    assert line.startswith(f"error: --model runs:/{runs['swapped']}: the downloaded model (sha256 ")
+    assert line.endswith(
+        f"is not the one run {runs['swapped']} trained (its model_sha256 {genuine[:12]}): its artifact was "
+        "replaced or altered after training; not used"
+    )

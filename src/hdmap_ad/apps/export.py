@@ -83,7 +83,13 @@ def run_export(args: argparse.Namespace) -> int:
     from hdmap_ad.core.checkpoint import load_trained
     from hdmap_ad.core.export import export_onnx
     from hdmap_ad.pipeline import tracking
-    from hdmap_ad.pipeline.model_source import expected_shape, is_mlflow_reference, resolve_model, tracking_uri_for
+    from hdmap_ad.pipeline.model_source import (
+        check_source,
+        expected_shape,
+        is_mlflow_reference,
+        resolve_model,
+        tracking_uri_for,
+    )
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
@@ -93,6 +99,7 @@ def run_export(args: argparse.Namespace) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-export-")))
         resolved = resolve_model(args.model, workdir, uri)
         trained = load_trained(resolved.checkpoint, torch.device("cpu"))
+        check_source(resolved, trained.info.get("sha256"))
         shape = args.map_shape or expected_shape(trained)
         if shape is None:
             raise HdmapError(

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.pipeline.model_source import (
     CHECKPOINT_SUFFIX,
+    check_source,
     expected_shape,
     is_mlflow_reference,
     register,
@@ -271,9 +272,11 @@ def run_predict(args: argparse.Namespace) -> int:
                     f"not {resolved.checkpoint.name}"
                 )
             scorer = OnnxScorer(resolved.checkpoint)
+            check_source(resolved, scorer.info.get("model_sha256"))
             trained = scorer  # domains and thresholds, as the decision rule reads them
         else:
             trained = load_trained(resolved.checkpoint, device)
+            check_source(resolved, trained.info.get("sha256"))
         if args.register:
             registered = register(resolved, trained, args.register, uri)
             print(f"registered {registered}", file=sys.stderr)

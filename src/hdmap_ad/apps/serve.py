@@ -73,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from hdmap_ad import __version__
     from hdmap_ad.pipeline.http_server import InvocationsApp, Limits
-    from hdmap_ad.pipeline.model_source import CHECKPOINT_SUFFIX, is_mlflow_reference, resolve_model
+    from hdmap_ad.pipeline.model_source import CHECKPOINT_SUFFIX, check_source, is_mlflow_reference, resolve_model
     from hdmap_ad.pipeline.serving import ARTIFACT_KEY, ONNX_ARTIFACT_KEY, HdmapPyfuncModel
     from hdmap_ad.pipeline.tracking import tracking_uri
 
@@ -91,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model = HdmapPyfuncModel()
         key = ONNX_ARTIFACT_KEY if onnx else ARTIFACT_KEY
         model.load_context(SimpleNamespace(artifacts={key: str(resolved.checkpoint)}))
+        check_source(resolved, model.onnx.info.get("model_sha256") if onnx else model.trained.info.get("sha256"))
         limits = Limits.from_params(serve)
         app = InvocationsApp(model, limits, version=__version__)
         print(

@@ -83,6 +83,35 @@ class ResolvedModel:
     checkpoint: Path
     run_id: str | None  # the MLflow run the reference names, when it names one
     source: str  # the --model value, for messages
+    source_run: str | None = None  # the run that trained the model (for models:/ too), when known
+    run_sha256: str | None = None  # that run's model_sha256 tag: what the downloaded file must be
+
+
+def check_source(resolved: ResolvedModel, model_sha256: str | None) -> None:
+    """A model fetched from MLflow must be the one its run trained: `model_sha256` (a loaded checkpoint's
+    verified hash, or the checkpoint an exported ONNX file records) against the run's model_sha256 tag.
+    Catches an artifact replaced after training; not someone who can also retag the run (docs/design.md
+    #pipe-provenance)."""
+    if resolved.run_sha256 is None:
+        return
+    if model_sha256 != resolved.run_sha256:
+        raise HdmapError(
+            f"--model {resolved.source}: the downloaded model (sha256 {str(model_sha256)[:12]}) is not the one run "
+            f"{resolved.source_run} trained (its model_sha256 {resolved.run_sha256[:12]}): its artifact was replaced "
+            "or altered after training; not used"
+        )
+
+
+def _source_run(spec: str, client) -> str | None:
+    """The run that logged the model a models:/ URI names (a logged model id, name/version or name@alias)."""
+    rest = spec[len("models:/") :].strip("/")
+    if "/" in rest:
+        name, version = rest.split("/", 1)
+        return client.get_model_version(name, version).run_id if version.isdigit() else None
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id
+    return client.get_logged_model(rest).source_run_id
 
 
 def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = CHECKPOINT_SUFFIX) -> ResolvedModel:
@@ -120,12 +149,15 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = CHE
         target = workdir / "download"
         target.mkdir(parents=True, exist_ok=True)
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+        client = mlflow.MlflowClient()
+        source_run = run_id or _source_run(spec, client)
+        run_sha256 = client.get_run(source_run).data.tags.get("model_sha256") if source_run else None
     except MlflowException as err:
         first = (str(err.message if hasattr(err, "message") else err).strip().splitlines() or ["?"])[0][:300]
         raise HdmapError(f"--model {spec}: cannot fetch it from the MLflow store {tracking_uri}: {first}") from None
     except OSError as err:
         raise HdmapError(f"--model {spec}: download from {tracking_uri} failed: {err}") from None
-    return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec)
+    return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec, source_run, run_sha256)
 
 
 def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking_uri: str) -> str:
