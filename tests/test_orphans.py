@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -73,3 +74,37 @@ def test_compare_ends_runs_whose_process_is_gone(tiny_pipeline: TinyPipeline, tm
         assert f"({ids[name]}) was RUNNING" not in out
     for i in ids.values():
         client.set_terminated(i, "KILLED")
+
+
+@pytest.mark.slow
+def test_train_records_its_process_and_ends_orphans(tiny_pipeline: TinyPipeline, tmp_path):
+    import mlflow
+
+    from hdmap_ad.pipeline.orphans import HOST_TAG, PID_TAG, STARTED_TAG
+
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline.root, work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    pid, started = _dead_pid()
+    tags = {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), STARTED_TAG: f"{started:.2f}"}
+    orphan = client.create_run(exp, run_name="killed-train", tags=tags).info.run_id
+    env = {**tiny_pipeline.env(), "MLFLOW_TRACKING_URI": uri}
+    p = subprocess.run(
+        [str(BIN / "hdmap-ad"), "train", "--set", "train.steps=6"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert f"MLflow run killed-train ({orphan}) was RUNNING, but its process is gone: marked KILLED" in " ".join(
+        (p.stdout + p.stderr).split()
+    )
+    new = json.loads((work / "models" / "run.json").read_text())["run_id"]
+    recorded = client.get_run(new).data.tags
+    assert recorded[HOST_TAG] == socket.gethostname() and recorded[PID_TAG].isdigit() and STARTED_TAG in recorded
+    assert client.get_run(new).info.status == "FINISHED"

@@ -175,3 +175,20 @@ def test_train_on_a_dead_or_read_only_store_fails_before_the_slow_work(tiny_pipe
     assert line.startswith(f"error: MLflow store {ro}: not writable (the database is read-only)")
     assert "caching encoder features" not in p.stdout + p.stderr
     assert (work / "models" / "model.safetensors").read_bytes() == model
+
+
+def test_evaluate_on_a_dead_or_read_only_store_fails_before_scoring(tiny_pipeline: TinyPipeline, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(tiny_pipeline.root, work)
+    before = (work / "metrics" / "eval.json").read_bytes()
+    with black_hole() as uri:
+        p, _ = hdmap(["evaluate"], work, uri)
+    line = one_error(p)
+    assert (
+        line.startswith(f"error: MLflow store {uri}: not reachable (no answer within 5 s") and waited(line) <= CHECK_S
+    )
+    ro = _read_only(work / "mlflow.db")
+    p, _ = hdmap(["evaluate"], work, ro)
+    assert one_error(p).startswith(f"error: MLflow store {ro}: not writable (the database is read-only)")
+    assert "scoring" not in p.stderr.lower()
+    assert (work / "metrics" / "eval.json").read_bytes() == before

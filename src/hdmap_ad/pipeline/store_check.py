@@ -22,8 +22,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import unquote
 
 from hdmap_ad.core.errors import HdmapError
 
@@ -87,6 +85,8 @@ def check_store(uri: str, experiment_id: str | None = None, write: bool = True) 
     within seconds and, with `write` and `experiment_id`, accepts a write to that experiment."""
     import mlflow
 
+    from hdmap_ad.pipeline.tracking import sqlite_file
+
     db = sqlite_file(uri)
     if db is not None and not db.is_file():  # nothing to reach; opening it would create it (callers decide)
         return
@@ -109,15 +109,6 @@ def check_store(uri: str, experiment_id: str | None = None, write: bool = True) 
                 raise HdmapError(
                     f"MLflow store {uri}: not writable ({_reason(err, STORE_TIMEOUT_S)}); " + _advice(uri, write=True)
                 ) from None
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (query options removed), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = unquote(uri[len("sqlite:///") :]).split("?", 1)[0]
-    path = path[len("file:") :] if path.startswith("file:") else path  # sqlite's URI form (e.g. ?mode=ro)
-    return Path(path) if path and path != ":memory:" else None
 
 
 def is_store_error(err: BaseException) -> bool:

@@ -36,6 +36,15 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (its query options and sqlite's `file:` form removed)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///") :]).split("?", 1)[0]
+    path = path[len("file:") :] if path.startswith("file:") else path  # sqlite's URI form (e.g. ?mode=ro)
+    return Path(path) if path and path != ":memory:" else None
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
@@ -158,8 +167,8 @@ def find_run(
     """
     for scheme in ("sqlite:///", "file:"):  # a local store that is gone must not be silently recreated empty
         if uri.startswith(scheme):
-            local = Path(unquote(uri[len(scheme) :] if scheme == "sqlite:///" else urlparse(uri).path))
-            if not local.exists():
+            local = sqlite_file(uri) if scheme == "sqlite:///" else Path(unquote(urlparse(uri).path))
+            if local is not None and not local.exists():
                 raise HdmapError(
                     f"MLflow store {uri}: not found, so the run that trained {model_path} cannot be "
                     "updated; restore the store or point MLFLOW_TRACKING_URI (mlflow.tracking_uri) at it"

@@ -263,8 +263,11 @@ def run_grid_ray(
             out(line)
         return Outcome(0, tasks)
 
-    tracking.ensure_experiment(settings.experiment, settings.tracking_uri)
-    tracking.ensure_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
+    from hdmap_ad.pipeline.store_check import open_experiment
+
+    # within seconds: the store answers and takes writes, before any task is sent
+    open_experiment(settings.experiment, settings.tracking_uri)
+    open_experiment(tracking.compare_experiment_name(settings.experiment), settings.tracking_uri)
     if not force:
         done_before = finished_pairs(settings, methods, seeds, commit, params_path, sets)
         for t in tasks:
