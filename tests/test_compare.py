@@ -783,7 +783,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
 
     from hdmap_ad.apps import cli
     from hdmap_ad.apps.compare.scores import ScoresCache
-    from hdmap_ad.pipeline import uncertainty as U
+    from hdmap_ad.pipeline import stats as U
 
     seeds, frames, ids = [42, 43, 44], {}, {}
     for method in ("baseline", "gem"):
@@ -955,7 +955,7 @@ def test_maps_are_matched_by_path_or_by_position_on_the_same_data():
 def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(store, tmp_path):
     from dataclasses import asdict
 
-    from hdmap_ad.pipeline import uncertainty as U
+    from hdmap_ad.pipeline import stats as U
 
     seeds, frames = [42, 43, 44], {}
     for method in ("baseline", "topk"):

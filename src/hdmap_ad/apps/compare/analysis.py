@@ -29,14 +29,11 @@ if TYPE_CHECKING:  # (scipy is imported only when statistics are computed: the C
 
     from hdmap_ad.apps.compare.permap import DomainMeanDeLong, PerMap
     from hdmap_ad.apps.compare.scores import RunScores
-    from hdmap_ad.pipeline.stats import PairedResult, UnpairedResult
-    from hdmap_ad.pipeline.uncertainty import (
-        BootstrapDelta,
-        DeltaInterval,
-        Improvement,
-        PooledDeLongResult,
-        SeedsNeeded,
-    )
+    from hdmap_ad.pipeline.stats.bootstrap import BootstrapDelta
+    from hdmap_ad.pipeline.stats.delong import PooledDeLongResult
+    from hdmap_ad.pipeline.stats.intervals import DeltaInterval, Improvement
+    from hdmap_ad.pipeline.stats.paired import PairedResult, UnpairedResult
+    from hdmap_ad.pipeline.stats.power import SeedsNeeded
 
 NOT_PERCENT = {"threshold"}  # metrics that are not fractions (shown and summarised as they are)
 METRIC_LABELS = {
@@ -127,13 +124,13 @@ class Comparison:
 
     @property
     def significance(self) -> str:
-        from hdmap_ad.pipeline.stats import significance_mark
+        from hdmap_ad.pipeline.stats.paired import significance_mark
 
         return significance_mark(self.paired.p_holm)
 
     @property
     def significance_raw(self) -> str:
-        from hdmap_ad.pipeline.stats import significance_mark
+        from hdmap_ad.pipeline.stats.paired import significance_mark
 
         return significance_mark(self.paired.p_ttest)
 
@@ -374,7 +371,7 @@ def compare_methods(
     """paired_test for each method x scope x metric vs the baseline; Holm within each metric's table
     (all methods x domains + mean) and, separately, within each metric's pooled comparisons; and the
     seed-level uncertainty of each Δ (`seed_uncertainty`)."""
-    from hdmap_ad.pipeline.stats import fill_holm, paired_test, unpaired_difference
+    from hdmap_ad.pipeline.stats.paired import fill_holm, paired_test, unpaired_difference
 
     settings = settings or Settings()
 
@@ -417,12 +414,8 @@ def compare_methods(
 
 def seed_uncertainty(diffs: Sequence[float], scope: str, metric: str, settings: Settings) -> dict[str, Any]:
     """The Comparison fields computed from the per-seed differences (method − baseline) alone."""
-    from hdmap_ad.pipeline.uncertainty import (
-        describe_seeds_needed,
-        paired_delta_interval,
-        probability_of_improvement,
-        seeds_needed,
-    )
+    from hdmap_ad.pipeline.stats.intervals import paired_delta_interval, probability_of_improvement
+    from hdmap_ad.pipeline.stats.power import describe_seeds_needed, seeds_needed
 
     need = seeds_needed(diffs, alpha=settings.alpha, power=settings.power)
     pct, label = metric not in NOT_PERCENT, METRIC_LABELS.get(metric, metric)
@@ -488,7 +481,7 @@ def _blank_notes(method: str, baseline: str, scope: str, why: Blanks, selection:
 def summarise_values(
     values: Values, methods: Sequence[str], scopes: Sequence[str], metrics: Sequence[str]
 ) -> dict[str, dict[str, dict[str, SeedSummary]]]:
-    from hdmap_ad.pipeline.stats import mean_std
+    from hdmap_ad.pipeline.stats.common import mean_std
 
     out: dict[str, dict[str, dict[str, SeedSummary]]] = {}
     for method in methods:
