@@ -61,7 +61,7 @@ def tost_paired(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> T
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), TOST needs at least 2")
     else:
         n, mean, sd = d.size, float(d.mean()), float(np.std(d, ddof=1))
-        if sd == 0.0:
+        if np.all(d == d[0]):  # (sd of equal floats may round to 1e-17, not 0)
             res.low = res.high = mean
             res.equivalent = abs(mean) < margin
             notes.append("all paired differences are equal (sd = 0): no p-value, the interval is the point")
@@ -113,7 +113,7 @@ def bayes_correlated_t(diffs: Sequence[float], margin: float, rho: float = 0.0) 
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), the posterior needs at least 2")
     else:
         n, mean, sd = d.size, float(d.mean()), float(np.std(d, ddof=1))
-        if sd == 0.0:
+        if np.all(d == d[0]):  # (sd of equal floats may round to 1e-17, not 0)
             res.p_worse, res.p_better = float(mean < -margin), float(mean > margin)
             notes.append("all paired differences are equal (sd = 0): a point mass at the mean")
         else:
