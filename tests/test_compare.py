@@ -317,7 +317,12 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     assert client.search_runs([store], "tags.kind = 'compare'") == []  # the training experiment: training runs only
     compare_exp = client.get_experiment_by_name(f"{EXPERIMENT}-compare")
     (crun,) = client.search_runs([compare_exp.experiment_id], "tags.kind = 'compare'")
-    assert crun.info.run_name == "compare" and crun.info.status == "FINISHED"
+    # named by what it compares; the verdicts are tags, the same as in the outputs
+    assert crun.info.run_name == "gem,focal vs baseline × seeds 42,43,44,123,456 × group a1b2c3"
+    assert crun.info.status == "FINISHED"
+    assert crun.data.tags["verdict/gem"] == saved["verdicts"]["gem"]["verdict"]
+    assert crun.data.tags["verdict/gem/mean/auroc"] == comparison(saved, "gem", "mean", "auroc")["verdict"]["verdict"]
+    assert crun.data.metrics["n_paired_auroc/gem/mean"] == 5
     arts = {a.path for a in client.list_artifacts(crun.info.run_id)}
     assert {"compare.json", "comparison.md", "comparison.json"} <= arts
     assert crun.data.tags["comparison_key"] == KEY
@@ -326,10 +331,11 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     )
     again, _ = run(tmp_path, log_run=False)
     assert again["n_runs_found"] == 15 and again["left_out"] == []
-    # the terminal summary: one table per listed metric with Δ and p
+    # the terminal summary: the verdicts first, then one table per listed metric
     console = (tmp_path / "console.txt").read_text()
     assert "baseline   5 run(s), seeds 42, 43, 44, 123, 456" in console
-    assert "Δ" in console and "p=" in console
+    assert console.index("Verdicts") < console.index("AUROC (%): mean ± std")
+    assert "gem (Method 1 (GEM): " in console
 
 
 def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
@@ -516,7 +522,7 @@ def test_no_common_seed_prints_the_unpaired_delta_and_the_command_that_pairs(sto
     )
     assert line in console and line in md and any(line in n for n in saved["notes"])
     b, f = fake_metrics("baseline", 42)["test_auroc/domain_A"], fake_metrics("focal", 44)["test_auroc/domain_A"]
-    assert f"unpaired Δ {100 * (f - b):+.2f} (no p)" in console
+    assert f"unpaired Δ {100 * (f - b):+.2f} pt (no p)" in console
     assert "(n=0)" not in console
     c = comparison(saved, "focal", "domain_A", "auroc")
     assert c["pairing"] == "unpaired" and c["n"] == 0 and c["p_ttest"] is None and c["p_holm"] is None
@@ -661,9 +667,10 @@ def test_metrics_file_is_machine_independent_and_deterministic(store, tmp_path):
     assert not any(i in text for i in ids) and "sqlite" not in text and str(tmp_path) not in text
     assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text)
     metrics = json.loads(text)
-    assert set(metrics) == {"baseline", "gem"} and set(metrics["gem"]) == set(DOMAINS) | {"mean"}
+    assert set(metrics) == {"baseline", "gem"} and set(metrics["gem"]) == set(DOMAINS) | {"mean", "verdict"}
+    assert metrics["gem"]["verdict"] in ("better", "worse", "equivalent", "inconclusive")
     gem = metrics["gem"]["mean"]["tpr_at_fpr_1"]
-    assert set(gem) == {"n", "n_paired", "mean_pct", "delta_pts", "p_holm"} and gem["n"] == 3
+    assert set(gem) == {"n", "n_paired", "mean_pct", "delta_pts", "p_holm", "verdict"} and gem["n"] == 3
     back = read_back()
     expect = np.mean(list(back["gem"]["test_tpr_at_fpr_1/mean"].values())) - np.mean(
         list(back["baseline"]["test_tpr_at_fpr_1/mean"].values())
@@ -816,9 +823,14 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             assert c["interval"] == asdict(U.paired_delta_interval(diffs, 0.9, 300, 7))
             assert c["interval"]["t_low"] < c["delta"] < c["interval"]["t_high"] and c["interval"]["confidence"] == 0.9
             assert c["improvement"] == asdict(U.probability_of_improvement(diffs))
-            need = U.seeds_needed(diffs)
+            margin = compare.Settings().margin(metric)  # the default rope (points) as a fraction
+            need = U.seeds_needed(diffs, margin=margin)
             assert c["seeds_needed"] == asdict(need)
-            label = compare.report.METRIC_LABELS[metric]
+            if margin is not None:  # TOST, the Bayesian probabilities and the verdict from the same diffs
+                assert c["tost"] == asdict(U.tost_paired(diffs, margin))
+                assert c["bayes"] == asdict(U.bayes_correlated_t(diffs, margin))
+                assert c["verdict"]["verdict"] in ("better", "worse", "equivalent", "inconclusive")
+            label = compare.labels.METRIC_LABELS[metric]
             assert c["seeds_needed_text"] == U.describe_seeds_needed(
                 need, "the mean over domains" if scope == "mean" else scope, unit=f"pt {label}"
             )
@@ -826,7 +838,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
     # DeLong per seed and pooled, and the hierarchical bootstrap: direct calls on the same per-map scores
     arrays = {d: per_map_arrays(frames, "gem", "baseline", seeds, d) for d in DOMAINS}
     boot = U.hierarchical_bootstrap_auroc(
-        {d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300, confidence=0.9, seed=7
+        {d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300, confidence=0.9, seed=7, margin=0.001
     )
     for d in DOMAINS:
         c = comparison(saved, "gem", d, "auroc")
@@ -854,7 +866,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             c = comparison(saved, "gem", scope, metric)
             iv = c["interval"]
             row = (
-                rf"\| {re.escape(compare.report.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
+                rf"\| {re.escape(compare.labels.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
                 rf"\[{pts(iv['t_low'])}, {pts(iv['t_high'])}\] \| \[{pts(iv['boot_low'])}, {pts(iv['boot_high'])}\] \| "
                 rf"[\d.e-]+ \| [\d.e-]+ \| [\d.e-]+ \| [-\d.]+ \| \S+ \| {c['improvement']['n_better']}/3"
             )
@@ -865,7 +877,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
         c = comparison(saved, "gem", d, "auroc")
         b = c["bootstrap"]
         assert re.search(
-            rf"\| {re.escape(compare.report.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
+            rf"\| {re.escape(compare.labels.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
             rf"{100 * c['delong']['se']:.2f} \(p=[\d.e-]+\) \| .* \| \[{pts(b['low'])}, "
             rf"{pts(b['high'])}\] \| {100 * b['p_improvement']:.0f} % \|",
             dl,
@@ -976,7 +988,7 @@ def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(
     mean = comparison(saved, "topk", "mean", "auroc")
     sub = {d: U.AurocScores(*per_map_arrays(frames, "topk", "baseline", [42, 44], d)) for d in DOMAINS}
     assert mean["bootstrap"] == asdict(
-        U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0).mean
+        U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0, margin=0.001).mean
     )
     assert any("seeds all domains share: 42, 44" in n for n in mean["per_map_notes"])
     assert mean["delong"]["delta"] is None and "different seeds" in mean["delong"]["note"]
