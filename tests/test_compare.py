@@ -8,8 +8,11 @@ data_digest), a few flattened config params and metrics named test_<metric>/<sco
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -994,3 +997,97 @@ def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(
     assert mean["delong"]["delta"] is None and "different seeds" in mean["delong"]["note"]
     assert "**topk seed 43**" in md and "NaN/Inf scores in domain_C" in md
     no_nan((tmp_path / "reports/comparison.json").read_text())
+
+
+def test_a_run_differing_in_one_setting_names_only_that_setting(store, tmp_path):
+    """Both runs logged train.amp_resolved=off (training's record beside the config, which the workspace's
+    params do not hold): only train.steps differs, and only it is named; the baseline seed whose only run
+    is in the other group is 'in another comparison group', not 'no valid run'."""
+    from hdmap_ad.core.config import load_params
+
+    manifest = fake_prepared(tmp_path / "prepared")
+    params_path = workspace_params(tmp_path)
+    key = load_params(params_path).comparison_key(manifest)
+    record = {"train.amp_resolved": "off"}
+    for seed in (43, 44):
+        log_run(store, "baseline", seed, key=key, manifest=manifest, params=record)
+    for seed in (42, 43, 44):
+        log_run(store, "gem", seed, key=key, manifest=manifest, params=record)
+    other = log_run(
+        store, "baseline", 42, key="ffff0000ffff0000", manifest=manifest, params={**record, "train.steps": "150"}
+    )
+    saved, md = run(tmp_path, settings_=compare.load_settings(params_path))
+    (left,) = saved["left_out"]
+    assert left["run_id"] == other and left["differs"] == [f"train.steps 150 ≠ {CONFIG['train.steps']}"]
+    notes = comparison(saved, "gem", "domain_A", "auroc")["notes"]
+    assert (
+        f"baseline seed 42: its run is in another comparison group (train.steps 150 ≠ {CONFIG['train.steps']})" in notes
+    )
+    assert not any("no valid run" in n for n in notes)
+
+
+def test_bad_decision_settings_stop_with_one_line_and_keep_the_reports(store, tmp_path, capsys):
+    from hdmap_ad.apps import cli
+
+    for seed in (42, 43):
+        log_run(store, "baseline", seed)
+        log_run(store, "gem", seed)
+    params = workspace_params(tmp_path)
+    assert cli.main(["compare", "--params", str(params), "--no-plots", "--no-log", "--profile", "all"]) == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    for bad, word in (
+        ("compare.rope.auroc=0", "positive"),
+        ("compare.rope.auroc=-0.5", "positive"),
+        ("compare.rope.threshold=1", "runs do not log"),
+        ("compare.rope={auroc: 0.1}", "no margin in compare.rope for tpr_at_fpr_1"),
+        ("compare.confidence=1.5", "compare.confidence"),
+        ("compare.confidence=0", "compare.confidence"),
+    ):
+        code = cli.main(["compare", "--params", str(params), "--no-plots", "--no-log", "--set", bad])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and word in err, (bad, err)
+        assert "Traceback" not in err
+        assert snapshot(tmp_path) == before
+
+
+def test_terminal_output_reads_at_80_columns_and_leads_with_the_verdicts(store, tmp_path):
+    """Through the command a user runs, in an 80-column terminal: no line wider, the verdicts before the
+    tables, and the comparisons at one seed collapsed into one line with the reason."""
+    for seed in (42, 43, 44, 123, 456):
+        log_run(store, "baseline", seed)
+        log_run(store, "gem", seed)
+    log_run(store, "focal", 42)
+    params = workspace_params(tmp_path, "compare: {bootstrap_resamples: 200}")
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO / "src"), "TERM": "dumb"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hdmap_ad.apps.cli",
+            "compare",
+            "--params",
+            str(params),
+            "--no-plots",
+            "--profile",
+            "all",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    text = out.stdout
+    assert text.index("Verdicts") < text.index("AUROC (%): mean ± std")
+    assert "gem (Method 1 (GEM): GeM pooling" in text and "focal (Method 3 (Focal): focal" in text
+    # focal has one seed: its 15 comparisons say the same thing, once
+    focal = text[text.index("focal (Method 3") :]
+    assert focal.count("only 1 paired seed") == 1 and "all 15: 3 metric(s) × 5 scope(s)" in focal
+    saved = json.loads((tmp_path / "reports/comparison.json").read_text())
+    assert saved["verdicts"]["focal"]["verdict"] == "inconclusive"
+    md = (tmp_path / "reports/comparison.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Notes") and "Method 3 (Focal) = `focal`: focal" in md

@@ -88,3 +88,13 @@ def improvement_cell(c: Comparison) -> str:
 def not_computable_parts(note: str) -> list[str]:
     """The "not computable: why" parts of a note (several may be joined by '; ')."""
     return [part.strip() for part in note.split("; ") if part.strip().startswith("not computable")]
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
+    esc = [[str(x).replace("|", "\\|") for x in row] for row in rows]
+    seps = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    return (
+        ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
+        + ["| " + " | ".join(r) + " |" for r in esc]
+        + [""]
+    )

@@ -8,25 +8,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hdmap_ad.apps.compare.cells import (
-    NOT_COMPUTABLE_CELL,
     delta_cell,
-    fmt_delta,
-    fmt_interval,
     fmt_mean_std,
     fmt_number,
     fmt_p,
     fmt_value,
-    improvement_cell,
     mark_cell,
-    not_computable_parts,
+    md_table,
     p_cell,
     seeds_cell,
-    share_cell,
 )
 from hdmap_ad.apps.compare.labels import METRIC_LABELS, NOT_PERCENT, method_label, scope_label
+from hdmap_ad.apps.compare.report_uncertainty import uncertainty_section
 from hdmap_ad.apps.compare.result import (
     MARK_LEGEND,
-    PER_MAP_METRIC,
     Comparison,
     ComparisonResult,
     PlotFile,
@@ -38,20 +33,10 @@ from hdmap_ad.core.files import atomic_dir, write_text
 # --------------------------------------------------------------------------------------- Markdown
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
-    esc = [[str(x).replace("|", "\\|") for x in row] for row in rows]
-    seps = ["---" if i < align_right_from else "---:" for i in range(len(header))]
-    return (
-        ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
-        + ["| " + " | ".join(r) + " |" for r in esc]
-        + [""]
-    )
-
-
 def _methods_by_scope(methods: Sequence[str], scopes: Sequence[str], cell: Callable[[str, str], str]) -> list[str]:
     """A table with one row per method and one column per scope."""
     rows = [[method_label(m)] + [cell(m, s) for s in scopes] for m in methods]
-    return _md_table(["Method"] + [scope_label(s) for s in scopes], rows)
+    return md_table(["Method"] + [scope_label(s) for s in scopes], rows)
 
 
 def _test_row(c: Comparison | None, metric: str, scope: str) -> list[str]:
@@ -88,173 +73,6 @@ def _details_row(c: Comparison) -> list[str]:
         mark_cell(c),
         "; ".join(n for n in c.notes if not n.startswith("seeds used")) or "none",
     ]
-
-
-def _interval_row(c: Comparison | None, scope: str) -> list[str]:
-    """A row of a method's per-metric Δ table."""
-    if c is None:
-        return [scope_label(scope), "0"] + ["no data"] * 9
-    iv, r = c.interval, c.paired
-    if c.pairing == "unpaired":
-        return [scope_label(scope), "0", delta_cell(c)] + ["n/a (not paired: no common seed)"] * 8
-    return [
-        scope_label(scope),
-        str(r.n),
-        delta_cell(c),
-        fmt_interval(iv.t_low, iv.t_high, c.metric) if iv else NOT_COMPUTABLE_CELL,
-        fmt_interval(iv.boot_low, iv.boot_high, c.metric) if iv else NOT_COMPUTABLE_CELL,
-        fmt_p(r.p_ttest),
-        fmt_p(r.p_wilcoxon),
-        fmt_p(r.p_holm),
-        fmt_number(r.d_z),
-        mark_cell(c),
-        improvement_cell(c),
-    ]
-
-
-def _delong_cell(d, metric: str) -> str:
-    """Δ ± SE (p) of one DeLong test, in points."""
-    if d is None:
-        return "no scores"
-    if d.delta is None:
-        return NOT_COMPUTABLE_CELL
-    if d.se is None:
-        return f"{fmt_delta(d.delta, metric)} ({NOT_COMPUTABLE_CELL})"
-    return f"{fmt_delta(d.delta, metric)} ± {fmt_value(d.se, metric)} (p={fmt_p(d.p)})"
-
-
-def _per_seed_delong(c: Comparison, inputs: Sequence[int]) -> dict[int, object]:
-    """seed -> its DeLong test (`inputs`: the seeds the pooled test was given, in its order)."""
-    return dict(zip(inputs, getattr(c.delong, "per_seed", None) or []))
-
-
-def _per_map_row(c: Comparison | None, scope: str, seeds: Sequence[int], inputs: Sequence[int]) -> list[str]:
-    """A row of a method's DeLong / hierarchical-bootstrap table (AUROC)."""
-    m = PER_MAP_METRIC
-    if c is None or (c.delong is None and c.bootstrap is None):
-        return [scope_label(scope)] + ["no per-map scores"] * (len(seeds) + 4)
-    d, b = c.delong, c.bootstrap
-    per_seed = _per_seed_delong(c, inputs)
-    if scope == "mean":  # the mean's DeLong is combined from the domains' pooled tests: no per-seed test
-        cells = ["per domain"] * len(seeds)
-    else:
-        cells = [_delong_cell(per_seed.get(s), m) if s in per_seed else "left out" for s in seeds]
-    pooled = _delong_cell(d, m) if d is not None else "no scores"
-    ci = fmt_interval(d.ci_low, d.ci_high, m) if d is not None else NOT_COMPUTABLE_CELL
-    return (
-        [scope_label(scope)]
-        + cells
-        + [
-            pooled,
-            ci,
-            fmt_interval(b.low, b.high, m) if b is not None else NOT_COMPUTABLE_CELL,
-            share_cell(b.p_improvement) if b is not None else NOT_COMPUTABLE_CELL,
-        ]
-    )
-
-
-def _uncertainty_section(result: ComparisonResult) -> list[str]:
-    """Δ with its intervals per method x metric, DeLong and the hierarchical bootstrap (AUROC), and
-    the seeds needed in words (docs/design.md#stats-intervals to #stats-power)."""
-    u, baseline = result.uncertainty, result.baseline
-    others = [m for m in result.methods if m != baseline and result.runs[m]]
-    if not others or not result.runs[baseline]:
-        return []
-    level = f"{100 * u.get('confidence', 0.95):g} %"
-    B, seed = u.get("bootstrap_resamples"), u.get("bootstrap_seed")
-    L = [
-        f"## Uncertainty of Δ (vs {method_label(baseline)})",
-        "",
-        f"All intervals are {level} intervals of Δ = method − baseline (points).",
-        f"- **t CI**: paired t interval over the seeds, mean(Δ) ± t(n−1)·sd(Δ, ddof=1)/√n. **boot CI**: percentile "
-        f"bootstrap of mean(Δ) over the seeds (`scipy.stats.bootstrap`, {B} resamples, seed {seed}; coarse at few "
-        "seeds, and narrower than the t interval). Both see only seed-to-seed noise on this one test set.",
-        "- **P(impr.)**: paired seeds where the method beats the baseline (n better / n).",
-        f"- **{METRIC_LABELS[PER_MAP_METRIC]} per map** (from each run's `{u.get('scores_artifact', 'eval/scores.csv')}`): "
-        "DeLong's paired test per seed (Δ ± SE, p; same maps, correlated AUROCs) and **pooled** over the seeds "
-        "(DeLong's contrast over all correlated AUROCs: test-set noise for these trained models only); for the mean "
-        "over domains, SE = √(Σ SE_d²)/D (disjoint test sets). **Hierarchical bootstrap**: seeds and, within each "
-        f"domain, fault and good maps resampled ({B} resamples, seed {seed}, one map draw shared by all seeds and "
-        "both methods): both noise sources; **P(Δ>0)** is the share of its replicates with Δ > 0.",
-        "- Which number answers which question: README.md, *Which number to trust for which question*.",
-        "",
-    ]
-    for method in others:
-        L += [f"### {method_label(method)} (`{method}`)", ""]
-        for metric in result.report_metrics:
-            rows = [_interval_row(result.comparison(method, s, metric), s) for s in result.table_scopes]
-            L += [f"#### {METRIC_LABELS[metric]}: Δ with {level} intervals", ""]
-            L += _md_table(
-                ["Domain", "n", "Δ", "t CI", "boot CI", "p t-test", "p Wilcoxon", "Holm p", "d_z", "Sig.", "P(impr.)"],
-                rows,
-            )
-        if PER_MAP_METRIC in result.report_metrics:
-            L += _per_map_block(result, method, level)
-        whys = sorted(
-            {
-                w
-                for s in result.table_scopes
-                for metric in result.report_metrics
-                if (c := result.comparison(method, s, metric)) is not None and c.interval is not None
-                for w in not_computable_parts(c.interval.note)
-            }
-        )
-        if whys:
-            L += ["Not computable (intervals over seeds): " + "; ".join(whys) + ".", ""]
-    L += _seeds_needed_block(result, others)
-    return L
-
-
-def _per_map_block(result: ComparisonResult, method: str, level: str) -> list[str]:
-    m = PER_MAP_METRIC
-    comps = {s: result.comparison(method, s, m) for s in result.table_scopes}
-    inputs = result.uncertainty.get("per_map", {}).get(method, {}).get("seeds", {})  # scope -> seeds given
-    seeds = sorted({s for by_scope in inputs.values() for s in by_scope})
-    L = [f"#### {METRIC_LABELS[m]} per map: DeLong and hierarchical bootstrap", ""]
-    if all(c is None or (c.delong is None and c.bootstrap is None) for c in comps.values()):
-        return L + ["No per-map statistics: no paired run with per-map scores (see the notes).", ""]
-    rows = [_per_map_row(comps[s], s, seeds, inputs.get(s, [])) for s in result.table_scopes]
-    L += _md_table(
-        ["Domain"]
-        + [f"seed {s}: Δ ± SE (p)" for s in seeds]
-        + ["pooled DeLong Δ ± SE (p)", f"pooled {level} CI", f"hier. bootstrap {level} CI", "P(Δ>0)"],
-        rows,
-    )
-    notes = []
-    for s, c in comps.items():
-        if c is None:
-            continue
-        texts = list(c.per_map_notes)
-        for obj in (c.delong, c.bootstrap):
-            if obj is not None and obj.note and not obj.note.startswith("mean over "):  # (the mean is said above)
-                texts.append(obj.note)
-        for seed, r in _per_seed_delong(c, inputs.get(s, [])).items():
-            if r.note:
-                texts.append(f"seed {seed}: {r.note}")
-        if texts:
-            notes.append(f"- {scope_label(s)}: " + "; ".join(dict.fromkeys(texts)))
-    return L + notes + ([""] if notes else [])
-
-
-def _seeds_needed_block(result: ComparisonResult, others: Sequence[str]) -> list[str]:
-    u = result.uncertainty
-    L = [
-        "## How many seeds",
-        "",
-        f"The seeds a two-sided paired t-test needs to confirm the observed Δ at α={u.get('alpha', 0.05):g} with "
-        f"{100 * u.get('power', 0.8):.0f} % power, given the observed seed-to-seed sd (noncentral t). It plugs in the "
-        "observed Δ and sd, both noisy at a few seeds: a guide to how many seeds to run next, not a promise.",
-        "",
-    ]
-    for method in others:
-        L += [f"**{method_label(method)} (`{method}`)**", ""]
-        for metric in result.report_metrics:
-            for s in result.table_scopes:
-                c = result.comparison(method, s, metric)
-                if c is not None and c.seeds_needed_text:
-                    L.append(f"- {c.seeds_needed_text}")
-        L.append("")
-    return L
 
 
 def _seed_cell(result: ComparisonResult, method: str, seed: int, scope: str, metric: str) -> str:
@@ -335,7 +153,7 @@ def _method_section(result: ComparisonResult, method: str, seeds_all: Sequence[i
         rows.append(
             ["**Mean±Std**"] + [fmt_mean_std(result.summary[method][s][metric], metric, len(runs)) for s in scopes]
         )
-        L += [f"### {METRIC_LABELS[metric]}", ""] + _md_table(["Seed"] + [scope_label(s) for s in scopes], rows)
+        L += [f"### {METRIC_LABELS[metric]}", ""] + md_table(["Seed"] + [scope_label(s) for s in scopes], rows)
     if method != result.baseline:
         rows = [
             _test_row(result.comparison(method, s, metric), metric, s)
@@ -343,7 +161,7 @@ def _method_section(result: ComparisonResult, method: str, seeds_all: Sequence[i
             for s in scopes
         ]
         L += [f"### Statistical test (vs {method_label(result.baseline)})", ""]
-        L += _md_table(
+        L += md_table(
             ["Metric", "Domain", "Δ Mean", "p-value (t-test)", "Holm p", "Significance", "Seeds used"],
             rows,
             align_right_from=2,
@@ -370,7 +188,7 @@ def _significance_section(result: ComparisonResult) -> list[str]:
     for metric in result.report_metrics:
         rows = [_details_row(c) for m in others for s in scopes if (c := result.comparison(m, s, metric)) is not None]
         L += [f"### {METRIC_LABELS[metric]}: details", ""]
-        L += _md_table(
+        L += md_table(
             [
                 "Method",
                 "Domain",
@@ -410,22 +228,20 @@ def _runs_block(result: ComparisonResult) -> list[str]:
         for seed, r in runs.items()
     ]
     L = ["## Runs", ""]
-    L += _md_table(
-        ["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99
-    )
+    L += md_table(["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99)
     if sel.left_out:
         rows = [
             [str(x.method), str(x.seed), f"`{x.run.run_id}`", x.run.run_name or "unnamed", x.reason]
             for x in sel.left_out
         ]
-        L += ["### Left out", ""] + _md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99)
+        L += ["### Left out", ""] + md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99)
     if sel.superseded:
         rows = [
             [x.method, str(x.seed), f"`{x.used.run_id}`", ", ".join(f"`{i.run_id}`" for i in x.ignored)]
             for x in sel.superseded
         ]
         L += ["### Older runs of the same method and seed (the latest is used)", ""]
-        L += _md_table(["Method", "Seed", "Used", "Ignored"], rows, 99)
+        L += md_table(["Method", "Seed", "Used", "Ignored"], rows, 99)
     return L
 
 
@@ -460,13 +276,13 @@ def verdict_section(result: ComparisonResult) -> list[str]:
         v = result.verdicts.get(m)
         n = len(result.runs.get(m, {}))
         rows.append([method_label(m), str(n), f"**{v.verdict}**" if v else "no valid run", v.reason if v else ""])
-    L += _md_table(["Method", "Seeds", "Verdict", "Why"], rows, 99)
+    L += md_table(["Method", "Seeds", "Verdict", "Why"], rows, 99)
     for m in others:
         if m not in result.verdicts:
             continue
         lines = collapse(verdict_rows(result, m))
         L += [f"**{method_label(m)}**, per metric and domain:", ""]
-        L += _md_table(["Where", "Verdict", "Why"], [[w, v, why] for w, v, why in lines], 99)
+        L += md_table(["Where", "Verdict", "Why"], [[w, v, why] for w, v, why in lines], 99)
         probs = [_bayes_line(result, m, metric) for metric in result.report_metrics]
         L += [p for p in probs if p] + ([""] if any(probs) else [])
     return L
@@ -511,7 +327,7 @@ def render_markdown(result: ComparisonResult) -> str:
             lambda m, s, metric=metric: fmt_mean_std(result.summary[m][s][metric], metric, result.most_seeds),
         )
     L += _significance_section(result)
-    L += _uncertainty_section(result)
+    L += uncertainty_section(result)
     if result.plots:
         L += (
             ["## Plots (per seed, per domain)", ""]

@@ -1,3 +1,4 @@
+# Over 450 lines on purpose: one selection (status, profile, group, precision, latest per seed) whose steps share the run records and reasons; the hints that pair are its last step.
 """The runs compare reads: fetched from MLflow, then selected (one comparison group, the latest valid
 run per method and seed) with every run left out named and why; and the hints that would pair a
 method with the baseline.
