@@ -1091,3 +1091,23 @@ def test_terminal_output_reads_at_80_columns_and_leads_with_the_verdicts(store, 
     assert saved["verdicts"]["focal"]["verdict"] == "inconclusive"
     md = (tmp_path / "reports/comparison.md").read_text()
     assert md.index("## Verdicts") < md.index("## Notes") and "Method 3 (Focal) = `focal`: focal" in md
+
+
+@pytest.mark.slow
+def test_compare_on_the_design_docs_store_takes_under_30_s(store, tmp_path):
+    """2 methods × 5 seeds × 4 domains × 2000 maps, 10 000 resamples (docs/design.md#stats-report), end to
+    end through the CLI, verdicts included."""
+    for method in ("baseline", "gem"):
+        for seed in SEEDS:
+            frame = fake_scores(method, seed, n_good=1000, n_fault=1000)
+            log_run(store, method, seed, scores=frame, metrics=metrics_from_scores(method, seed, frame))
+    params = workspace_params(tmp_path)
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "hdmap_ad.apps.cli", "compare", "--params", str(params), "--profile", "all"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "reports/comparison.json").read_text())["verdicts"]["gem"]["verdict"]
+    print(f"\ncompare, 2 methods x 5 seeds x 2000 maps: {seconds:.1f} s wall")
+    assert seconds < 30
