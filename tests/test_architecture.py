@@ -216,3 +216,36 @@ def test_the_tests_build_one_tiny_encoder():
         if spelled.search(line) and "**" not in line  # `{**tiny.ENCODER, "embed_dim": 64}` is a named variant
     ]
     assert again == []
+
+
+def test_the_settings_that_make_runs_comparable_are_listed_once():
+    """Which settings pair runs (comparison_key) and which differences compare names come from one place:
+    core/config.py's NOT_TRAINING_SECTIONS / NOT_COMPARED_KEYS. A second literal list of those names
+    elsewhere would drift from the key (as compare's own list once did, naming train.amp_resolved)."""
+    import ast
+
+    names = {
+        "runtime",
+        "evaluate",
+        "mlflow",
+        "compare",
+        "synth",
+        "profile",
+        "method",
+        "seed",
+        "data.root",
+        "data.prepared",
+    }
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if len(words & names) >= 3:
+                    found.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert len(found) == 2 and all(x.startswith("src/hdmap_ad/core/config.py:") for x in found), found
+
+    from hdmap_ad.core.config import Params, flatten, is_compared_setting
+
+    p = Params()
+    assert set(flatten(p.comparable_config())) == {k for k in flatten(p.resolved()) if is_compared_setting(k)}

@@ -8,8 +8,11 @@ data_digest), a few flattened config params and metrics named test_<metric>/<sco
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -317,7 +320,12 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     assert client.search_runs([store], "tags.kind = 'compare'") == []  # the training experiment: training runs only
     compare_exp = client.get_experiment_by_name(f"{EXPERIMENT}-compare")
     (crun,) = client.search_runs([compare_exp.experiment_id], "tags.kind = 'compare'")
-    assert crun.info.run_name == "compare" and crun.info.status == "FINISHED"
+    # named by what it compares; the verdicts are tags, the same as in the outputs
+    assert crun.info.run_name == "gem,focal vs baseline × seeds 42,43,44,123,456 × group a1b2c3"
+    assert crun.info.status == "FINISHED"
+    assert crun.data.tags["verdict/gem"] == saved["verdicts"]["gem"]["verdict"]
+    assert crun.data.tags["verdict/gem/mean/auroc"] == comparison(saved, "gem", "mean", "auroc")["verdict"]["verdict"]
+    assert crun.data.metrics["n_paired_auroc/gem/mean"] == 5
     arts = {a.path for a in client.list_artifacts(crun.info.run_id)}
     assert {"compare.json", "comparison.md", "comparison.json"} <= arts
     assert crun.data.tags["comparison_key"] == KEY
@@ -326,10 +334,11 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     )
     again, _ = run(tmp_path, log_run=False)
     assert again["n_runs_found"] == 15 and again["left_out"] == []
-    # the terminal summary: one table per listed metric with Δ and p
+    # the terminal summary: the verdicts first, then one table per listed metric
     console = (tmp_path / "console.txt").read_text()
     assert "baseline   5 run(s), seeds 42, 43, 44, 123, 456" in console
-    assert "Δ" in console and "p=" in console
+    assert console.index("Verdicts") < console.index("AUROC (%): mean ± std")
+    assert "gem (Method 1 (GEM): " in console
 
 
 def test_killed_failed_unevaluated_and_repeated_runs(store, tmp_path):
@@ -516,7 +525,7 @@ def test_no_common_seed_prints_the_unpaired_delta_and_the_command_that_pairs(sto
     )
     assert line in console and line in md and any(line in n for n in saved["notes"])
     b, f = fake_metrics("baseline", 42)["test_auroc/domain_A"], fake_metrics("focal", 44)["test_auroc/domain_A"]
-    assert f"unpaired Δ {100 * (f - b):+.2f} (no p)" in console
+    assert f"unpaired Δ {100 * (f - b):+.2f} pt (no p)" in console
     assert "(n=0)" not in console
     c = comparison(saved, "focal", "domain_A", "auroc")
     assert c["pairing"] == "unpaired" and c["n"] == 0 and c["p_ttest"] is None and c["p_holm"] is None
@@ -661,9 +670,10 @@ def test_metrics_file_is_machine_independent_and_deterministic(store, tmp_path):
     assert not any(i in text for i in ids) and "sqlite" not in text and str(tmp_path) not in text
     assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text)
     metrics = json.loads(text)
-    assert set(metrics) == {"baseline", "gem"} and set(metrics["gem"]) == set(DOMAINS) | {"mean"}
+    assert set(metrics) == {"baseline", "gem"} and set(metrics["gem"]) == set(DOMAINS) | {"mean", "verdict"}
+    assert metrics["gem"]["verdict"] in ("better", "worse", "equivalent", "inconclusive")
     gem = metrics["gem"]["mean"]["tpr_at_fpr_1"]
-    assert set(gem) == {"n", "n_paired", "mean_pct", "delta_pts", "p_holm"} and gem["n"] == 3
+    assert set(gem) == {"n", "n_paired", "mean_pct", "delta_pts", "p_holm", "verdict"} and gem["n"] == 3
     back = read_back()
     expect = np.mean(list(back["gem"]["test_tpr_at_fpr_1/mean"].values())) - np.mean(
         list(back["baseline"]["test_tpr_at_fpr_1/mean"].values())
@@ -783,7 +793,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
 
     from hdmap_ad.apps import cli
     from hdmap_ad.apps.compare.scores import ScoresCache
-    from hdmap_ad.pipeline import uncertainty as U
+    from hdmap_ad.pipeline import stats as U
 
     seeds, frames, ids = [42, 43, 44], {}, {}
     for method in ("baseline", "gem"):
@@ -816,9 +826,14 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             assert c["interval"] == asdict(U.paired_delta_interval(diffs, 0.9, 300, 7))
             assert c["interval"]["t_low"] < c["delta"] < c["interval"]["t_high"] and c["interval"]["confidence"] == 0.9
             assert c["improvement"] == asdict(U.probability_of_improvement(diffs))
-            need = U.seeds_needed(diffs)
+            margin = compare.Settings().margin(metric)  # the default rope (points) as a fraction
+            need = U.seeds_needed(diffs, margin=margin)
             assert c["seeds_needed"] == asdict(need)
-            label = compare.report.METRIC_LABELS[metric]
+            if margin is not None:  # TOST, the Bayesian probabilities and the verdict from the same diffs
+                assert c["tost"] == asdict(U.tost_paired(diffs, margin))
+                assert c["bayes"] == asdict(U.bayes_correlated_t(diffs, margin))
+                assert c["verdict"]["verdict"] in ("better", "worse", "equivalent", "inconclusive")
+            label = compare.labels.METRIC_LABELS[metric]
             assert c["seeds_needed_text"] == U.describe_seeds_needed(
                 need, "the mean over domains" if scope == "mean" else scope, unit=f"pt {label}"
             )
@@ -826,7 +841,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
     # DeLong per seed and pooled, and the hierarchical bootstrap: direct calls on the same per-map scores
     arrays = {d: per_map_arrays(frames, "gem", "baseline", seeds, d) for d in DOMAINS}
     boot = U.hierarchical_bootstrap_auroc(
-        {d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300, confidence=0.9, seed=7
+        {d: U.AurocScores(*arrays[d]) for d in DOMAINS}, n_resamples=300, confidence=0.9, seed=7, margin=0.001
     )
     for d in DOMAINS:
         c = comparison(saved, "gem", d, "auroc")
@@ -854,7 +869,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
             c = comparison(saved, "gem", scope, metric)
             iv = c["interval"]
             row = (
-                rf"\| {re.escape(compare.report.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
+                rf"\| {re.escape(compare.labels.scope_label(scope))} \| 3 \| {pts(c['delta'])} \| "
                 rf"\[{pts(iv['t_low'])}, {pts(iv['t_high'])}\] \| \[{pts(iv['boot_low'])}, {pts(iv['boot_high'])}\] \| "
                 rf"[\d.e-]+ \| [\d.e-]+ \| [\d.e-]+ \| [-\d.]+ \| \S+ \| {c['improvement']['n_better']}/3"
             )
@@ -865,7 +880,7 @@ def test_every_delta_gets_intervals_delong_bootstrap_and_seeds_needed(store, tmp
         c = comparison(saved, "gem", d, "auroc")
         b = c["bootstrap"]
         assert re.search(
-            rf"\| {re.escape(compare.report.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
+            rf"\| {re.escape(compare.labels.scope_label(d))} \| .*\| {pts(c['delong']['delta'])} ± "
             rf"{100 * c['delong']['se']:.2f} \(p=[\d.e-]+\) \| .* \| \[{pts(b['low'])}, "
             rf"{pts(b['high'])}\] \| {100 * b['p_improvement']:.0f} % \|",
             dl,
@@ -955,7 +970,7 @@ def test_maps_are_matched_by_path_or_by_position_on_the_same_data():
 def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(store, tmp_path):
     from dataclasses import asdict
 
-    from hdmap_ad.pipeline import uncertainty as U
+    from hdmap_ad.pipeline import stats as U
 
     seeds, frames = [42, 43, 44], {}
     for method in ("baseline", "topk"):
@@ -976,9 +991,127 @@ def test_an_invalid_domain_leaves_its_seed_out_of_the_per_map_statistics_loudly(
     mean = comparison(saved, "topk", "mean", "auroc")
     sub = {d: U.AurocScores(*per_map_arrays(frames, "topk", "baseline", [42, 44], d)) for d in DOMAINS}
     assert mean["bootstrap"] == asdict(
-        U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0).mean
+        U.hierarchical_bootstrap_auroc(sub, n_resamples=100, confidence=0.95, seed=0, margin=0.001).mean
     )
     assert any("seeds all domains share: 42, 44" in n for n in mean["per_map_notes"])
     assert mean["delong"]["delta"] is None and "different seeds" in mean["delong"]["note"]
     assert "**topk seed 43**" in md and "NaN/Inf scores in domain_C" in md
     no_nan((tmp_path / "reports/comparison.json").read_text())
+
+
+def test_a_run_differing_in_one_setting_names_only_that_setting(store, tmp_path):
+    """Both runs logged train.amp_resolved=off (training's record beside the config, which the workspace's
+    params do not hold): only train.steps differs, and only it is named; the baseline seed whose only run
+    is in the other group is 'in another comparison group', not 'no valid run'."""
+    from hdmap_ad.core.config import load_params
+
+    manifest = fake_prepared(tmp_path / "prepared")
+    params_path = workspace_params(tmp_path)
+    key = load_params(params_path).comparison_key(manifest)
+    record = {"train.amp_resolved": "off"}
+    for seed in (43, 44):
+        log_run(store, "baseline", seed, key=key, manifest=manifest, params=record)
+    for seed in (42, 43, 44):
+        log_run(store, "gem", seed, key=key, manifest=manifest, params=record)
+    other = log_run(
+        store, "baseline", 42, key="ffff0000ffff0000", manifest=manifest, params={**record, "train.steps": "150"}
+    )
+    saved, md = run(tmp_path, settings_=compare.load_settings(params_path))
+    (left,) = saved["left_out"]
+    assert left["run_id"] == other and left["differs"] == [f"train.steps 150 ≠ {CONFIG['train.steps']}"]
+    notes = comparison(saved, "gem", "domain_A", "auroc")["notes"]
+    assert (
+        f"baseline seed 42: its run is in another comparison group (train.steps 150 ≠ {CONFIG['train.steps']})" in notes
+    )
+    assert not any("no valid run" in n for n in notes)
+
+
+def test_bad_decision_settings_stop_with_one_line_and_keep_the_reports(store, tmp_path, capsys):
+    from hdmap_ad.apps import cli
+
+    for seed in (42, 43):
+        log_run(store, "baseline", seed)
+        log_run(store, "gem", seed)
+    params = workspace_params(tmp_path)
+    assert cli.main(["compare", "--params", str(params), "--no-plots", "--no-log", "--profile", "all"]) == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    for bad, word in (
+        ("compare.rope.auroc=0", "positive"),
+        ("compare.rope.auroc=-0.5", "positive"),
+        ("compare.rope.threshold=1", "runs do not log"),
+        ("compare.rope={auroc: 0.1}", "no margin in compare.rope for tpr_at_fpr_1"),
+        ("compare.confidence=1.5", "compare.confidence"),
+        ("compare.confidence=0", "compare.confidence"),
+    ):
+        code = cli.main(["compare", "--params", str(params), "--no-plots", "--no-log", "--set", bad])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and word in err, (bad, err)
+        assert "Traceback" not in err
+        assert snapshot(tmp_path) == before
+
+
+def test_terminal_output_reads_at_80_columns_and_leads_with_the_verdicts(store, tmp_path):
+    """Through the command a user runs, in an 80-column terminal: no line wider, the verdicts before the
+    tables, and the comparisons at one seed collapsed into one line with the reason."""
+    for seed in (42, 43, 44, 123, 456):
+        log_run(store, "baseline", seed)
+        log_run(store, "gem", seed)
+    log_run(store, "focal", 42)
+    params = workspace_params(tmp_path, "compare: {bootstrap_resamples: 200}")
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO / "src"), "TERM": "dumb"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hdmap_ad.apps.cli",
+            "compare",
+            "--params",
+            str(params),
+            "--no-plots",
+            "--profile",
+            "all",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    text = out.stdout
+    assert text.index("Verdicts") < text.index("AUROC (%): mean ± std")
+    assert "gem (Method 1 (GEM): GeM pooling" in text and "focal (Method 3 (Focal): focal" in text
+    # focal has one seed: its 15 comparisons say the same thing, once
+    focal = text[text.index("focal (Method 3") :]
+    assert focal.count("only 1 paired seed") == 1 and "all 15: 3 metric(s) × 5 scope(s)" in focal
+    saved = json.loads((tmp_path / "reports/comparison.json").read_text())
+    assert saved["verdicts"]["focal"]["verdict"] == "inconclusive"
+    md = (tmp_path / "reports/comparison.md").read_text()
+    assert md.index("## Verdicts") < md.index("## Notes") and "Method 3 (Focal) = `focal`: focal" in md
+
+
+@pytest.mark.slow
+def test_compare_on_the_design_docs_store_takes_under_30_s(store, tmp_path):
+    """2 methods × 5 seeds × 4 domains × 2000 maps, 10 000 resamples (docs/design.md#stats-report), end to
+    end through the CLI, verdicts included."""
+    for method in ("baseline", "gem"):
+        for seed in SEEDS:
+            frame = fake_scores(method, seed, n_good=1000, n_fault=1000)
+            log_run(store, method, seed, scores=frame, metrics=metrics_from_scores(method, seed, frame))
+    params = workspace_params(tmp_path)
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "hdmap_ad.apps.cli", "compare", "--params", str(params), "--profile", "all"]
+    import resource
+
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    seconds, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "reports/comparison.json").read_text())["verdicts"]["gem"]["verdict"]
+    print(f"\ncompare, 2 methods x 5 seeds x 2000 maps: {seconds:.1f} s wall, {cpu:.1f} s CPU")
+    # CPU time: on a shared machine the wall time measures the other jobs too
+    assert cpu < 30

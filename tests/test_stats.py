@@ -11,7 +11,6 @@ from scipy.stats import ttest_rel, wilcoxon
 from hdmap_ad.pipeline.stats import (
     PairedResult,
     fill_holm,
-    format_mean_std,
     holm_adjust,
     mean_std,
     paired_test,
@@ -154,12 +153,6 @@ def test_mean_std_ddof1():
         mean_std([])
     with pytest.raises(ValueError):
         mean_std([1.0, float("nan")])
-
-
-def test_format_mean_std():
-    assert format_mean_std(0.98512, 0.00123) == "98.51 ± 0.12"
-    assert format_mean_std(0.9, None) == "90.00"
-    assert format_mean_std(None, None) == "–"
 
 
 def test_paired_result_defaults():

@@ -1,4 +1,4 @@
-"""Uncertainty statistics (pipeline/uncertainty.py) against independent references: scipy, sklearn,
+"""Uncertainty statistics (pipeline/stats/: intervals, DeLong, bootstrap, power) against independent references: scipy, sklearn,
 slow direct O(n²) formulas written here, a published worked example, and seeded simulations."""
 
 import dataclasses
@@ -10,10 +10,9 @@ import pytest
 from scipy import stats as sst
 from sklearn.metrics import roc_auc_score
 
-from hdmap_ad.pipeline.uncertainty import (
+from hdmap_ad.pipeline.stats import (
     AurocScores,
     PreparedScores,
-    _twice_weighted_auc_numerators,
     delong_pooled,
     delong_test,
     describe_seeds_needed,
@@ -24,6 +23,7 @@ from hdmap_ad.pipeline.uncertainty import (
     probability_of_improvement,
     resample_counts,
     seeds_needed,
+    twice_weighted_auc_numerators,
 )
 
 
@@ -259,7 +259,7 @@ def test_weighted_auc_kernel_matches_sklearn_on_expanded_resamples():
     prep = PreparedScores(AurocScores(y, sm, sb))
     assert prep.k_hi[0] is not None and prep.k_hi[seeds] is None  # both kernel paths are exercised
     pos_w, neg_w = resample_counts(rng, 6, m), resample_counts(rng, 6, n)
-    num = _twice_weighted_auc_numerators(prep, pos_w, neg_w)
+    num = twice_weighted_auc_numerators(prep, pos_w, neg_w)
     rows = np.concatenate([sm, sb])
     for b in range(6):
         w = np.r_[pos_w[b], neg_w[b]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,15 @@ DEFAULT_PARAMS = Path("params.yaml")
 HDMAP_DOMAINS: tuple[str, ...] = ("domain_A", "domain_B", "domain_C", "domain_D")
 # What people compare across runs: eval.json and each run's MLflow metrics hold these and nothing else.
 HEADLINE_METRICS: tuple[str, ...] = ("auroc", "ap", "f1_max", "tpr_at_fpr_1", "tpr_at_fpr_5", "pixel_auroc")
+# compare.rope's default, in points: about one seed-to-seed SD of each metric (docs/design.md#stats-margins).
+DEFAULT_ROPE: dict[str, float] = {"auroc": 0.1, "tpr_at_fpr_1": 1.0, "tpr_at_fpr_5": 0.5}
+# The settings that make runs comparable are the training config without these (defined here only;
+# tests/test_architecture.py fails on a second list): the sections of other stages and run-time
+# settings, which never change a trained model ...
+NOT_TRAINING_SECTIONS: tuple[str, ...] = ("runtime", "evaluate", "mlflow", "compare", "synth", "profile")
+# ... and what runs of one comparison group differ in (besides the method's own section): the method,
+# the seed and where the data lies (its identity is its content digest).
+NOT_COMPARED_KEYS: tuple[str, ...] = ("method", "seed", "data.root", "data.prepared")
 
 
 class Section(BaseModel):
@@ -202,8 +212,11 @@ class CompareParams(Section):
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap_resamples: int = Field(10000, ge=1)
     bootstrap_seed: int = Field(0, ge=0)
-    alpha: float = Field(0.05, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=0.5)
     power: float = Field(0.8, gt=0, lt=1)
+    # The practical margin per metric in points (percent metrics), the verdict's "equivalent" zone
+    # (docs/design.md#stats-margins).
+    rope: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_ROPE))
 
     @field_validator("metrics")
     @classmethod
@@ -213,6 +226,25 @@ class CompareParams(Section):
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(HEADLINE_METRICS)})")
         return v
+
+    @field_validator("rope")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        for metric, margin in v.items():
+            if metric not in HEADLINE_METRICS:
+                raise ValueError(
+                    f"margin for {metric!r}, a metric runs do not log (known: {', '.join(HEADLINE_METRICS)})"
+                )
+            if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
+                raise ValueError(f"margin for {metric} must be a positive number of points, got {margin!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _every_metric_has_a_margin(self) -> CompareParams:
+        missing = [m for m in self.metrics if m not in self.rope]
+        if missing:
+            raise ValueError(f"no margin in compare.rope for {', '.join(missing)} (every compared metric needs one)")
+        return self
 
 
 class Params(Section):
@@ -261,7 +293,7 @@ class Params(Section):
         and only when, this changes.
         """
         keep = self.resolved()
-        for key in ("runtime", "evaluate", "mlflow", "compare", "synth", "profile"):
+        for key in NOT_TRAINING_SECTIONS:
             keep.pop(key, None)
         return keep
 
@@ -274,17 +306,38 @@ class Params(Section):
         return _digest(keep)
 
     def comparable_config(self) -> dict[str, Any]:
-        """What two runs must share to be compared: the model config without the method, its own
-        section, the seed and the data paths (the data's identity is its content digest)."""
+        """What two runs must share to be compared: the training config without NOT_COMPARED_KEYS and
+        the method's own section."""
         keep = self.training_config()
-        for key in ("method", "seed", self.method):
-            keep.pop(key, None)
-        keep["data"] = {k: v for k, v in keep["data"].items() if k not in ("root", "prepared")}
+        keep.pop(self.method, None)
+        for key in NOT_COMPARED_KEYS:
+            section, _, sub = key.partition(".")
+            if sub:
+                keep[section] = {k: v for k, v in keep[section].items() if k != sub}
+            else:
+                keep.pop(section, None)
         return keep
 
     def comparison_key(self, data_digest: str | None) -> str:
         """Runs with equal keys differ only in method and seed: the only runs paired by `compare`."""
         return _digest({"config": self.comparable_config(), "data": data_digest})
+
+
+def is_compared_setting(key: str) -> bool:
+    """Whether a setting, named as training logs it to MLflow (`train.steps`, `train.hard_mining.factor`),
+    is one comparable_config covers: a field of a training section, not listed above. Method sections,
+    values training records beside the config (`train.amp_resolved`, `n_train_maps`, `fingerprint`)
+    and keys of older layouts are not."""
+    parts = key.split(".")
+    if parts[0] in NOT_TRAINING_SECTIONS or key in NOT_COMPARED_KEYS or parts[0] in ("method_params", "source"):
+        return False
+    field = Params.model_fields.get(parts[0])
+    if field is None:
+        return False
+    model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return len(parts) > 1 and parts[1] in model.model_fields
+    return len(parts) == 1
 
 
 DVC_TEMPLATED_KEYS = (("data", "root"),)

@@ -15,9 +15,10 @@ JSON) -> `report` (Markdown, terminal, plots) -> `command` (the CLI, writing the
 compare run).
 """
 
-from hdmap_ad.apps.compare.analysis import Comparison, ComparisonResult, SeedSummary, analyse
+from hdmap_ad.apps.compare.analysis import analyse
 from hdmap_ad.apps.compare.command import add_parser, cmd_compare, details_path_for, log_compare_run, run_compare
 from hdmap_ad.apps.compare.report import render_markdown
+from hdmap_ad.apps.compare.result import Comparison, ComparisonResult, SeedSummary
 from hdmap_ad.apps.compare.runs import (
     COMPARE_KIND,
     Reference,

@@ -8,10 +8,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from hdmap_ad.apps.compare.analysis import ComparisonResult, analyse
-from hdmap_ad.apps.compare.report import print_found, print_summary, render_markdown, write_plots
+from hdmap_ad.apps.compare.analysis import analyse
+from hdmap_ad.apps.compare.report import render_markdown, write_plots
+from hdmap_ad.apps.compare.result import ComparisonResult
 from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_methods
 from hdmap_ad.apps.compare.settings import Settings, load_settings
+from hdmap_ad.apps.compare.terminal import print_found, print_summary
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import write_json, write_text
 from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
@@ -110,7 +112,7 @@ def run_compare(
             Path(plots_dir) if plots_dir is not None else None,
         )
         result.compare_run_id = run_id
-        console.print(f"MLflow run `compare` {run_id} (experiment {exp_name!r})")
+        console.print(f"MLflow run {compare_run_name(result)!r} {run_id} (experiment {exp_name!r})", markup=False)
     return result
 
 
@@ -142,8 +144,9 @@ def log_compare_run(
     details_path: Path,
     plots_dir: Path | None,
 ) -> tuple[str, str]:
-    """One MLflow run `compare` (tag kind=compare) in `<experiment>-compare`, with the outputs as artifacts
-    and Δ / Holm p as metrics; returns (run id, experiment name). Inside a DVC experiment it is tagged
+    """One MLflow run (tag kind=compare, named by what it compares) in `<experiment>-compare`, with the
+    outputs as artifacts, Δ / Holm p / intervals as metrics and the verdicts as tags (`verdict/<method>`,
+    `verdict/<method>/<scope>/<metric>`); returns (run id, experiment name). Inside a DVC experiment it is tagged
     with its name, so every experiment's comparison stays findable."""
     import mlflow
     from mlflow.entities import Metric, Param
@@ -165,7 +168,12 @@ def log_compare_run(
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    run = client.create_run(experiment_id, run_name="compare", tags=tags)
+    for method, v in result.verdicts.items():  # the answer, searchable: tags.`verdict/gem` = 'better'
+        tags[f"verdict/{method}"] = v.verdict
+    for c in result.comparisons:
+        if c.verdict is not None and c.metric in result.report_metrics and c.scope in result.table_scopes:
+            tags[f"verdict/{c.method}/{c.scope}/{c.metric}"] = c.verdict.verdict
+    run = client.create_run(experiment_id, run_name=compare_run_name(result), tags=tags)
     run_id = run.info.run_id
     try:
         now = int(_dt.datetime.now().timestamp() * 1000)
@@ -173,7 +181,7 @@ def log_compare_run(
         for c in result.comparisons:
             if c.metric not in result.report_metrics:
                 continue
-            for key, value in _logged_values(c):
+            for key, value in logged_values(c):
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
                     metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
         u = result.uncertainty
@@ -189,6 +197,7 @@ def log_compare_run(
             for k in ("confidence", "bootstrap_resamples", "bootstrap_seed", "alpha", "power")
             if k in u
         ]
+        params += [Param(f"rope.{m}", f"{v:g}") for m, v in u.get("rope_points", {}).items()]
         for i in range(0, len(metrics), 900):
             client.log_batch(run_id, metrics=metrics[i : i + 900], params=params if i == 0 else [])
         if not metrics:
@@ -204,11 +213,30 @@ def log_compare_run(
     return run_id, name
 
 
-def _logged_values(c) -> list[tuple[str, float | None]]:
-    """A comparison's numbers logged as compare-run metrics: Δ, Holm p, the intervals, P(improvement),
-    seeds needed and, for AUROC, DeLong pooled and the hierarchical bootstrap."""
+def compare_run_name(result: ComparisonResult) -> str:
+    """What the run compares: 'gem,topk vs baseline × seeds 42-44 × group 1a2b3c'."""
+    others = [m for m in result.methods if m != result.baseline and result.runs.get(m)]
+    seeds = sorted({s for runs in result.runs.values() for s in runs})
+    span = (
+        "-".join(map(str, (seeds[0], seeds[-1])))
+        if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1))
+        else ",".join(map(str, seeds))
+    )
+    ref = result.reference
+    group = f" × group {ref.key[:6]}" if ref is not None and ref.key else ""
+    return f"{','.join(others) or 'nothing'} vs {result.baseline} × seeds {span or 'none'}{group}"
+
+
+def logged_values(c) -> list[tuple[str, float | None]]:
+    """A comparison's numbers logged as compare-run metrics: the paired n, Δ, Holm p, the intervals,
+    P(improvement) and the Bayesian probabilities (only from 2 paired seeds on: at one seed a share
+    of 0 or 1 would read as a probability), seeds needed and, for AUROC, DeLong pooled and the
+    hierarchical bootstrap."""
     iv, imp, need, dl, hb = c.interval, c.improvement, c.seeds_needed, c.delong, c.bootstrap
+    few = c.paired.n < 2
+    bayes = c.bayes if not few else None
     return [
+        ("n_paired", c.paired.n),
         ("delta", c.paired.delta),
         ("delta_unpaired", c.unpaired_delta),
         ("p_holm", c.paired.p_holm),
@@ -216,7 +244,10 @@ def _logged_values(c) -> list[tuple[str, float | None]]:
         ("delta_t_high", iv and iv.t_high),
         ("delta_boot_low", iv and iv.boot_low),
         ("delta_boot_high", iv and iv.boot_high),
-        ("p_improvement", imp and imp.share_better),
+        ("p_improvement", None if few else imp and imp.share_better),
+        ("p_better", bayes and bayes.p_better),
+        ("p_equivalent", bayes and bayes.p_equivalent),
+        ("p_worse", bayes and bayes.p_worse),
         ("seeds_needed", need and need.n_needed),
         ("delong_delta", dl and dl.delta),
         ("delong_se", dl and dl.se),

@@ -21,11 +21,11 @@ import numpy as np
 
 from hdmap_ad.apps.compare.runs import RunRecord, Selection
 from hdmap_ad.apps.compare.scores import SCORES_ARTIFACT, DomainScores, RunScores, align
+from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, finite_or_none
 
 if TYPE_CHECKING:
-    from hdmap_ad.pipeline.uncertainty import BootstrapDelta, PooledDeLongResult
-
-NOT_COMPUTABLE = "not computable: "
+    from hdmap_ad.pipeline.stats.bootstrap import BootstrapDelta
+    from hdmap_ad.pipeline.stats.delong import PooledDeLongResult
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ class PerMap:
         self.scope_notes.setdefault((method, scope), []).append(text)
 
 
-def _opt(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
-
-
 def domain_mean_delong(
     pooled: dict[str, PooledDeLongResult], domains: Sequence[str], confidence: float
 ) -> DomainMeanDeLong:
@@ -92,8 +88,8 @@ def domain_mean_delong(
         list(seed_sets.pop()),
         delta,
         se,
-        _opt(z),
-        _opt(float(2 * sst.norm.sf(abs(z)))),
+        finite_or_none(z),
+        finite_or_none(float(2 * sst.norm.sf(abs(z)))),
         delta - half,
         delta + half,
         confidence,
@@ -164,10 +160,15 @@ def per_map_statistics(
     confidence: float,
     n_resamples: int,
     seed: int,
+    margin: float | None = None,
+    alpha: float = 0.05,
 ) -> PerMap:
     """DeLong (per seed and pooled) and the hierarchical bootstrap for each method vs the baseline on
-    `domains` and their mean. `scores(run_id)` gives a run's per-map scores (downloaded once)."""
-    from hdmap_ad.pipeline.uncertainty import AurocScores, delong_pooled, hierarchical_bootstrap_auroc
+    `domains` and their mean. `scores(run_id)` gives a run's per-map scores (downloaded once); with a
+    `margin` (AUROC's, as a fraction) the bootstrap also gives the verdict's intervals and P(worse /
+    equivalent / better)."""
+    from hdmap_ad.pipeline.stats.bootstrap import AurocScores, hierarchical_bootstrap_auroc
+    from hdmap_ad.pipeline.stats.delong import delong_pooled
 
     out = PerMap()
     used = selection.used
@@ -218,7 +219,12 @@ def per_map_statistics(
         results = []
         for group in groups.values():
             res = hierarchical_bootstrap_auroc(
-                {d: inputs[d] for d in group}, n_resamples=n_resamples, confidence=confidence, seed=seed
+                {d: inputs[d] for d in group},
+                n_resamples=n_resamples,
+                confidence=confidence,
+                seed=seed,
+                margin=margin,
+                alpha=alpha,
             )
             results.append(res)
             boot.update(res.domains)
@@ -237,7 +243,9 @@ def per_map_statistics(
                     )
                     for d in domains
                 }
-                res = hierarchical_bootstrap_auroc(sub, n_resamples=n_resamples, confidence=confidence, seed=seed)
+                res = hierarchical_bootstrap_auroc(
+                    sub, n_resamples=n_resamples, confidence=confidence, seed=seed, margin=margin, alpha=alpha
+                )
                 results.append(res)
                 boot["mean"] = res.mean
                 out.note(

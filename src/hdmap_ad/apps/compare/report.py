@@ -1,5 +1,5 @@
-"""Views of a ComparisonResult: the Markdown report (the experiment plan's tables, filled in), the
-terminal tables (rich) and the per-seed plots."""
+"""Views of a ComparisonResult on disk: the Markdown report (the verdicts first, then the experiment
+plan's tables, filled in) and the per-seed plots."""
 
 from __future__ import annotations
 
@@ -7,116 +7,36 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hdmap_ad.apps.compare.analysis import (
+from hdmap_ad.apps.compare.cells import (
+    delta_cell,
+    fmt_mean_std,
+    fmt_number,
+    fmt_p,
+    fmt_value,
+    mark_cell,
+    md_table,
+    p_cell,
+    seeds_cell,
+)
+from hdmap_ad.apps.compare.labels import METRIC_LABELS, NOT_PERCENT, method_label, scope_label
+from hdmap_ad.apps.compare.report_uncertainty import uncertainty_section
+from hdmap_ad.apps.compare.result import (
     MARK_LEGEND,
-    METRIC_LABELS,
-    NOT_PERCENT,
-    PER_MAP_METRIC,
     Comparison,
     ComparisonResult,
     PlotFile,
     SeedSummary,
 )
-from hdmap_ad.apps.compare.runs import LeftOut, Selection
+from hdmap_ad.apps.compare.runs import LeftOut
 from hdmap_ad.core.files import atomic_dir, write_text
 
-# The experiment plan's names; the order is the method registry's, other methods follow alphabetically.
-METHOD_LABELS = {
-    "baseline": "Baseline",
-    "gem": "Method 1 (GEM)",
-    "focal": "Method 3 (Focal)",
-    "aux": "Method 5-A (Aux)",
-    "scale": "Method 6-A (Scale)",
-    "topk": "TopK",
-}
-
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def scope_label(scope: str) -> str:
-    if scope.startswith("domain_") and len(scope) > 7:
-        return f"Domain {scope[7:]}"
-    return {"mean": "Mean", "pooled": "Pooled"}.get(scope, scope)
-
-
-# ------------------------------------------------------------------------------------------ cells
-
-
-def fmt_value(v: float | None, metric: str) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" if metric in NOT_PERCENT else f"{100 * v:.2f}"
-
-
-def fmt_mean_std(entry: SeedSummary, metric: str, expected_n: int | None = None) -> str:
-    if entry.mean is None:
-        return "no data"
-    text = fmt_value(entry.mean, metric)
-    if entry.std is not None:
-        text += f" ± {fmt_value(entry.std, metric)}"
-    if entry.n < 2 or (expected_n is not None and entry.n != expected_n):
-        text += f" (n={entry.n})"
-    return text
-
-
-def fmt_delta(v: float | None, metric: str) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:+.4g}" if metric in NOT_PERCENT else f"{100 * v:+.2f}"
-
-
-def fmt_p(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def delta_cell(c: Comparison) -> str:
-    """The paired Δ, or the unpaired difference of means labelled as such."""
-    if c.pairing == "unpaired":
-        return f"unpaired {fmt_delta(c.unpaired_delta, c.metric)}"
-    return fmt_delta(c.paired.delta, c.metric)
-
-
-def p_cell(c: Comparison) -> str:
-    if c.pairing == "unpaired":
-        return "n/a (not paired: no common seed)"
-    if c.paired.p_ttest is None:
-        return f"n/a (n={c.paired.n})" if c.paired.n < 2 else "n/a (no test, see notes)"
-    return f"{fmt_p(c.paired.p_ttest)} → {fmt_p(c.paired.p_holm)} {c.significance}"
-
-
-def _mark(c: Comparison) -> str:
-    return c.significance if c.paired.p_holm is not None else "no p-value"
-
-
-def _seeds(seeds: Sequence[int]) -> str:
-    return ", ".join(map(str, seeds)) or "none"
-
-
 # --------------------------------------------------------------------------------------- Markdown
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
-    esc = [[str(x).replace("|", "\\|") for x in row] for row in rows]
-    seps = ["---" if i < align_right_from else "---:" for i in range(len(header))]
-    return (
-        ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
-        + ["| " + " | ".join(r) + " |" for r in esc]
-        + [""]
-    )
 
 
 def _methods_by_scope(methods: Sequence[str], scopes: Sequence[str], cell: Callable[[str, str], str]) -> list[str]:
     """A table with one row per method and one column per scope."""
     rows = [[method_label(m)] + [cell(m, s) for s in scopes] for m in methods]
-    return _md_table(["Method"] + [scope_label(s) for s in scopes], rows)
+    return md_table(["Method"] + [scope_label(s) for s in scopes], rows)
 
 
 def _test_row(c: Comparison | None, metric: str, scope: str) -> list[str]:
@@ -129,8 +49,8 @@ def _test_row(c: Comparison | None, metric: str, scope: str) -> list[str]:
         delta_cell(c),
         fmt_p(c.paired.p_ttest) if c.paired.p_ttest is not None else p_cell(c),
         fmt_p(c.paired.p_holm),
-        _mark(c),
-        _seeds(c.paired.seeds),
+        mark_cell(c),
+        seeds_cell(c.paired.seeds),
     ]
 
 
@@ -141,211 +61,18 @@ def _details_row(c: Comparison) -> list[str]:
         method_label(c.method),
         scope_label(c.scope),
         str(r.n),
-        _seeds(r.seeds),
+        seeds_cell(r.seeds),
         fmt_mean_std(SeedSummary(r.n, mean=r.baseline_mean, std=r.baseline_std), c.metric),
         fmt_mean_std(SeedSummary(r.n, mean=r.method_mean, std=r.method_std), c.metric),
         delta_cell(c),
-        _num(r.t_stat),
+        fmt_number(r.t_stat),
         fmt_p(r.p_ttest),
         fmt_p(r.p_wilcoxon),
         fmt_p(r.p_holm),
-        _num(r.d_z),
-        _mark(c),
+        fmt_number(r.d_z),
+        mark_cell(c),
         "; ".join(n for n in c.notes if not n.startswith("seeds used")) or "none",
     ]
-
-
-NOT_COMPUTABLE_CELL = "not computable"
-
-
-def fmt_interval(low: float | None, high: float | None, metric: str) -> str:
-    """[low, high] in points (Δ of a percent metric), or "not computable"."""
-    if low is None or high is None:
-        return NOT_COMPUTABLE_CELL
-    return f"[{fmt_delta(low, metric)}, {fmt_delta(high, metric)}]"
-
-
-def _share(v: float | None) -> str:
-    return NOT_COMPUTABLE_CELL if v is None else f"{100 * v:.0f} %"
-
-
-def _improvement_cell(c: Comparison) -> str:
-    imp = c.improvement
-    if imp is None or imp.share_better is None:
-        return NOT_COMPUTABLE_CELL
-    return f"{imp.n_better}/{imp.n}" + (f" ({imp.n_ties} tie{'s' if imp.n_ties > 1 else ''})" if imp.n_ties else "")
-
-
-def _why(note: str) -> list[str]:
-    """The "not computable: why" parts of a note (several may be joined by '; ')."""
-    return [part.strip() for part in note.split("; ") if part.strip().startswith("not computable")]
-
-
-def _interval_row(c: Comparison | None, scope: str) -> list[str]:
-    """A row of a method's per-metric Δ table."""
-    if c is None:
-        return [scope_label(scope), "0"] + ["no data"] * 9
-    iv, r = c.interval, c.paired
-    if c.pairing == "unpaired":
-        return [scope_label(scope), "0", delta_cell(c)] + ["n/a (not paired: no common seed)"] * 8
-    return [
-        scope_label(scope),
-        str(r.n),
-        delta_cell(c),
-        fmt_interval(iv.t_low, iv.t_high, c.metric) if iv else NOT_COMPUTABLE_CELL,
-        fmt_interval(iv.boot_low, iv.boot_high, c.metric) if iv else NOT_COMPUTABLE_CELL,
-        fmt_p(r.p_ttest),
-        fmt_p(r.p_wilcoxon),
-        fmt_p(r.p_holm),
-        _num(r.d_z),
-        _mark(c),
-        _improvement_cell(c),
-    ]
-
-
-def _delong_cell(d, metric: str) -> str:
-    """Δ ± SE (p) of one DeLong test, in points."""
-    if d is None:
-        return "no scores"
-    if d.delta is None:
-        return NOT_COMPUTABLE_CELL
-    if d.se is None:
-        return f"{fmt_delta(d.delta, metric)} ({NOT_COMPUTABLE_CELL})"
-    return f"{fmt_delta(d.delta, metric)} ± {fmt_value(d.se, metric)} (p={fmt_p(d.p)})"
-
-
-def _per_seed_delong(c: Comparison, inputs: Sequence[int]) -> dict[int, object]:
-    """seed -> its DeLong test (`inputs`: the seeds the pooled test was given, in its order)."""
-    return dict(zip(inputs, getattr(c.delong, "per_seed", None) or []))
-
-
-def _per_map_row(c: Comparison | None, scope: str, seeds: Sequence[int], inputs: Sequence[int]) -> list[str]:
-    """A row of a method's DeLong / hierarchical-bootstrap table (AUROC)."""
-    m = PER_MAP_METRIC
-    if c is None or (c.delong is None and c.bootstrap is None):
-        return [scope_label(scope)] + ["no per-map scores"] * (len(seeds) + 4)
-    d, b = c.delong, c.bootstrap
-    per_seed = _per_seed_delong(c, inputs)
-    if scope == "mean":  # the mean's DeLong is combined from the domains' pooled tests: no per-seed test
-        cells = ["per domain"] * len(seeds)
-    else:
-        cells = [_delong_cell(per_seed.get(s), m) if s in per_seed else "left out" for s in seeds]
-    pooled = _delong_cell(d, m) if d is not None else "no scores"
-    ci = fmt_interval(d.ci_low, d.ci_high, m) if d is not None else NOT_COMPUTABLE_CELL
-    return (
-        [scope_label(scope)]
-        + cells
-        + [
-            pooled,
-            ci,
-            fmt_interval(b.low, b.high, m) if b is not None else NOT_COMPUTABLE_CELL,
-            _share(b.p_improvement) if b is not None else NOT_COMPUTABLE_CELL,
-        ]
-    )
-
-
-def _uncertainty_section(result: ComparisonResult) -> list[str]:
-    """Δ with its intervals per method x metric, DeLong and the hierarchical bootstrap (AUROC), and
-    the seeds needed in words (docs/design.md#stats-intervals to #stats-power)."""
-    u, baseline = result.uncertainty, result.baseline
-    others = [m for m in result.methods if m != baseline and result.runs[m]]
-    if not others or not result.runs[baseline]:
-        return []
-    level = f"{100 * u.get('confidence', 0.95):g} %"
-    B, seed = u.get("bootstrap_resamples"), u.get("bootstrap_seed")
-    L = [
-        f"## Uncertainty of Δ (vs {method_label(baseline)})",
-        "",
-        f"All intervals are {level} intervals of Δ = method − baseline (points).",
-        f"- **t CI**: paired t interval over the seeds, mean(Δ) ± t(n−1)·sd(Δ, ddof=1)/√n. **boot CI**: percentile "
-        f"bootstrap of mean(Δ) over the seeds (`scipy.stats.bootstrap`, {B} resamples, seed {seed}; coarse at few "
-        "seeds, and narrower than the t interval). Both see only seed-to-seed noise on this one test set.",
-        "- **P(impr.)**: paired seeds where the method beats the baseline (n better / n).",
-        f"- **{METRIC_LABELS[PER_MAP_METRIC]} per map** (from each run's `{u.get('scores_artifact', 'eval/scores.csv')}`): "
-        "DeLong's paired test per seed (Δ ± SE, p; same maps, correlated AUROCs) and **pooled** over the seeds "
-        "(DeLong's contrast over all correlated AUROCs: test-set noise for these trained models only); for the mean "
-        "over domains, SE = √(Σ SE_d²)/D (disjoint test sets). **Hierarchical bootstrap**: seeds and, within each "
-        f"domain, fault and good maps resampled ({B} resamples, seed {seed}, one map draw shared by all seeds and "
-        "both methods): both noise sources; **P(Δ>0)** is the share of its replicates with Δ > 0.",
-        "- Which number answers which question: README.md, *Which number to trust for which question*.",
-        "",
-    ]
-    for method in others:
-        L += [f"### {method_label(method)} (`{method}`)", ""]
-        for metric in result.report_metrics:
-            rows = [_interval_row(result.comparison(method, s, metric), s) for s in result.table_scopes]
-            L += [f"#### {METRIC_LABELS[metric]}: Δ with {level} intervals", ""]
-            L += _md_table(
-                ["Domain", "n", "Δ", "t CI", "boot CI", "p t-test", "p Wilcoxon", "Holm p", "d_z", "Sig.", "P(impr.)"],
-                rows,
-            )
-        if PER_MAP_METRIC in result.report_metrics:
-            L += _per_map_block(result, method, level)
-        whys = sorted(
-            {
-                w
-                for s in result.table_scopes
-                for metric in result.report_metrics
-                if (c := result.comparison(method, s, metric)) is not None and c.interval is not None
-                for w in _why(c.interval.note)
-            }
-        )
-        if whys:
-            L += ["Not computable (intervals over seeds): " + "; ".join(whys) + ".", ""]
-    L += _seeds_needed_block(result, others)
-    return L
-
-
-def _per_map_block(result: ComparisonResult, method: str, level: str) -> list[str]:
-    m = PER_MAP_METRIC
-    comps = {s: result.comparison(method, s, m) for s in result.table_scopes}
-    inputs = result.uncertainty.get("per_map", {}).get(method, {}).get("seeds", {})  # scope -> seeds given
-    seeds = sorted({s for by_scope in inputs.values() for s in by_scope})
-    L = [f"#### {METRIC_LABELS[m]} per map: DeLong and hierarchical bootstrap", ""]
-    if all(c is None or (c.delong is None and c.bootstrap is None) for c in comps.values()):
-        return L + ["No per-map statistics: no paired run with per-map scores (see the notes).", ""]
-    rows = [_per_map_row(comps[s], s, seeds, inputs.get(s, [])) for s in result.table_scopes]
-    L += _md_table(
-        ["Domain"]
-        + [f"seed {s}: Δ ± SE (p)" for s in seeds]
-        + ["pooled DeLong Δ ± SE (p)", f"pooled {level} CI", f"hier. bootstrap {level} CI", "P(Δ>0)"],
-        rows,
-    )
-    notes = []
-    for s, c in comps.items():
-        if c is None:
-            continue
-        texts = list(c.per_map_notes)
-        for obj in (c.delong, c.bootstrap):
-            if obj is not None and obj.note and not obj.note.startswith("mean over "):  # (the mean is said above)
-                texts.append(obj.note)
-        for seed, r in _per_seed_delong(c, inputs.get(s, [])).items():
-            if r.note:
-                texts.append(f"seed {seed}: {r.note}")
-        if texts:
-            notes.append(f"- {scope_label(s)}: " + "; ".join(dict.fromkeys(texts)))
-    return L + notes + ([""] if notes else [])
-
-
-def _seeds_needed_block(result: ComparisonResult, others: Sequence[str]) -> list[str]:
-    u = result.uncertainty
-    L = [
-        "## How many seeds",
-        "",
-        f"The seeds a two-sided paired t-test needs to confirm the observed Δ at α={u.get('alpha', 0.05):g} with "
-        f"{100 * u.get('power', 0.8):.0f} % power, given the observed seed-to-seed sd (noncentral t). It plugs in the "
-        "observed Δ and sd, both noisy at a few seeds: a guide to how many seeds to run next, not a promise.",
-        "",
-    ]
-    for method in others:
-        L += [f"**{method_label(method)} (`{method}`)**", ""]
-        for metric in result.report_metrics:
-            for s in result.table_scopes:
-                c = result.comparison(method, s, metric)
-                if c is not None and c.seeds_needed_text:
-                    L.append(f"- {c.seeds_needed_text}")
-        L.append("")
-    return L
 
 
 def _seed_cell(result: ComparisonResult, method: str, seed: int, scope: str, metric: str) -> str:
@@ -426,7 +153,7 @@ def _method_section(result: ComparisonResult, method: str, seeds_all: Sequence[i
         rows.append(
             ["**Mean±Std**"] + [fmt_mean_std(result.summary[method][s][metric], metric, len(runs)) for s in scopes]
         )
-        L += [f"### {METRIC_LABELS[metric]}", ""] + _md_table(["Seed"] + [scope_label(s) for s in scopes], rows)
+        L += [f"### {METRIC_LABELS[metric]}", ""] + md_table(["Seed"] + [scope_label(s) for s in scopes], rows)
     if method != result.baseline:
         rows = [
             _test_row(result.comparison(method, s, metric), metric, s)
@@ -434,7 +161,7 @@ def _method_section(result: ComparisonResult, method: str, seeds_all: Sequence[i
             for s in scopes
         ]
         L += [f"### Statistical test (vs {method_label(result.baseline)})", ""]
-        L += _md_table(
+        L += md_table(
             ["Metric", "Domain", "Δ Mean", "p-value (t-test)", "Holm p", "Significance", "Seeds used"],
             rows,
             align_right_from=2,
@@ -461,7 +188,7 @@ def _significance_section(result: ComparisonResult) -> list[str]:
     for metric in result.report_metrics:
         rows = [_details_row(c) for m in others for s in scopes if (c := result.comparison(m, s, metric)) is not None]
         L += [f"### {METRIC_LABELS[metric]}: details", ""]
-        L += _md_table(
+        L += md_table(
             [
                 "Method",
                 "Domain",
@@ -501,23 +228,84 @@ def _runs_block(result: ComparisonResult) -> list[str]:
         for seed, r in runs.items()
     ]
     L = ["## Runs", ""]
-    L += _md_table(
-        ["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99
-    )
+    L += md_table(["Method", "Seed", "Run", "Name", "DVC experiment", "Commit", "Started", "Invalid domains"], rows, 99)
     if sel.left_out:
         rows = [
             [str(x.method), str(x.seed), f"`{x.run.run_id}`", x.run.run_name or "unnamed", x.reason]
             for x in sel.left_out
         ]
-        L += ["### Left out", ""] + _md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99)
+        L += ["### Left out", ""] + md_table(["Method", "Seed", "Run", "Name", "Reason"], rows, 99)
     if sel.superseded:
         rows = [
             [x.method, str(x.seed), f"`{x.used.run_id}`", ", ".join(f"`{i.run_id}`" for i in x.ignored)]
             for x in sel.superseded
         ]
         L += ["### Older runs of the same method and seed (the latest is used)", ""]
-        L += _md_table(["Method", "Seed", "Used", "Ignored"], rows, 99)
+        L += md_table(["Method", "Seed", "Used", "Ignored"], rows, 99)
     return L
+
+
+VERDICT_WORDS = (
+    "**better** / **worse**: the difference is beyond the seed-to-seed noise (paired t-test over seeds, "
+    "Holm-adjusted, at α; for AUROC also beyond the test-set noise of the seeds × maps bootstrap) and not "
+    "inside the margin. **equivalent**: Δ is inside ±margin with confidence (TOST at α; for AUROC also the "
+    "bootstrap's interval), so the method makes no practical difference (when Δ is also significant it is a "
+    "real but negligible effect, and says so). **inconclusive**: neither is shown; the reason says how "
+    "many seeds would show the observed Δ and how many would show equivalence."
+)
+
+
+def verdict_section(result: ComparisonResult) -> list[str]:
+    """The answer first: each method's verdict, then its comparisons' (rows that say the same collapsed)."""
+    from hdmap_ad.apps.compare.decisions import collapse, margins_text, verdict_rows
+    from hdmap_ad.apps.compare.labels import method_legend
+
+    others = [m for m in result.methods if m != result.baseline]
+    L = [f"## Verdicts (vs {method_label(result.baseline)})", ""]
+    if not others:
+        return L + ["Nothing to compare: only the baseline.", ""]
+    alpha = result.uncertainty.get("alpha", 0.05)
+    L += [
+        f"α = {alpha:g}; margins (equivalent when |Δ| is within): {margins_text(result)}. {VERDICT_WORDS}",
+        "",
+        f"Methods: {method_legend(result.methods)}.",
+        "",
+    ]
+    rows = []
+    for m in others:
+        v = result.verdicts.get(m)
+        n = len(result.runs.get(m, {}))
+        rows.append([method_label(m), str(n), f"**{v.verdict}**" if v else "no valid run", v.reason if v else ""])
+    L += md_table(["Method", "Seeds", "Verdict", "Why"], rows, 99)
+    for m in others:
+        if m not in result.verdicts:
+            continue
+        lines = collapse(verdict_rows(result, m))
+        L += [f"**{method_label(m)}**, per metric and domain:", ""]
+        L += md_table(["Where", "Verdict", "Why"], [[w, v, why] for w, v, why in lines], 99)
+        probs = [_bayes_line(result, m, metric) for metric in result.report_metrics]
+        L += [p for p in probs if p] + ([""] if any(probs) else [])
+    return L
+
+
+def _bayes_line(result: ComparisonResult, method: str, metric: str) -> str:
+    """The Bayesian P(worse / equivalent / better) of the mean over domains, with the n it rests on."""
+    c = result.comparison(method, "mean", metric)
+    if c is None or c.bayes is None or c.bayes.p_better is None:
+        return ""
+    b = c.bayes
+    text = (
+        f"- {METRIC_LABELS[metric]}, mean over domains: P(worse) {100 * b.p_worse:.0f} %, P(equivalent) "
+        f"{100 * b.p_equivalent:.0f} %, P(better) {100 * b.p_better:.0f} % (Bayesian correlated t-test over "
+        f"n={b.n} seeds)"
+    )
+    boot = c.bootstrap.probabilities if c.bootstrap is not None else None
+    if boot is not None and boot.p_better is not None:
+        text += (
+            f"; over seeds × maps (bootstrap, n={boot.n} seeds): {100 * boot.p_worse:.0f} / "
+            f"{100 * boot.p_equivalent:.0f} / {100 * boot.p_better:.0f} %"
+        )
+    return text
 
 
 def render_markdown(result: ComparisonResult) -> str:
@@ -527,6 +315,7 @@ def render_markdown(result: ComparisonResult) -> str:
         | {x.seed for x in result.selection.left_out if x.seed is not None and x.method in result.methods}
     )
     L = _header(result)
+    L[2:2] = verdict_section(result)  # right after the title: the answer first
     for method in result.methods:
         L += _method_section(result, method, seeds_all)
     L += ["## Summary Table (All Methods)", ""]
@@ -538,7 +327,7 @@ def render_markdown(result: ComparisonResult) -> str:
             lambda m, s, metric=metric: fmt_mean_std(result.summary[m][s][metric], metric, result.most_seeds),
         )
     L += _significance_section(result)
-    L += _uncertainty_section(result)
+    L += uncertainty_section(result)
     if result.plots:
         L += (
             ["## Plots (per seed, per domain)", ""]
@@ -547,77 +336,6 @@ def render_markdown(result: ComparisonResult) -> str:
         )
     L += _runs_block(result)
     return "\n".join(L).rstrip() + "\n"
-
-
-# --------------------------------------------------------------------------------------- terminal
-
-
-def print_found(console, selection: Selection, methods: Sequence[str], baseline: str) -> None:
-    """Which runs were found, used and left out (before any statistic)."""
-    from rich.markup import escape
-
-    console.print(f"[bold]compare[/]: {selection.n_found} run(s) in the experiment")
-    ref = selection.reference
-    if ref is not None and ref.key:
-        console.print(f"  comparison group {ref.key[:6]}: {ref.source}", markup=False)
-    if selection.precision is not None and selection.used:
-        console.print(f"  precision: {selection.precision.describe()}", markup=False)
-    for m in methods:
-        seeds = list(selection.used.get(m, {}))
-        console.print(
-            f"  {m:<10} {len(seeds)} run(s), seeds {', '.join(map(str, seeds)) or 'none'}"
-            + ("  (baseline)" if m == baseline else "")
-        )
-    for x in selection.left_out:
-        console.print(
-            f"  [yellow]left out[/] {x.run.run_name or x.run.run_id} ({x.run.run_id[:8]}): " + escape(x.reason)
-        )
-    for x in selection.superseded:
-        console.print(
-            f"  [yellow]{x.method} seed {x.seed}: {len(x.ignored) + 1} valid runs, using the latest "
-            f"{x.used.run_id[:8]}[/]"
-        )
-    for x in selection.invalid:
-        console.print(
-            f"  [bold red]INVALID[/] {x.method} seed {x.seed} ({x.run.run_id[:8]}): NaN/Inf scores in "
-            f"{', '.join(x.domains)}; left out of those domains' and the mean/pooled comparisons"
-        )
-
-
-def _summary_cell(result: ComparisonResult, method: str, scope: str, metric: str) -> str:
-    text = fmt_mean_std(result.summary[method][scope][metric], metric, result.most_seeds).replace(" ± ", "±")
-    c = result.comparison(method, scope, metric)
-    if c is not None and c.pairing == "unpaired":
-        text += f"\nunpaired Δ {fmt_delta(c.unpaired_delta, metric)} (no p)"
-    elif c is not None:
-        p = f"p={fmt_p(c.paired.p_holm)} {c.significance}" if c.paired.p_holm is not None else f"no p (n={c.paired.n})"
-        text += f"\nΔ {fmt_delta(c.paired.delta, metric)} {p}"
-        iv = c.interval
-        if iv is not None and iv.t_low is not None and iv.t_high is not None:  # symmetric: its half-width stays narrow
-            half = fmt_value((iv.t_high - iv.t_low) / 2, metric)
-            text += f"\n{100 * iv.confidence:g}% CI ±{half}"
-    return text
-
-
-def print_summary(console, result: ComparisonResult) -> None:
-    """One table per report metric: mean ± std per method and scope, with Δ and the Holm p."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    for metric in result.report_metrics:
-        level = f"{100 * result.uncertainty.get('confidence', 0.95):g} %"
-        table = Table(
-            title=f"{METRIC_LABELS[metric]} (%): mean ± std (ddof=1); Δ vs {result.baseline}, Holm p, "
-            f"{level} t interval of Δ over seeds (Δ ± half-width)"
-        )
-        table.add_column("method")
-        for s in result.table_scopes:
-            table.add_column(scope_label(s), justify="right")
-        for m in result.methods:
-            table.add_row(m, *[_summary_cell(result, m, s, metric) for s in result.table_scopes])
-        console.print(table)
-    for hint in result.hints:
-        console.print(f"[bold yellow]{escape(hint.line)}[/]", soft_wrap=True)  # commands stay copyable
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -1,3 +1,4 @@
+# Over 450 lines on purpose: one selection (status, profile, group, precision, latest per seed) whose steps share the run records and reasons; the hints that pair are its last step.
 """The runs compare reads: fetched from MLflow, then selected (one comparison group, the latest valid
 run per method and seed) with every run left out named and why; and the hints that would pair a
 method with the baseline.
@@ -35,11 +36,6 @@ STATUS_REASONS = {
     "RUNNING": "unfinished (status RUNNING: still running, or its process died)",
     "SCHEDULED": "unfinished (status SCHEDULED)",
 }
-# Params that may differ between runs of one comparison group (what comparison_key leaves out): the
-# method and its section, the seed, the data paths, run-time settings, other stages' sections,
-# and what training logs beside the config.
-IGNORED_SECTIONS = ("method", "seed", "profile", "runtime", "mlflow", "evaluate", "compare", "synth")
-IGNORED_PARAMS = ("data.root", "data.prepared", "n_train_maps", "device", "feature_cache", "fingerprint")
 
 
 def known_methods() -> tuple[str, ...]:
@@ -307,29 +303,19 @@ def workspace_reference(
     )
 
 
-def _ignored_param(key: str, method_sections: set[str]) -> bool:
-    from hdmap_ad.core.config import RUNTIME_TRAIN_KEYS
-
-    top = key.split(".", 1)[0]
-    # train.<run-time key>: how runs logged before the `runtime` section name those settings
-    return (
-        top in IGNORED_SECTIONS
-        or top in method_sections
-        or key in IGNORED_PARAMS
-        or key in {f"train.{k}" for k in RUNTIME_TRAIN_KEYS}
-    )
-
-
 def _short(value: str | None, limit: int = 40) -> str:
     if value is None:
         return "(not logged)"
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
-def differing_settings(run: RunRecord, ref: Reference, method_sections: set[str], limit: int = 6) -> list[str]:
-    """'train.steps 20 ≠ 150', ..., 'data (digest 1a2b… ≠ 9c8d…)': the run's logged settings that
-    differ from the reference group's (only those the comparison key covers)."""
-    keys = sorted(k for k in set(run.params) | set(ref.params) if not _ignored_param(k, method_sections))
+def differing_settings(run: RunRecord, ref: Reference, limit: int = 6) -> list[str]:
+    """'train.steps 20 ≠ 150', ..., 'data (digest 1a2b… ≠ 9c8d…)': the settings the comparison key
+    covers (core.config.is_compared_setting) whose logged values differ between the run and the
+    reference group; what training logs beside the config (`train.amp_resolved`, ...) is not one."""
+    from hdmap_ad.core.config import is_compared_setting
+
+    keys = sorted(k for k in set(run.params) | set(ref.params) if is_compared_setting(k))
     diffs = [
         f"{k} {_short(run.params.get(k))} ≠ {_short(ref.params.get(k))}"
         for k in keys
@@ -410,10 +396,9 @@ def select_runs(
         why_not = reference.fallback if reference is not None else "no workspace group was given"
         reference = _reference_from_runs(pool, baseline, why_not)
     candidates: dict[tuple[str, int], list[RunRecord]] = {}
-    sections = set(known_methods()) | {r.method for r in runs if r.method}
     for r in pool:
         if reference is not None and r.comparison_key != reference.key:
-            diffs = differing_settings(r, reference, sections)
+            diffs = differing_settings(r, reference)
             what = ", ".join(diffs) if diffs else "no logged setting differs (the key also covers code defaults)"
             left_out.append(
                 LeftOut(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hdmap_ad.core.config import HDMAP_DOMAINS, HEADLINE_METRICS
+from hdmap_ad.core.config import DEFAULT_ROPE, HDMAP_DOMAINS, HEADLINE_METRICS
 
 if TYPE_CHECKING:
     from hdmap_ad.core.config import Params
@@ -37,8 +37,17 @@ class Settings:
     bootstrap_seed: int = 0
     alpha: float = 0.05
     power: float = 0.8
+    # The practical margin per metric in points (compare.rope; docs/design.md#stats-margins).
+    rope: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ROPE), hash=False)
     # The params loaded from params_path (so the workspace's comparison group needs no second load).
     params: Params | None = field(default=None, repr=False, compare=False)
+
+    def margin(self, metric: str) -> float | None:
+        """The metric's margin in its own unit (a fraction for percent metrics); None without one."""
+        from hdmap_ad.apps.compare.labels import NOT_PERCENT
+
+        points = self.rope.get(metric)
+        return None if points is None else (points if metric in NOT_PERCENT else points / 100.0)
 
     @classmethod
     def from_params(cls, params: Params, path: Path | str, overrides: Sequence[str] = ()) -> Settings:
@@ -53,6 +62,7 @@ class Settings:
             bootstrap_seed=cp.bootstrap_seed,
             alpha=cp.alpha,
             power=cp.power,
+            rope=dict(cp.rope),
             experiment=params.mlflow.experiment,
             tracking_uri=params.mlflow.tracking_uri,
             domains=tuple(params.data.domains),

@@ -1,12 +1,9 @@
-"""Statistics across seeds: runs are paired by seed.
-
-Every result is NaN-free: where a statistic is undefined (too few pairs, zero variance, all differences
-zero) it is None and the ``note`` says why.
-"""
+"""Paired tests over seeds (docs/design.md#stats-tests): t-test, Wilcoxon signed-rank, Cohen's d_z and
+Holm's correction; and the unpaired difference of means for a method that shares no seed with the
+baseline (docs/design.md#stats-unpaired)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-STD_NOTE = "std over seeds with ddof=1 (sample standard deviation)"
+from hdmap_ad.pipeline.stats.common import finite_or_none, mean_std
 
 
 @dataclass
@@ -35,24 +32,6 @@ class PairedResult:
     note: str = ""
 
 
-def _finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
-
-
-def _num(v) -> float | None:
-    return float(v) if _finite(v) else None
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample std (ddof=1) of finite values; std is None for fewer than 2 values."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("mean_std: no values")
-    if not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"mean_std: non-finite value among {vals}")
-    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) >= 2 else None)
-
-
 def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> PairedResult:
     """Paired comparison method vs baseline on the seeds both have (with a finite value).
 
@@ -63,7 +42,7 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
     notes: list[str] = []
     dropped = sorted(set(baseline) ^ set(method))
     seeds = sorted(set(baseline) & set(method))
-    bad = [s for s in seeds if not (_finite(baseline[s]) and _finite(method[s]))]
+    bad = [s for s in seeds if not (finite_or_none(baseline[s]) is not None and finite_or_none(method[s]) is not None)]
     if bad:
         notes.append(f"seed(s) {', '.join(map(str, bad))} left out: NaN/Inf/missing value")
         seeds = [s for s in seeds if s not in bad]
@@ -109,14 +88,14 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             t = sst.ttest_rel(m, b)
-        res.t_stat, res.p_ttest = _num(t.statistic), _num(t.pvalue)
+        res.t_stat, res.p_ttest = finite_or_none(t.statistic), finite_or_none(t.pvalue)
         res.d_z = float(np.mean(diff) / sd)
     if not np.all(diff == 0):
         nonzero = int(np.count_nonzero(diff))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (RuntimeWarning, UserWarning))
             w = sst.wilcoxon(m, b)
-        res.w_stat, res.p_wilcoxon = _num(w.statistic), _num(w.pvalue)
+        res.w_stat, res.p_wilcoxon = finite_or_none(w.statistic), finite_or_none(w.pvalue)
         if nonzero < n:
             notes.append(f"Wilcoxon drops {n - nonzero} zero difference(s)")
         if nonzero <= 5:
@@ -144,8 +123,8 @@ class UnpairedResult:
 
 def unpaired_difference(baseline: Mapping[int, float], method: Mapping[int, float]) -> UnpairedResult:
     """mean(method) - mean(baseline) over each side's finite values (all its seeds); None when a side has none."""
-    b = {int(s): float(v) for s, v in baseline.items() if _finite(v)}
-    m = {int(s): float(v) for s, v in method.items() if _finite(v)}
+    b = {int(s): float(v) for s, v in baseline.items() if finite_or_none(v) is not None}
+    m = {int(s): float(v) for s, v in method.items() if finite_or_none(v) is not None}
     res = UnpairedResult(sorted(b), sorted(m), None, None, None)
     if not b or not m:
         res.note = "unpaired: a side has no value"
@@ -165,7 +144,7 @@ def holm_adjust(pvalues: Sequence[float | None]) -> list[float | None]:
     With the m available p-values sorted ascending, p_adj(i) = min(1, max_{j<=i} (m - j + 1) * p(j)).
     None (or NaN) stays None and does not count in m.
     """
-    idx = [i for i, p in enumerate(pvalues) if _finite(p)]
+    idx = [i for i, p in enumerate(pvalues) if finite_or_none(p) is not None]
     for i in idx:
         if not 0.0 <= float(pvalues[i]) <= 1.0:
             raise ValueError(f"p-value out of [0, 1]: {pvalues[i]}")
@@ -190,7 +169,7 @@ def fill_holm(results: Sequence[PairedResult], which: str = "p_ttest") -> list[P
 
 def significance_mark(p: float | None) -> str:
     """'***' p<0.001, '**' p<0.01, '*' p<0.05, 'n.s.' otherwise, '–' when there is no p-value."""
-    if not _finite(p):
+    if finite_or_none(p) is None:
         return "–"
     p = float(p)
     if p < 0.001:
@@ -200,25 +179,3 @@ def significance_mark(p: float | None) -> str:
     if p < 0.05:
         return "*"
     return "n.s."
-
-
-def format_mean_std(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 2) -> str:
-    """'98.51 ± 0.12' (values scaled, e.g. to percent); '–' for no mean, no '±' part for no std."""
-    if not _finite(mean):
-        return "–"
-    text = f"{scale * float(mean):.{digits}f}"
-    return f"{text} ± {scale * float(std):.{digits}f}" if _finite(std) else text
-
-
-__all__ = [
-    "PairedResult",
-    "paired_test",
-    "UnpairedResult",
-    "unpaired_difference",
-    "holm_adjust",
-    "fill_holm",
-    "significance_mark",
-    "mean_std",
-    "format_mean_std",
-    "STD_NOTE",
-]
