@@ -166,11 +166,6 @@ def method_parts(method: str) -> list[str]:
         raise ValueError(f"method {method!r}: every method starts from the baseline; write {rest!r}")
     if len(set(parts)) != len(parts):
         raise ValueError(f"method {method!r}: a part is listed twice")
-    canonical = sorted(parts, key=list(METHODS).index)
-    if parts != canonical:
-        raise ValueError(
-            f"method {method!r}: write the parts in the order of the method list, {JOIN.join(canonical)!r}"
-        )
     for i, a in enumerate(parts):
         for b in parts[i + 1 :]:
             shared = sorted(METHODS[a].hooks & METHODS[b].hooks)
@@ -179,6 +174,11 @@ def method_parts(method: str) -> list[str]:
                     f"method {method!r}: {a} and {b} both change {HOOKS[shared[0]]} ({shared[0]}); "
                     "a combination takes one part per hook"
                 )
+    canonical = sorted(parts, key=list(METHODS).index)
+    if parts != canonical:
+        raise ValueError(
+            f"method {method!r}: write the parts in the order of the method list, {JOIN.join(canonical)!r}"
+        )
     return parts
 
 
