@@ -182,5 +182,10 @@ def method_parts(method: str) -> list[str]:
     return parts
 
 
+def metric_safe(method: str) -> str:
+    """The method's name as MLflow metric names allow it (no `+`): topk+hseg -> topk_plus_hseg."""
+    return method.replace(JOIN, "_plus_")
+
+
 # The schemas alone, for the plug-ins and the tests that only need those.
 METHOD_PARAMS: dict[str, type[BaseModel]] = {name: spec.params for name, spec in METHODS.items()}

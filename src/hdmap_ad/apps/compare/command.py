@@ -14,6 +14,7 @@ from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_m
 from hdmap_ad.apps.compare.settings import Settings, load_settings
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import write_json, write_text
+from hdmap_ad.core.method_params import metric_safe
 from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
 from hdmap_ad.core.paths import REPORT_FILE
 from hdmap_ad.core.paths import REPORT_PLOTS_DIR as PLOTS_DIR
@@ -158,7 +159,8 @@ def log_compare_run(
                 continue
             for key, value in _logged_values(c):
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
-                    metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
+                    name = f"{key}_{c.metric}/{metric_safe(c.method)}/{c.scope}"  # MLflow refuses `+` in names
+                    metrics.append(Metric(name, float(value), now, 0))
         u = result.uncertainty
         params = [
             Param("baseline", result.baseline),
