@@ -244,6 +244,18 @@ def tiny_raw() -> dict:
     return yaml.safe_load(shipped.params_file().read_text())
 
 
+@pytest.mark.parametrize(
+    ("section", "value"), [("hseg", {"row_p": 1.5}), ("topk", {"q": 0}), ("vdrop", {"apply_layers": []})]
+)
+def test_a_bad_value_in_a_part_s_section_names_that_section(section, value):
+    raw = tiny_raw()
+    raw["method"] = "topk+hseg" if section != "vdrop" else "topk+vdrop"
+    raw[section] = value
+    with pytest.raises(HdmapError) as err:
+        parse_params(raw)
+    assert f"section `{section}`" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_combination_is_a_method_of_its_own_with_each_part_s_section():
     params = tiny.params("method=topk+hseg", "topk.q=5", "hseg.row_p=0.3", "gem.p=9")
     assert params.method == "topk+hseg" and params.method_parts == ["topk", "hseg"]

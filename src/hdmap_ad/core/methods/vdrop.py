@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.method_params import VdropParams
-from hdmap_ad.core.methods.base import register
+from hdmap_ad.core.methods.base import MethodContext, register
 from hdmap_ad.core.methods.baseline import Baseline
 from hdmap_ad.core.methods.segments import row_segment_mask
 from hdmap_ad.core.model import Dinomaly
@@ -56,7 +56,7 @@ class Vdrop(Baseline):
     name = "vdrop"
     params: VdropParams
 
-    def __init__(self, params: VdropParams, ctx: Any) -> None:
+    def __init__(self, params: VdropParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
         self._row_p = 0.0  # row_p in force this step (begin_step sets it)
 
