@@ -1,5 +1,7 @@
 """The frozen DINOv2-with-registers (or DINOv3) encoder: timm model creation, weights, feature extraction.
 
+(Over 450 lines: creation, the three weight sources and both position encodings share their checks here.)
+
 See docs/design.md#model-encoder.
 
 Weights come from one of three sources (`model.weights`):
