@@ -22,6 +22,7 @@ from hdmap_ad.core.methods.segments import expected_fraction, row_segment_mask
 from hdmap_ad.core.methods.vdrop import drop_values, ramp, value_drop_mask
 
 DOMAINS = ["domain_A", "domain_C"]
+CHANNELS = 8  # of the hand-made reconstructions below
 
 
 @pytest.fixture()
@@ -270,7 +271,7 @@ def test_a_combination_is_a_method_of_its_own_with_each_part_s_section():
 
 
 def test_a_combination_applies_each_part_at_its_hook():
-    ctx = MethodContext(embed_dim=8, num_groups=2, domains=tuple(DOMAINS), total_steps=10)
+    ctx = MethodContext(embed_dim=CHANNELS, num_groups=2, domains=tuple(DOMAINS), total_steps=10)
     sections = {"topk": {"q": 10.0, "warmup": 0, "min_k": 1}, "hseg": {}}
     both = build_method("topk+hseg", sections, ctx)
     assert isinstance(both, Combination) and both.name == "topk+hseg"
