@@ -336,3 +336,18 @@ def test_an_interrupted_run_resumes_byte_identically(workdir, prepared_dir, monk
     train(params)
     assert "resuming from" in capsys.readouterr().err
     assert MODEL_FILE.read_bytes() == reference  # weights, optimizer and the dropouts' draws continued exactly
+
+
+def test_configure_refuses_a_combination_of_two_losses_in_one_line(tmp_path, monkeypatch, capsys):
+    """Through the command the DVC `configure` stage runs: non-zero exit, one line, nothing written."""
+    import shipped
+    from hdmap_ad.apps.cli import main
+
+    out = tmp_path / "train_config.json"
+    params = str(shipped.params_file())
+    assert main(["configure", "--params", params, "--set", "method=topk+gem", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "topk and gem both change the training loss" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(["configure", "--params", params, "--set", "method=topk+hseg", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["method"] == "topk+hseg"
