@@ -132,18 +132,32 @@ class MethodSpec:
     params: type[BaseModel]  # the schema of the method's section of params.yaml
     hooks: frozenset[str]  # keys of HOOKS: what it changes relative to the baseline
     summary: str  # one line for `hdmap-ad grid --help` and error messages
+    label: str  # the name compare's report gives it (the experiment plan's names)
 
 
 # Every method, in the order of docs/design.md#5-methods (error messages, grid and compare list them so).
 METHODS: dict[str, MethodSpec] = {
-    "baseline": MethodSpec(NoParams, frozenset(), "Dinomaly as published"),
-    "gem": MethodSpec(GemParams, frozenset({"loss", "map"}), "generalised mean over groups (loss and map)"),
-    "focal": MethodSpec(FocalParams, frozenset({"loss"}), "focal-weighted point-wise cosine loss"),
-    "aux": MethodSpec(AuxParams, frozenset({"loss"}), "+ auxiliary domain classifier on the bottleneck"),
-    "scale": MethodSpec(ScaleParams, frozenset({"loss", "map"}), "softmax weights over groups (loss and map)"),
-    "topk": MethodSpec(TopkParams, frozenset({"loss"}), "loss on the hardest q % of points"),
-    "hseg": MethodSpec(HsegParams, frozenset({"bottleneck_input"}), "horizontal segment dropout, bottleneck input"),
-    "vdrop": MethodSpec(VdropParams, frozenset({"decoder_values"}), "row-segment dropout of decoder attention values"),
+    "baseline": MethodSpec(NoParams, frozenset(), "Dinomaly as published", "Baseline"),
+    "gem": MethodSpec(
+        GemParams, frozenset({"loss", "map"}), "generalised mean over groups (loss and map)", "Method 1 (GEM)"
+    ),
+    "focal": MethodSpec(FocalParams, frozenset({"loss"}), "focal-weighted point-wise cosine loss", "Method 3 (Focal)"),
+    "aux": MethodSpec(
+        AuxParams, frozenset({"loss"}), "+ auxiliary domain classifier on the bottleneck", "Method 5-A (Aux)"
+    ),
+    "scale": MethodSpec(
+        ScaleParams, frozenset({"loss", "map"}), "softmax weights over groups (loss and map)", "Method 6-A (Scale)"
+    ),
+    "topk": MethodSpec(TopkParams, frozenset({"loss"}), "loss on the hardest q % of points", "TopK"),
+    "hseg": MethodSpec(
+        HsegParams, frozenset({"bottleneck_input"}), "horizontal segment dropout, bottleneck input", "HSeg (v3)"
+    ),
+    "vdrop": MethodSpec(
+        VdropParams,
+        frozenset({"decoder_values"}),
+        "row-segment dropout of decoder attention values",
+        "VDrop (v4)",
+    ),
 }
 BASELINE = "baseline"
 JOIN = "+"
@@ -180,6 +194,15 @@ def method_parts(method: str) -> list[str]:
             f"method {method!r}: write the parts in the order of the method list, {JOIN.join(canonical)!r}"
         )
     return parts
+
+
+def method_label(method: str) -> str:
+    """The name a report gives `method`: its label, a combination's parts' labels joined by ` + `, an
+    unknown name as it is (runs of a method since removed)."""
+    parts = str(method).split(JOIN)
+    if all(p in METHODS for p in parts):
+        return " + ".join(METHODS[p].label for p in parts)
+    return str(method)
 
 
 def metric_safe(method: str) -> str:

@@ -15,15 +15,15 @@ import statistics
 import time
 from pathlib import Path
 
-# name: (overrides, base). A variant is the shipped params plus its overrides.
-VARIANTS: dict[str, tuple[list[str], str | None]] = {
-    "baseline": ([], None),
-    "hseg": (["method=hseg"], "baseline"),
-    "vdrop": (["method=vdrop", "vdrop.warmup_steps=0"], "baseline"),
-    "recenter": (["model.recenter=true"], "baseline"),
-    "topk": (["method=topk"], None),
-    "topk+hseg": (["method=topk+hseg"], "topk"),
-}
+# (name, overrides, base): a variant is the shipped params plus its overrides.
+VARIANTS: list[tuple[str, list[str], str | None]] = [
+    ("baseline", [], None),
+    ("hseg", ["method=hseg"], "baseline"),
+    ("vdrop", ["method=vdrop", "vdrop.warmup_steps=0"], "baseline"),
+    ("recenter", ["model.recenter=true"], "baseline"),
+    ("topk", ["method=topk"], None),
+    ("topk+hseg", ["method=topk+hseg"], "topk"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     steps = {}
-    for name, (overrides, _) in VARIANTS.items():
+    for name, overrides, _ in VARIANTS:
         sets = [*overrides, f"train.batch_size={args.batch}", "runtime.feature_cache=on", "runtime.device=cpu"]
         params = load_params(args.params, sets)
         maps = synthetic_maps(11 * args.batch, {"raw_size": (params.synth.height, params.synth.width)})
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         features = make_feature_source(model, maps, params, device)
         steps[name] = ours_train_step(model, method, optimizer, features, params, device, len(maps))
         steps[name](0)  # warm-up: first-step allocations
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in VARIANTS}
     for r in range(args.rounds):
         for name, step in steps.items():
             for i in range(args.steps):
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | median step (ms) | vs its base |")
     print("|---|---:|---:|")
     median = {name: statistics.median(t) * 1000 for name, t in times.items()}
-    for name, (_, base) in VARIANTS.items():
+    for name, _, base in VARIANTS:
         ratio = f"{100 * (median[name] / median[base] - 1):+.1f} % vs {base}" if base else "(base)"
         print(f"| {name} | {median[name]:.1f} | {ratio} |")
     return 0

@@ -19,22 +19,10 @@ from hdmap_ad.apps.compare.analysis import (
 )
 from hdmap_ad.apps.compare.runs import LeftOut, Selection
 from hdmap_ad.core.files import atomic_dir, write_text
+from hdmap_ad.core.method_params import method_label
+
 
 # The experiment plan's names; the order is the method registry's, other methods follow alphabetically.
-METHOD_LABELS = {
-    "baseline": "Baseline",
-    "gem": "Method 1 (GEM)",
-    "focal": "Method 3 (Focal)",
-    "aux": "Method 5-A (Aux)",
-    "scale": "Method 6-A (Scale)",
-    "topk": "TopK",
-}
-
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
 def scope_label(scope: str) -> str:
     if scope.startswith("domain_") and len(scope) > 7:
         return f"Domain {scope[7:]}"
