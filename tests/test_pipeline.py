@@ -413,3 +413,17 @@ def test_the_new_methods_and_model_options_run_as_experiments(repo, sets, method
         base = runs[runs["tags.mlflow.runName"].str.startswith("baseline-seed42-")]
         assert set(key) & set(base["tags.comparison_key"])
     sh(repo, "git", "checkout", "-q", "--", "params.yaml")
+
+
+def test_grid_with_a_combined_method_then_compare_pairs_it(repo):
+    """`hdmap-ad grid --methods baseline,topk,topk+hseg --seeds 42,43` through the real DVC queue: the
+    combination is one grid entry, its runs are tagged as a method of its own, compare pairs all three."""
+    sh(repo, "git", "checkout", "-q", "--", "params.yaml")
+    out = sh(repo, "hdmap-ad", "grid", "--methods", "baseline,topk,topk+hseg", "--seeds", "42,43", "--jobs", "1",
+             timeout=3000)  # fmt: skip
+    assert "6/6 done" in out.stdout, out.stdout[-3000:]
+    saved = json.loads((repo / "reports/comparison.json").read_text())
+    assert set(saved["runs"]) == {"baseline", "topk", "topk+hseg"}
+    assert all(set(saved["runs"][m]) == {"42", "43"} for m in saved["runs"])
+    runs = mlflow_runs(repo)
+    assert (runs["tags.method"] == "topk+hseg").sum() >= 2
