@@ -169,11 +169,77 @@ def test_params_load_without_torch_and_method_schemas_come_from_one_place():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
 
-    from hdmap_ad.core import methods
-    from hdmap_ad.core.method_params import METHOD_PARAMS
 
-    assert list(methods.REGISTRY) == list(METHOD_PARAMS)
-    assert all(methods.REGISTRY[name].Params is schema for name, schema in METHOD_PARAMS.items())
+def test_the_method_list_is_defined_once():
+    """hdmap_ad.core.method_params.METHODS is the list: the plug-ins register exactly its names in its order
+    with its schemas, override exactly the hooks it declares, params.yaml has exactly its sections with
+    their defaults, and no other module keeps a list of method names."""
+    from hdmap_ad.core import methods
+    from hdmap_ad.core.method_params import METHODS
+    from hdmap_ad.core.methods.base import Method
+
+    assert list(methods.REGISTRY) == list(METHODS)
+    assert all(methods.REGISTRY[name].Params is spec.params for name, spec in METHODS.items())
+    base = methods.REGISTRY["baseline"]
+    for name, cls in methods.REGISTRY.items():
+        if name == "baseline":
+            continue
+        own_loss = cls.loss is not base.loss
+        own_map = cls.reduce_maps is not Method.reduce_maps
+        own_model_hook = cls.attach is not Method.attach
+        hooks = METHODS[name].hooks
+        assert own_loss == ("loss" in hooks), name
+        assert own_map == ("map" in hooks), name
+        assert own_model_hook == bool(hooks & {"bottleneck_input", "decoder_values"}), name
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    top_level = set(raw) - {"profiles"}
+    from hdmap_ad.core.config import Params
+
+    sections = top_level - set(Params.model_fields)
+    assert sections == set(METHODS), "params.yaml's method sections differ from hdmap_ad.core.method_params.METHODS"
+    for name, spec in METHODS.items():
+        assert spec.params.model_validate(raw[name]) == spec.params(), (
+            f"params.yaml `{name}:` differs from its defaults"
+        )
+
+    # a second list of the names anywhere in src/ (a tuple for a CLI default, a dict of labels) would drift
+    names = [n for n in METHODS if n != "baseline"]
+    for f in sorted((REPO / "src").rglob("*.py")):
+        if f.name == "method_params.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
+                found = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+                assert len(found) < 3, f"{f.relative_to(REPO)}:{node.lineno} lists methods {sorted(found)}"
+
+
+def test_each_model_setting_is_defined_once():
+    """A model setting is declared once, in hdmap_ad.core.config.ModelParams: the model's config is that
+    class plus the input size, params.yaml's `model:` section has exactly its keys, and no other class in
+    src/ declares a field of the same name."""
+    from hdmap_ad.core import checkpoint
+    from hdmap_ad.core.config import ModelParams
+    from hdmap_ad.core.model import DinomalyConfig
+
+    assert issubclass(DinomalyConfig, ModelParams)
+    assert set(DinomalyConfig.model_fields) - set(ModelParams.model_fields) == {"image_size"}
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(raw["model"]) == set(ModelParams.model_fields)
+    from hdmap_ad.core.config import load_params
+
+    params = load_params(shipped.params_file())
+    cfg = checkpoint.dinomaly_config(params)
+    assert cfg.model_dump(exclude={"image_size"}) == params.model.model_dump()  # every setting reaches the model
+    fields = set(ModelParams.model_fields) - {"encoder", "weights"}  # generic words other sections use too
+    for f in sorted((REPO / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name != "ModelParams":
+                declared = {
+                    s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                }
+                assert not declared & fields, f"{f.relative_to(REPO)}: {node.name} declares {sorted(declared & fields)}"
 
 
 def test_output_paths_are_named_once_and_match_dvc_yaml():

@@ -338,3 +338,32 @@ def test_two_concurrent_writers_lose_no_run(tmp_path, monkeypatch):
     assert result["n_runs_found"] == 12 and result["left_out"] == []
     assert {m: len(r) for m, r in result["runs"].items()} == {"baseline": 6, "gem": 6}
     assert {c["n"] for c in result["comparisons"]} == {6}
+
+
+def test_a_combined_method_is_one_grid_entry_and_compare_pairs_it(workspace):
+    """`hdmap-ad grid --methods baseline,topk,topk+hseg --seeds 42,43`: DVC's own sweep parser reads
+    topk+hseg as one value, and compare pairs the combination with the baseline as a method of its own."""
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    fake = FakeDvc(workspace / "mlflow.db", fail=set())
+    lines: list[str] = []
+    methods = ["baseline", "topk", "topk+hseg"]
+    code = grid.run_grid(
+        "params.yaml",
+        methods,
+        [42, 43],
+        ["compare.metrics=[auroc]"],
+        jobs=2,
+        poll_s=0.01,
+        runner=fake,
+        out=lines.append,
+    )
+    assert code == 0, "\n".join(lines)
+    queued = fake.calls[1]
+    assert queued[3:7] == ["-S", "method=baseline,topk,topk+hseg", "-S", "seed=42,43"]
+    sweeps = get_hydra_sweeps({"params.yaml": [queued[4], queued[6]]})  # what `dvc exp run --queue` expands
+    combos = {(o[0].split("=")[1], int(o[1].split("=")[1])) for sweep in sweeps for o in [sweep["params.yaml"]]}
+    assert combos == {(m, s) for m in methods for s in (42, 43)}
+    saved = json.loads((workspace / "reports/comparison.json").read_text())
+    assert list(saved["runs"]) == methods and saved["runs"]["topk+hseg"].keys() == {"42", "43"}
+    assert "topk+hseg" in (workspace / "reports/comparison.md").read_text()

@@ -52,8 +52,8 @@ def dec_grads(name: str, step: int = 0, seed: int = 0, **section) -> tuple[torch
 # --- registry and params ---------------------------------------------------------------------------
 
 
-def test_registry_lists_all_six_methods():
-    assert set(REGISTRY) == {"baseline", "gem", "focal", "aux", "scale", "topk"}
+def test_registry_lists_every_method():
+    assert list(REGISTRY) == ["baseline", "gem", "focal", "aux", "scale", "topk", "hseg", "vdrop"]
 
 
 def test_params_yaml_sections_validate_to_the_spec_defaults():

@@ -49,22 +49,7 @@ _TAGS = (_TENSOR, _TUPLE, _DICT, _FLOAT)
 
 
 def dinomaly_config(params: Params) -> DinomalyConfig:
-    m = params.model
-    return DinomalyConfig(
-        encoder=m.encoder,
-        weights=m.weights,
-        image_size=tuple(params.preprocess.crop),
-        target_blocks=m.target_blocks,
-        fuse_groups=[list(g) for g in m.fuse_groups],
-        decoder_depth=m.decoder_depth,
-        mlp_ratio=m.mlp_ratio,
-        bottleneck_dropout=m.bottleneck_dropout,
-        ln_eps=m.ln_eps,
-        init_std=m.init_std,
-        init_cutoff=m.init_cutoff,
-        encoder_overrides=dict(m.encoder_overrides),
-        pos_embed=m.pos_embed,
-    )
+    return DinomalyConfig.from_params(params.model, params.preprocess.crop)
 
 
 def score_config(params: Params) -> ScoreConfig:
@@ -90,7 +75,8 @@ def build(params: Params, domains: list[str], device: torch.device) -> tuple[Din
         hard_mining_max_ratio=params.train.hard_mining.max_ratio,
         hard_mining_ramp_steps=params.train.hard_mining.ramp_steps,
     )
-    method = methods.build(params.method, params.method_params, ctx)
+    method = methods.build_method(params.method, params.method_sections, ctx)
+    method.attach(model)  # training-only hooks (hseg, vdrop): identity in eval mode
     return model.to(device), method.to(device)
 
 

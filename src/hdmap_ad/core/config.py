@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.method_params import METHOD_PARAMS
+from hdmap_ad.core.method_params import METHODS, method_parts
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The four HDMAP domains (the default of data.domains; the synthetic generator models these four).
@@ -75,9 +76,16 @@ class PreprocessParams(Section):
             raise ValueError(f"sizes must be positive, got resize={self.resize} crop={self.crop}")
         if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
             raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
-        if self.crop[0] % 14 or self.crop[1] % 14:
-            raise ValueError(f"crop {self.crop} must be a multiple of the patch size 14")
         return self
+
+
+def encoder_patch_size(encoder: str, overrides: dict[str, Any] | None = None) -> int:
+    """The patch size of `model.encoder`: `patch_size` in its overrides, else the `patchNN` of its timm name
+    (16 for the DINOv3 encoders), else 14 (the small/base/large DINOv2 aliases)."""
+    if overrides and "patch_size" in overrides:
+        return int(overrides["patch_size"])
+    found = re.search(r"patch(\d+)", encoder)
+    return int(found.group(1)) if found else 14
 
 
 class ModelParams(Section):
@@ -94,6 +102,9 @@ class ModelParams(Section):
     encoder_overrides: dict[str, Any] = Field(default_factory=dict)
     # auto: original for the DINOv2 encoders (small/base/large), timm otherwise (docs/design.md#model-encoder)
     pos_embed: Literal["auto", "original", "timm"] = "auto"
+    # Dinomaly2's context-aware recentering: each target block's class token is subtracted from its patch
+    # tokens, and the prefix tokens leave the model (docs/design.md#model-recenter)
+    recenter: bool = False
 
 
 class ScoreParams(Section):
@@ -262,10 +273,34 @@ class Params(Section):
     mlflow: MlflowParams = MlflowParams()
     compare: CompareParams = CompareParams()
     serve: ServeParams = ServeParams()
-    # The chosen method's own section, validated by that method's schema (hdmap_ad.core.method_params).
-    method_params: dict[str, Any] = Field(default_factory=dict)
+    # The chosen method's sections, {part: section} (one part unless it is a combination like topk+hseg),
+    # each validated by its schema (hdmap_ad.core.method_params).
+    method_sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # All methods' sections as written, so `compare` and docs can show them; never used for training.
     source: str = "params.yaml"
+
+    @model_validator(mode="after")
+    def _crop_fits_the_patches(self) -> Params:
+        patch = encoder_patch_size(self.model.encoder, self.model.encoder_overrides)
+        crop = list(self.preprocess.crop)
+        if crop[0] % patch or crop[1] % patch:
+            raise ValueError(
+                f"preprocess.crop {crop} must be a multiple of the patch size {patch} of model.encoder "
+                f"{self.model.encoder} (e.g. {[max(patch, round(c / patch) * patch) for c in crop]})"
+            )
+        return self
+
+    @property
+    def method_parts(self) -> list[str]:
+        """The parts of `method` (`topk+hseg` -> [topk, hseg]; a single method is its own one part)."""
+        return list(self.method_sections)
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """The section of a single method (a combination has one per part: `method_sections`)."""
+        if len(self.method_sections) != 1:
+            raise ValueError(f"method {self.method!r} is a combination: read method_sections")
+        return next(iter(self.method_sections.values()))
 
     @property
     def data_root(self) -> Path:
@@ -280,8 +315,8 @@ class Params(Section):
     def resolved(self) -> dict[str, Any]:
         """The resolved configuration as plain data (what MLflow and checkpoints record)."""
         # serving settings are the server's, not the model's: left out of model files and MLflow params
-        out = self.model_dump(mode="json", exclude={"source", "method_params", "serve"})
-        out[self.method] = self.method_params
+        out = self.model_dump(mode="json", exclude={"source", "method_sections", "serve"})
+        out.update(self.method_sections)  # each part's section at the top level, as params.yaml has it
         return out
 
     def training_config(self) -> dict[str, Any]:
@@ -307,9 +342,10 @@ class Params(Section):
 
     def comparable_config(self) -> dict[str, Any]:
         """What two runs must share to be compared: the training config without NOT_COMPARED_KEYS and
-        the method's own section."""
+        the method's own sections (one per part of a combination)."""
         keep = self.training_config()
-        keep.pop(self.method, None)
+        for part in self.method_sections:
+            keep.pop(part, None)
         for key in NOT_COMPARED_KEYS:
             section, _, sub = key.partition(".")
             if sub:
@@ -329,7 +365,11 @@ def is_compared_setting(key: str) -> bool:
     values training records beside the config (`train.amp_resolved`, `n_train_maps`, `fingerprint`)
     and keys of older layouts are not."""
     parts = key.split(".")
-    if parts[0] in NOT_TRAINING_SECTIONS or key in NOT_COMPARED_KEYS or parts[0] in ("method_params", "source"):
+    if (
+        parts[0] in NOT_TRAINING_SECTIONS
+        or key in NOT_COMPARED_KEYS
+        or parts[0] in ("method_params", "method_sections", "source")
+    ):
         return False
     field = Params.model_fields.get(parts[0])
     if field is None:
@@ -401,7 +441,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc}: {item['msg']}{shown}")
+        if loc:
+            parts.append(f"{loc}: {item['msg']}{shown}")
+        else:  # a check across sections (model_validator): its message names the keys itself
+            parts.append(item["msg"].removeprefix("Value error, "))
     return f"{source}: invalid parameter " + "; ".join(parts)
 
 
@@ -432,20 +475,20 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     merged = deep_merge(raw, chosen)
 
     method = merged.get("method", "baseline")
-    if method not in METHOD_PARAMS:
-        raise HdmapError(f"{source}: unknown method {method!r} (known: {', '.join(METHOD_PARAMS)})")
-    method_section = merged.get(method) or {}
-    for name in METHOD_PARAMS:  # method sections live at the top level; only the chosen one is kept
-        merged.pop(name, None)
     try:
-        method_params = METHOD_PARAMS[method].model_validate(method_section)
-        return Params.model_validate(
-            {**merged, "method_params": method_params.model_dump(mode="json"), "source": source}
-        )
+        parts = method_parts(method)
+    except ValueError as err:
+        raise HdmapError(f"{source}: {err}") from None
+    raw_sections = {name: merged.pop(name, None) or {} for name in METHODS}  # only the chosen parts are kept
+    sections = {}
+    for part in parts:
+        try:
+            sections[part] = METHODS[part].params.model_validate(raw_sections[part]).model_dump(mode="json")
+        except ValidationError as err:
+            raise HdmapError(_format_validation_error(err, f"{source}: section `{part}`")) from None
+    try:
+        return Params.model_validate({**merged, "method_sections": sections, "source": source})
     except ValidationError as err:
-        if err.title != "Params":
-            err_source = f"{source}: section `{method}`"
-            raise HdmapError(_format_validation_error(err, err_source)) from None
         raise HdmapError(_format_validation_error(err, source)) from None
 
 

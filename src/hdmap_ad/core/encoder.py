@@ -1,4 +1,6 @@
-"""The frozen DINOv2-with-registers encoder: timm model creation, weights, feature extraction.
+"""The frozen DINOv2-with-registers (or DINOv3) encoder: timm model creation, weights, feature extraction.
+
+(Over 450 lines: creation, the three weight sources and both position encodings share their checks here.)
 
 See docs/design.md#model-encoder.
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hdmap_ad.core.config import encoder_patch_size
 from hdmap_ad.core.errors import HdmapError
 
 if TYPE_CHECKING:
@@ -129,7 +132,7 @@ def create_vit(
                 f"model.encoder_overrides: {key!r} is set by the pipeline (image size: preprocess.crop); remove it"
             )
     h, w = (int(s) for s in img_size)
-    patch = int(overrides.get("patch_size", 14))
+    patch = encoder_patch_size(name, overrides)
     if h <= 0 or w <= 0 or h % patch or w % patch:
         raise HdmapError(f"model image size {h}x{w} must be positive multiples of the patch size {patch}")
     mode = resolve_pos_embed(encoder, pos_embed)
@@ -264,9 +267,17 @@ def _first(keys: Sequence[str]) -> str:
     return ", ".join(keys[:MAX_KEYS_SHOWN]) + more
 
 
+def uses_rope(vit: nn.Module) -> bool:
+    """A timm Eva-family model (the DINOv3 encoders): rotary position encoding, blocks take `rope=`."""
+    return hasattr(vit, "rope") and hasattr(vit, "_pos_embed")
+
+
 def load_weights(vit: nn.Module, path: Path, name: str = "the encoder") -> None:
-    """Load a local weights file into `vit` strictly, converting original DINOv2 keys as timm does."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    """Load a local weights file into `vit` strictly, converting original DINOv2 / DINOv3 keys as timm does."""
+    if uses_rope(vit):
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = _read_state_dict(path)
     try:
@@ -355,6 +366,15 @@ class FrozenEncoder(nn.Module):
                 )
             x = vit.patch_embed(images)
             x = self._add_original_pos_embed(x, self.grid(size))
+        elif uses_rope(vit):  # DINOv3: rotary position encoding for this grid, passed to every block
+            x, rope = vit._pos_embed(vit.patch_embed(images))
+            x = vit.norm_pre(x)
+            outputs, wanted = [], set(self.target_blocks)
+            for i, block in enumerate(vit.blocks):
+                x = block(x, rope=rope)
+                if i in wanted:
+                    outputs.append(x)
+            return outputs
         else:
             if not getattr(vit, "dynamic_img_size", False) and size != tuple(vit.patch_embed.img_size):
                 # The position grid was built (and pretrained weights resampled) for one input size.

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hdmap_ad.core.config import ModelParams, PreprocessParams
 from hdmap_ad.core.encoder import FrozenEncoder, create_vit, default_target_blocks, resolve_pos_embed
 from hdmap_ad.core.errors import HdmapError
 
@@ -30,21 +31,15 @@ from hdmap_ad.core.errors import HdmapError
 # configuration and the data passed between stages
 
 
-@dataclass
-class DinomalyConfig:
-    encoder: str = "base"  # small | base | large | a timm model name
-    weights: str = "random"  # random | hub | path to a weights file
-    image_size: tuple[int, int] = (392, 392)  # (H, W) input size, multiples of the patch size
-    target_blocks: list[int] | None = None  # None: DEFAULT_TARGET_BLOCKS of the encoder size
-    fuse_groups: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
-    decoder_depth: int = 8
-    mlp_ratio: float = 4.0
-    bottleneck_dropout: float = 0.2
-    ln_eps: float = 1e-8
-    init_std: float = 0.01
-    init_cutoff: float = 0.03
-    encoder_overrides: dict = field(default_factory=dict)  # timm kwargs, e.g. tiny test encoders
-    pos_embed: str = "auto"  # auto | original | timm (docs/design.md#model-encoder)
+class DinomalyConfig(ModelParams):
+    """The model's settings: params.yaml's `model` section (every setting, its default and its check are
+    defined once, in hdmap_ad.core.config.ModelParams) plus the input size, which is `preprocess.crop`."""
+
+    image_size: tuple[int, int] = PreprocessParams().crop  # (H, W), multiples of the patch size
+
+    @classmethod
+    def from_params(cls, model: ModelParams, image_size: tuple[int, int]) -> DinomalyConfig:
+        return cls(**model.model_dump(), image_size=tuple(image_size))
 
 
 @dataclass
@@ -251,12 +246,8 @@ class Dinomaly(nn.Module):
     def __init__(self, cfg: DinomalyConfig) -> None:
         super().__init__()
         targets = list(cfg.target_blocks) if cfg.target_blocks is not None else default_target_blocks(cfg.encoder)
-        self.config = cfg = replace(
-            cfg,
-            target_blocks=targets,
-            image_size=tuple(int(s) for s in cfg.image_size),
-            fuse_groups=[list(g) for g in cfg.fuse_groups],
-            pos_embed=resolve_pos_embed(cfg.encoder, cfg.pos_embed),
+        self.config = cfg = cfg.model_copy(
+            update={"target_blocks": targets, "pos_embed": resolve_pos_embed(cfg.encoder, cfg.pos_embed)}
         )
         if cfg.decoder_depth < 1:
             raise HdmapError(f"model.decoder_depth: {cfg.decoder_depth} must be at least 1")
@@ -270,6 +261,12 @@ class Dinomaly(nn.Module):
         self.encoder = FrozenEncoder(vit, targets, cfg.pos_embed)
         self.bottleneck, self.decoder = build_trainable(self.encoder.embed_dim, self.encoder.num_heads, cfg)
         self.init_trainable()
+
+    @property
+    def token_prefix(self) -> int:
+        """Non-patch tokens at the start of the bottleneck's and decoder's token sequence: the encoder's
+        CLS + registers, or none with `recenter` (they are used up by the recentering)."""
+        return 0 if self.config.recenter else self.encoder.num_prefix_tokens
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -291,6 +288,11 @@ class Dinomaly(nn.Module):
         grid = self.encoder.grid(tuple(images.shape[-2:]))
         prefix = self.encoder.num_prefix_tokens
         with torch.no_grad():
+            if self.config.recenter:
+                # Dinomaly2 (docs/design.md#model-recenter): per target block, patch tokens minus that block's
+                # class token (token 0); registers and CLS then leave the sequence.
+                blocks = [b[:, prefix:, :] - b[:, :1, :] for b in blocks]
+                prefix = 0
             bottleneck_in = _fuse(blocks, range(len(blocks)))
             # Prefix tokens are dropped after fusing (same per token; the order of docs/design.md#model-fuse).
             groups = [_tokens_to_map(_fuse(blocks, g), prefix, grid) for g in self.config.fuse_groups]
@@ -302,7 +304,7 @@ class Dinomaly(nn.Module):
         # Reversed: the last decoder block pairs with the first (shallowest) encoder target block.
         outputs = self.decoder(x)[::-1]
         grid = tuple(feats.groups[0].shape[-2:])
-        prefix = self.encoder.num_prefix_tokens
+        prefix = self.token_prefix
         dec = [_tokens_to_map(_fuse(outputs, g), prefix, grid) for g in self.config.fuse_groups]
         return Reconstruction(enc_groups=[g.detach() for g in feats.groups], dec_groups=dec, bottleneck_out=x)
 

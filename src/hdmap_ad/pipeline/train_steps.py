@@ -79,6 +79,7 @@ def train_step(
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = torch.from_numpy(domain_ids).to(device)
     feats = features.batch(idx)
+    method.begin_step(step)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, t_params.amp):
         recon = model.decode(feats)

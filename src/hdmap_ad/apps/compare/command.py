@@ -16,6 +16,7 @@ from hdmap_ad.apps.compare.settings import Settings, load_settings
 from hdmap_ad.apps.compare.terminal import print_found, print_summary
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import write_json, write_text
+from hdmap_ad.core.method_params import metric_safe
 from hdmap_ad.core.paths import COMPARE_FILE as JSON_FILE
 from hdmap_ad.core.paths import REPORT_FILE
 from hdmap_ad.core.paths import REPORT_PLOTS_DIR as PLOTS_DIR
@@ -169,10 +170,10 @@ def log_compare_run(
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
     for method, v in result.verdicts.items():  # the answer, searchable: tags.`verdict/gem` = 'better'
-        tags[f"verdict/{method}"] = v.verdict
+        tags[f"verdict/{metric_safe(method)}"] = v.verdict  # MLflow refuses `+` in keys
     for c in result.comparisons:
         if c.verdict is not None and c.metric in result.report_metrics and c.scope in result.table_scopes:
-            tags[f"verdict/{c.method}/{c.scope}/{c.metric}"] = c.verdict.verdict
+            tags[f"verdict/{metric_safe(c.method)}/{c.scope}/{c.metric}"] = c.verdict.verdict
     run = client.create_run(experiment_id, run_name=compare_run_name(result), tags=tags)
     run_id = run.info.run_id
     try:
@@ -183,7 +184,8 @@ def log_compare_run(
                 continue
             for key, value in logged_values(c):
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
-                    metrics.append(Metric(f"{key}_{c.metric}/{c.method}/{c.scope}", float(value), now, 0))
+                    name = f"{key}_{c.metric}/{metric_safe(c.method)}/{c.scope}"  # MLflow refuses `+` in names
+                    metrics.append(Metric(name, float(value), now, 0))
         u = result.uncertainty
         params = [
             Param("baseline", result.baseline),

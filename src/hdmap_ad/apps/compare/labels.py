@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hdmap_ad.core.method_params import JOIN, METHODS, method_label
+
+__all__ = ["METRIC_LABELS", "NOT_PERCENT", "method_label", "method_legend", "method_meaning", "scope_label"]
+
 NOT_PERCENT = {"threshold"}  # metrics that are not fractions (shown and summarised as they are)
 METRIC_LABELS = {
     "auroc": "AUROC",
@@ -18,34 +22,19 @@ METRIC_LABELS = {
     "aux_domain_accuracy": "aux domain accuracy",
 }
 
-# The experiment plan's names and what each method changes (docs/design.md#3-the-methods); the order is the
-# method registry's, other methods follow alphabetically.
-METHOD_LABELS = {
-    "baseline": "Baseline",
-    "gem": "Method 1 (GEM)",
-    "focal": "Method 3 (Focal)",
-    "aux": "Method 5-A (Aux)",
-    "scale": "Method 6-A (Scale)",
-    "topk": "TopK",
-}
-METHOD_MEANINGS = {
-    "baseline": "Dinomaly as published",
-    "gem": "GeM pooling over the group distances, in the loss and the map",
-    "focal": "focal weighting of the point distances in the loss",
-    "aux": "an auxiliary domain classifier on the bottleneck",
-    "scale": "learned weights of the scale groups",
-    "topk": "loss on the top-k hardest points of the batch",
-}
 
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+def method_meaning(method: str) -> str:
+    """What a method changes, from the method list (a combination's parts joined by '; '), '' if unknown."""
+    parts = str(method).split(JOIN)
+    if all(p in METHODS for p in parts):
+        return "; ".join(METHODS[p].summary for p in parts)
+    return ""
 
 
 def method_legend(methods: list[str]) -> str:
-    """'Method 1 (GEM) = `gem`: GeM pooling ...; ...': each label explained once."""
+    """'Method 1 (GEM) = `gem`: generalised mean ...; ...': each label explained once."""
     return "; ".join(
-        f"{method_label(m)} = `{m}`" + (f": {METHOD_MEANINGS[m]}" if m in METHOD_MEANINGS else "") for m in methods
+        f"{method_label(m)} = `{m}`" + (f": {method_meaning(m)}" if method_meaning(m) else "") for m in methods
     )
 
 

@@ -48,7 +48,7 @@ def print_verdicts(console, result: ComparisonResult) -> None:
     say the same), in words; wraps cleanly at 80 columns."""
     from rich.markup import escape
 
-    from hdmap_ad.apps.compare.labels import METHOD_MEANINGS, method_label
+    from hdmap_ad.apps.compare.labels import method_label, method_meaning
 
     others = [m for m in result.methods if m != result.baseline]
     console.print(
@@ -58,7 +58,7 @@ def print_verdicts(console, result: ComparisonResult) -> None:
     for m in others:
         v = result.verdicts.get(m)
         n = len(result.runs.get(m, {}))
-        what = method_label(m) + (f": {METHOD_MEANINGS[m]}" if m in METHOD_MEANINGS else "")
+        what = method_label(m) + (f": {method_meaning(m)}" if method_meaning(m) else "")
         if v is None:
             console.print(f"  [bold]{escape(m)}[/] ({escape(what)}): no valid run")
             continue

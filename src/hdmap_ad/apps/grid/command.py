@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hdmap_ad.apps.grid.local import DEFAULT_METHODS, DEFAULT_SEEDS, run_grid
+from hdmap_ad.core.method_params import JOIN, METHODS
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,12 +69,23 @@ experiment; a task whose node dies is retried, a failing one is named; finished 
 """
 
 
+def methods_help() -> str:
+    """The methods --methods takes, one line each, from the method list (hdmap_ad.core.method_params)."""
+    lines = [f"  {name:<10}{spec.summary}" for name, spec in METHODS.items()]
+    return (
+        "methods (README, Methods; docs/design.md §5):\n"
+        + "\n".join(lines)
+        + f"\n  {JOIN.join(['topk', 'hseg']):<10}parts joined by {JOIN} combine (one part per hook: a loss, the map, the\n"
+        "            bottleneck input, the decoder values); a combination is a method of its own in MLflow and compare\n"
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "grid",
         parents=[common],
         help="run a methods x seeds grid through the DVC queue, then compare",
-        description=DESCRIPTION,
+        description=DESCRIPTION + "\n" + methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # `--set` (from the common options) and its short form -S are passed to `dvc exp run` as -S KEY=VALUE.

@@ -1,14 +1,32 @@
-"""Training methods as plug-ins: one model, one loop, a method changes loss / map aggregation / extra head.
+"""Training methods as plug-ins: one model, one loop, a method changes loss / map aggregation / extra head
+/ a training-only dropout, and methods combine (`topk+hseg`).
 
-To add a method: write one module with a `Method` subclass decorated by `@register`, and import it
-below so it registers.
+To add a method `foo` (each step is needed; tests/test_architecture.py and tests/test_methods.py fail
+when one is missing):
+1. hdmap_ad/core/method_params.py: its settings schema `FooParams` and its entry in `METHODS` (schema,
+   the hooks it changes, a one-line summary), at the place in the list where it should be shown;
+2. hdmap_ad/core/methods/foo.py: a `Method` subclass with `name = "foo"`, decorated by `@register`,
+   overriding exactly the hooks its entry lists (loss -> `loss`, map -> `reduce_maps`, bottleneck_input
+   / decoder_values -> `attach` + `begin_step`);
+3. this file: import the module below so it registers;
+4. params.yaml: a `foo:` section with the schema's defaults (one per entry of `METHODS`);
+5. docs/design.md §5 (a subsection with its definition) and README's methods table.
 """
 
 # isort: off
-# Imports register the methods, in the order of docs/design.md#5-methods (error messages list them so).
-from hdmap_ad.core.methods.base import REGISTRY, Method, MethodContext, NoParams, build, register
+# Imports register the methods, in the order of hdmap_ad.core.method_params.METHODS.
+from hdmap_ad.core.methods.base import (
+    REGISTRY,
+    Combination,
+    Method,
+    MethodContext,
+    NoParams,
+    build,
+    build_method,
+    register,
+)
 from hdmap_ad.core.methods import baseline  # noqa: F401
-from hdmap_ad.core.methods import gem, focal, aux, scale, topk  # noqa: F401
+from hdmap_ad.core.methods import gem, focal, aux, scale, topk, hseg, vdrop  # noqa: F401
 # isort: on
 
-__all__ = ["REGISTRY", "Method", "MethodContext", "NoParams", "build", "register"]
+__all__ = ["REGISTRY", "Combination", "Method", "MethodContext", "NoParams", "build", "build_method", "register"]

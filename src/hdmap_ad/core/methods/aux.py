@@ -37,7 +37,6 @@ def patch_token_mean(recon: Reconstruction) -> Tensor:
 @register
 class Aux(Baseline):
     name = "aux"
-    Params = AuxParams
     params: AuxParams
 
     def __init__(self, params: AuxParams, ctx: MethodContext) -> None:

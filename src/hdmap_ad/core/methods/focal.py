@@ -30,7 +30,6 @@ def focal_group_losses(dist: Tensor, gamma: float) -> Tensor:
 @register
 class Focal(Method):
     name = "focal"
-    Params = FocalParams
     params: FocalParams
 
     def loss(self, recon: Reconstruction, domain_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:

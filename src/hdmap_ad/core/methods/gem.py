@@ -27,7 +27,6 @@ def generalized_mean(x: Tensor, p: float, dim: int = 1, keepdim: bool = False) -
 @register
 class Gem(Method):
     name = "gem"
-    Params = GemParams
     params: GemParams
 
     def loss(self, recon: Reconstruction, domain_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:

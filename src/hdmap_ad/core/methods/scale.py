@@ -22,7 +22,6 @@ from hdmap_ad.core.model import Reconstruction, global_cosine_hm_loss
 @register
 class Scale(Baseline):
     name = "scale"
-    Params = ScaleParams
     params: ScaleParams
 
     def __init__(self, params: ScaleParams, ctx: MethodContext) -> None:

@@ -32,7 +32,6 @@ def k_at(n_points: int, q_t: float, min_k: int) -> int:
 @register
 class Topk(Method):
     name = "topk"
-    Params = TopkParams
     params: TopkParams
 
     def loss(self, recon: Reconstruction, domain_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
