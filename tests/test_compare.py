@@ -24,6 +24,7 @@ from scipy.stats import ttest_rel
 import shipped
 from hdmap_ad.apps import compare
 from hdmap_ad.core.config import Params, flatten
+from hdmap_ad.core.method_params import METHODS
 from hdmap_ad.pipeline.stats import holm_adjust
 
 if TYPE_CHECKING:
@@ -1083,7 +1084,8 @@ def test_terminal_output_reads_at_80_columns_and_leads_with_the_verdicts(store, 
     assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
     text = out.stdout
     assert text.index("Verdicts") < text.index("AUROC (%): mean ± std")
-    assert "gem (Method 1 (GEM): GeM pooling" in text and "focal (Method 3 (Focal): focal" in text
+    assert f"gem (Method 1 (GEM): {METHODS['gem'].summary}" in text
+    assert f"focal (Method 3 (Focal): {METHODS['focal'].summary}" in text
     # focal has one seed: its 15 comparisons say the same thing, once
     focal = text[text.index("focal (Method 3") :]
     assert focal.count("only 1 paired seed") == 1 and "all 15: 3 metric(s) × 5 scope(s)" in focal

@@ -57,6 +57,7 @@ def _reason(err: BaseException, timeout: int) -> str:
         (r"Name or service not known|nodename nor servname|getaddrinfo failed", "unknown host name"),
         (r"readonly database|read-only", "the database is read-only"),
         (r"unable to open database file", "cannot open the database file"),
+        (r"malformed|file is not a database", "the database file is damaged (truncated or not sqlite)"),
     ):
         if re.search(pattern, text):
             return short
@@ -99,7 +100,7 @@ def check_store(uri: str, experiment_id: str | None = None, write: bool = True) 
             client.search_experiments(max_results=1)
         except Exception as err:  # MlflowException, requests and sqlalchemy errors: all "unusable store"
             raise HdmapError(
-                f"MLflow store {uri}: not reachable ({_reason(err, STORE_TIMEOUT_S)}, after "
+                f"MLflow store {uri}: {'cannot be read' if db is not None else 'not reachable'} ({_reason(err, STORE_TIMEOUT_S)}, after "
                 f"{time.monotonic() - started:.0f} s); " + _advice(uri, write=False)
             ) from None
         if write and experiment_id is not None:
