@@ -242,6 +242,75 @@ def test_each_model_setting_is_defined_once():
                 assert not declared & fields, f"{f.relative_to(REPO)}: {node.name} declares {sorted(declared & fields)}"
 
 
+def _params_schemas() -> dict[str, set[str]]:
+    """Each settings class of params.yaml (the sections and the method schemas) -> its field names."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    from hdmap_ad.core import config, method_params
+
+    return {
+        name: set(cls.model_fields)
+        for module in (config, method_params)
+        for name, cls in vars(module).items()
+        if inspect.isclass(cls) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__
+        if cls.model_fields and name != "Params"  # Params' own fields are the section names
+    }
+
+
+def _copied_settings(root: Path) -> list[str]:
+    """Classes outside the two schema modules that give defaults to two or more settings of one params
+    section or method schema: a second definition of those settings (its defaults and checks would drift)."""
+    schemas = _params_schemas()
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        if f.name in ("config.py", "method_params.py") and f.parent.name == "core":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            defaults = {
+                s.target.id
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None
+            }
+            for schema, fields in schemas.items():
+                if len(defaults & fields) >= 2:
+                    found.append(
+                        f"{f.relative_to(root.parent)}: {node.name} copies {schema} {sorted(defaults & fields)}"
+                    )
+    return found
+
+
+def test_each_params_setting_is_defined_once():
+    """Every setting's default and check live in its params.yaml schema (core/config.py, core/method_params.py);
+    what another layer needs from a section is that class or a subclass of it (the model's, the synthetic
+    generator's and compare's settings are), never a copy: e.g. the score section once had a dataclass twin
+    in model.py, and serve's limits and compare's settings repeated their sections' defaults."""
+    from hdmap_ad.apps.compare.settings import Settings
+    from hdmap_ad.core.config import CompareParams, MlflowParams, SynthParams
+    from hdmap_ad.pipeline.synth import SynthConfig
+
+    assert _copied_settings(PACKAGE) == []
+    assert issubclass(SynthConfig, SynthParams)
+    assert set(SynthConfig.model_fields) - set(SynthParams.model_fields) == {"domains"}
+    assert issubclass(Settings, CompareParams) and issubclass(Settings, MlflowParams)
+
+
+def test_the_copied_settings_scan_finds_one(tmp_path):
+    """The scan above is not vacuous: a dataclass repeating the score section's defaults is reported."""
+    pkg = tmp_path / "hdmap_ad"
+    pkg.mkdir()
+    (pkg / "scoring.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass ScoreConfig:\n"
+        "    size: tuple[int, int] = (256, 256)\n    blur_kernel: int = 5\n    top_ratio: float = 0.01\n"
+    )
+    assert _copied_settings(pkg) == [
+        "hdmap_ad/scoring.py: ScoreConfig copies ScoreParams ['blur_kernel', 'size', 'top_ratio']"
+    ]
+
+
 def test_output_paths_are_named_once_and_match_dvc_yaml():
     """Stages write where dvc.yaml says: every DVC output of the pipeline is a path of
     hdmap_ad.core.paths, and the code's paths that DVC tracks appear in dvc.yaml."""

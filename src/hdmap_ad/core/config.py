@@ -213,6 +213,10 @@ class ServeParams(Section):
     read_timeout_s: float = Field(30.0, gt=0)  # a body that arrives slower than this is answered 408
     request_timeout_s: float = Field(60.0, gt=0)  # scoring stops between batches after this (504)
 
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
 
 class CompareParams(Section):
     baseline: str = "baseline"

@@ -55,6 +55,7 @@ from hdmap_ad.apps.gpucheck.report import (
     scores_by_file,
     write_report,
 )
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 
 # --------------------------------------------------------------------------------------------------
@@ -62,12 +63,12 @@ from hdmap_ad.core.errors import HdmapError
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "gpu-check",
-        parents=[common],
-        help="run every CUDA path end to end and write one report",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run every CUDA path end to end and write one report",
+        __doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
     p.add_argument("--shapes", choices=sorted(SHAPES), help="paper (default on CUDA) | tiny (default on CPU)")
