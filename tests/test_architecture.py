@@ -144,6 +144,64 @@ def test_stage_deps_cover_every_module_the_stage_runs(stage):
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not depend on: {missing}"
 
 
+def _readme_stage_layers() -> dict[str, str]:
+    """stage -> layer, from the README's layout tree: `core/ ... (DVC stage here: configure)`."""
+    readme = (REPO / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    layers, layer = {}, None
+    for line in tree.splitlines():
+        named = re.match(r"  (core|pipeline|apps)/ ", line)
+        layer = named.group(1) if named else (layer if line.startswith(" " * 39) else None)
+        found = re.search(r"\(DVC stages? here: ([a-z, ]+)", line)
+        if found and layer:
+            for stage in found.group(1).split(","):
+                layers[stage.strip().split()[0]] = layer
+    return layers
+
+
+def _cli_hands_off_to(func) -> set[str]:
+    """The hdmap_ad modules a `hdmap-ad` subcommand's function runs: its own module, and, for a function of
+    cli.py (which only dispatches), the modules it and the cli.py helpers it calls import."""
+    import inspect
+
+    if func.__module__ != "hdmap_ad.apps.cli":
+        return {func.__module__}
+    from hdmap_ad.apps import cli
+
+    modules, todo, seen = set(), [func], set()
+    while todo:
+        f = todo.pop()
+        seen.add(f)
+        for node in ast.walk(ast.parse(inspect.getsource(f))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hdmap_ad."):
+                modules.add(node.module)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                helper = getattr(cli, node.func.id, None)
+                if inspect.isfunction(helper) and helper.__module__ == cli.__name__ and helper not in seen:
+                    todo.append(helper)
+    return modules
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
+def test_each_stage_entry_is_in_the_layer_the_readme_names(stage):
+    """A dvc.yaml stage's command reaches its entry module (STAGE_ENTRY, whose imports the deps test
+    checks), and that module lives in the layer the README's layout gives the stage (docs/design.md#pipe-stages
+    says the same): the layers' descriptions cannot drift from where the stages are."""
+    from hdmap_ad.apps.cli import build_parser
+
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    assert cmd[:2] == ["PYTHONPATH=src", "hdmap-ad"], cmd
+    func = build_parser().parse_args(cmd[2:]).func
+    entry = STAGE_ENTRY[stage][0]
+    reached = _cli_hands_off_to(func)
+    assert any(m == entry or m.startswith(entry + ".") for m in reached), f"`{' '.join(cmd[1:])}` runs {reached}"
+    assert _readme_stage_layers().get(stage) == entry.split(".")[1], f"README's layout does not put {stage} in {entry}"
+
+
+def test_the_readme_names_a_layer_for_every_stage_and_nothing_else():
+    assert set(_readme_stage_layers()) == set(STAGE_ENTRY)
+
+
 def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs():
     """The model file stores a hash of the code training runs. It must cover every module training imports
     (else a code change would resume an old state) and nothing else (else an edit of compare or the CLI,
@@ -213,6 +271,22 @@ def test_the_method_list_is_defined_once():
             if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
                 found = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
                 assert len(found) < 3, f"{f.relative_to(REPO)}:{node.lineno} lists methods {sorted(found)}"
+
+
+def test_every_method_is_documented():
+    """Step 5 of the recipe in core/methods/__init__.py: each entry of METHODS has its design.md subsection
+    (anchor m-<name>) and a README methods-table row naming its section's settings, and neither names a
+    method that METHODS lacks."""
+    from hdmap_ad.core.method_params import METHODS
+
+    design = (REPO / "docs" / "design.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert set(re.findall(r'<a id="m-([a-z0-9]+)"></a>', design)) - {"combine"} == set(METHODS)
+    rows = dict(re.findall(r"^\| `([a-z0-9]+)` \|.*\| `\1: (\{[^}]*\})` \|$", readme, re.M))
+    assert set(rows) == set(METHODS)
+    for name, spec in METHODS.items():
+        fields = [f for f in rows[name].strip("{}").split(", ") if f]
+        assert fields == list(spec.params.model_fields), f"README's methods table: {name} lists {fields}"
 
 
 def test_each_model_setting_is_defined_once():
@@ -384,3 +458,26 @@ def test_the_settings_that_make_runs_comparable_are_listed_once():
 
     p = Params()
     assert set(flatten(p.comparable_config())) == {k for k in flatten(p.resolved()) if is_compared_setting(k)}
+
+
+LONG_FILE_LINES = 450
+LONG_FILE_REASON = re.compile(r"\(Over 450 lines: (.+?)\)\s*$", re.S | re.M)
+
+
+def test_a_file_over_450_lines_says_why_in_its_docstring():
+    """A module over 450 lines gives its reason in its docstring, as a paragraph `(Over 450 lines: <why>.)`,
+    so a long file is a decision someone wrote down; one that has shrunk below drops the stale reason."""
+    unexplained, stale = [], []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        text = f.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        reason = LONG_FILE_REASON.search(doc)
+        long = len(text.splitlines()) > LONG_FILE_LINES
+        if long and not (reason and len(reason.group(1).split()) >= 8):
+            unexplained.append(f"{f.relative_to(REPO)} ({len(text.splitlines())} lines)")
+        if not long and "Over 450 lines" in text:
+            stale.append(str(f.relative_to(REPO)))
+    assert not unexplained, (
+        f"over {LONG_FILE_LINES} lines without '(Over 450 lines: <why>)' in the docstring: {unexplained}"
+    )
+    assert not stale, f"under {LONG_FILE_LINES} lines but still saying why it is over: {stale}"

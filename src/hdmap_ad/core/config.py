@@ -3,6 +3,9 @@
 `params.yaml` is the single source of tunable settings. Loading resolves the active profile
 (`profiles.<profile>` is deep-merged over the base sections), picks the active method's own
 section, and validates everything; any problem is one HdmapError naming the key.
+
+(Over 450 lines: every section's schema sits here, so each setting is defined once beside its siblings;
+tests/test_architecture.py refuses a copy of a section's defaults anywhere else.)
 """
 
 from __future__ import annotations
