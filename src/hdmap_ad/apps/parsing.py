@@ -20,6 +20,11 @@ def add_command(
     )
 
 
+def doc_body(doc: str | None) -> str | None:
+    """A module docstring without its first paragraph (the summary): a subcommand's `--help` description."""
+    return doc.split("\n\n", 1)[1] if doc and "\n\n" in doc else doc
+
+
 def int_list(text: str) -> list[int]:
     """`42,43` -> [42, 43] (an argparse type: a bad value is argparse's one-line usage error)."""
     try:

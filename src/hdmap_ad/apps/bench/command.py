@@ -53,7 +53,7 @@ from typing import Any
 
 from hdmap_ad.apps.bench.spec import DEFAULT_OUT, HARD_MINING_STEP, PAPER_MAPS, PRECISIONS, Case
 from hdmap_ad.apps.bench.tables import cache_text, precision_table, results_table, sweep_table
-from hdmap_ad.apps.parsing import add_command, positive_int_list
+from hdmap_ad.apps.parsing import add_command, doc_body, positive_int_list
 from hdmap_ad.core.errors import HdmapError
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         common,
         "bench",
         "measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
-        __doc__.split("\n\n", 1)[1] if __doc__ else None,
+        doc_body(__doc__),
     )
     p.add_argument(
         "--profile",

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hdmap_ad.apps.parsing import add_command
+from hdmap_ad.apps.parsing import add_command, doc_body
 
 PROFILE_OVERRIDES = {
     "quick": ["profile=quick"],
@@ -168,11 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = add_command(
-        sub,
-        common,
-        "bench-onnx",
-        "CPU latency/throughput of the exported ONNX model vs PyTorch",
-        __doc__.split("\n\n", 1)[1] if __doc__ else None,
+        sub, common, "bench-onnx", "CPU latency/throughput of the exported ONNX model vs PyTorch", doc_body(__doc__)
     )
     add_arguments(p)
     p.set_defaults(func=run)

@@ -26,8 +26,8 @@ says otherwise (nothing is downloaded by default). `--set KEY=VALUE` changes the
 from (e.g. `--set method=focal`); the check's own settings (data, steps, precision, cache, device)
 win. On one GPU the paper-shape run is meant to take under 8 minutes.
 
-(Over 450 lines: one orchestrator whose steps share the scratch folders, the device and the list of checks,
-so they stay one class; what runs is in plan.py, what was measured and the report in report.py.)
+This file is the orchestrator: its steps share the scratch folders, the device and the list of checks, so
+they stay one class; what runs is in plan.py, what was measured and the report in report.py.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from hdmap_ad.apps.gpucheck.report import (
     scores_by_file,
     write_report,
 )
-from hdmap_ad.apps.parsing import add_command
+from hdmap_ad.apps.parsing import add_command, doc_body
 from hdmap_ad.core.errors import HdmapError
 
 # --------------------------------------------------------------------------------------------------
@@ -66,13 +66,7 @@ from hdmap_ad.core.errors import HdmapError
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = add_command(
-        sub,
-        common,
-        "gpu-check",
-        "run every CUDA path end to end and write one report",
-        __doc__.split("\n\n", 1)[1] if __doc__ else None,
-    )
+    p = add_command(sub, common, "gpu-check", "run every CUDA path end to end and write one report", doc_body(__doc__))
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
     p.add_argument("--shapes", choices=sorted(SHAPES), help="paper (default on CUDA) | tiny (default on CPU)")
     p.add_argument("--steps", type=int, help="training steps per run (default: 100 paper, 6 tiny)")
