@@ -20,6 +20,13 @@ run: $(VENV)/.installed  ## install, then run the DVC pipeline on the embedded s
 	$(BIN)/hdmap-ad init-tracking
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/hdmap-ad show
+	@if git diff --quiet -- dvc.lock metrics/ 2>/dev/null; then \
+		echo "metrics, model and dvc.lock equal the committed ones"; \
+	else \
+		echo "note: on another kind of CPU (or another core count) float32 rounds differently, so metrics may differ"; \
+		echo "from the committed ones in the last digit and git shows dvc.lock and metrics/ as modified: expected"; \
+		echo "(README, Reproducibility across CPUs). Back to the committed files: git checkout -- dvc.lock metrics/"; \
+	fi
 
 install: $(VENV)/.installed  ## create .venv and install hdmap-ad with the dev tools
 

@@ -144,6 +144,64 @@ def test_stage_deps_cover_every_module_the_stage_runs(stage):
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not depend on: {missing}"
 
 
+def _readme_stage_layers() -> dict[str, str]:
+    """stage -> layer, from the README's layout tree: `core/ ... (DVC stage here: configure)`."""
+    readme = (REPO / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    layers, layer = {}, None
+    for line in tree.splitlines():
+        named = re.match(r"  (core|pipeline|apps)/ ", line)
+        layer = named.group(1) if named else (layer if line.startswith(" " * 39) else None)
+        found = re.search(r"\(DVC stages? here: ([a-z, ]+)", line)
+        if found and layer:
+            for stage in found.group(1).split(","):
+                layers[stage.strip().split()[0]] = layer
+    return layers
+
+
+def _cli_hands_off_to(func) -> set[str]:
+    """The hdmap_ad modules a `hdmap-ad` subcommand's function runs: its own module, and, for a function of
+    cli.py (which only dispatches), the modules it and the cli.py helpers it calls import."""
+    import inspect
+
+    if func.__module__ != "hdmap_ad.apps.cli":
+        return {func.__module__}
+    from hdmap_ad.apps import cli
+
+    modules, todo, seen = set(), [func], set()
+    while todo:
+        f = todo.pop()
+        seen.add(f)
+        for node in ast.walk(ast.parse(inspect.getsource(f))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hdmap_ad."):
+                modules.add(node.module)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                helper = getattr(cli, node.func.id, None)
+                if inspect.isfunction(helper) and helper.__module__ == cli.__name__ and helper not in seen:
+                    todo.append(helper)
+    return modules
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
+def test_each_stage_entry_is_in_the_layer_the_readme_names(stage):
+    """A dvc.yaml stage's command reaches its entry module (STAGE_ENTRY, whose imports the deps test
+    checks), and that module lives in the layer the README's layout gives the stage (docs/design.md#pipe-stages
+    says the same): the layers' descriptions cannot drift from where the stages are."""
+    from hdmap_ad.apps.cli import build_parser
+
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    assert cmd[:2] == ["PYTHONPATH=src", "hdmap-ad"], cmd
+    func = build_parser().parse_args(cmd[2:]).func
+    entry = STAGE_ENTRY[stage][0]
+    reached = _cli_hands_off_to(func)
+    assert any(m == entry or m.startswith(entry + ".") for m in reached), f"`{' '.join(cmd[1:])}` runs {reached}"
+    assert _readme_stage_layers().get(stage) == entry.split(".")[1], f"README's layout does not put {stage} in {entry}"
+
+
+def test_the_readme_names_a_layer_for_every_stage_and_nothing_else():
+    assert set(_readme_stage_layers()) == set(STAGE_ENTRY)
+
+
 def test_the_code_fingerprint_in_a_model_file_covers_exactly_what_training_runs():
     """The model file stores a hash of the code training runs. It must cover every module training imports
     (else a code change would resume an old state) and nothing else (else an edit of compare or the CLI,
@@ -215,6 +273,22 @@ def test_the_method_list_is_defined_once():
                 assert len(found) < 3, f"{f.relative_to(REPO)}:{node.lineno} lists methods {sorted(found)}"
 
 
+def test_every_method_is_documented():
+    """Step 5 of the recipe in core/methods/__init__.py: each entry of METHODS has its design.md subsection
+    (anchor m-<name>) and a README methods-table row naming its section's settings, and neither names a
+    method that METHODS lacks."""
+    from hdmap_ad.core.method_params import METHODS
+
+    design = (REPO / "docs" / "design.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert set(re.findall(r'<a id="m-([a-z0-9]+)"></a>', design)) - {"combine"} == set(METHODS)
+    rows = dict(re.findall(r"^\| `([a-z0-9]+)` \|.*\| `\1: (\{[^}]*\})` \|$", readme, re.M))
+    assert set(rows) == set(METHODS)
+    for name, spec in METHODS.items():
+        fields = [f for f in rows[name].strip("{}").split(", ") if f]
+        assert fields == list(spec.params.model_fields), f"README's methods table: {name} lists {fields}"
+
+
 def test_each_model_setting_is_defined_once():
     """A model setting is declared once, in hdmap_ad.core.config.ModelParams: the model's config is that
     class plus the input size, params.yaml's `model:` section has exactly its keys, and no other class in
@@ -240,6 +314,75 @@ def test_each_model_setting_is_defined_once():
                     s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
                 }
                 assert not declared & fields, f"{f.relative_to(REPO)}: {node.name} declares {sorted(declared & fields)}"
+
+
+def _params_schemas() -> dict[str, set[str]]:
+    """Each settings class of params.yaml (the sections and the method schemas) -> its field names."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    from hdmap_ad.core import config, method_params
+
+    return {
+        name: set(cls.model_fields)
+        for module in (config, method_params)
+        for name, cls in vars(module).items()
+        if inspect.isclass(cls) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__
+        if cls.model_fields and name != "Params"  # Params' own fields are the section names
+    }
+
+
+def _copied_settings(root: Path) -> list[str]:
+    """Classes outside the two schema modules that give defaults to two or more settings of one params
+    section or method schema: a second definition of those settings (its defaults and checks would drift)."""
+    schemas = _params_schemas()
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        if f.name in ("config.py", "method_params.py") and f.parent.name == "core":
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            defaults = {
+                s.target.id
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None
+            }
+            for schema, fields in schemas.items():
+                if len(defaults & fields) >= 2:
+                    found.append(
+                        f"{f.relative_to(root.parent)}: {node.name} copies {schema} {sorted(defaults & fields)}"
+                    )
+    return found
+
+
+def test_each_params_setting_is_defined_once():
+    """Every setting's default and check live in its params.yaml schema (core/config.py, core/method_params.py);
+    what another layer needs from a section is that class or a subclass of it (the model's, the synthetic
+    generator's and compare's settings are), never a copy: e.g. the score section once had a dataclass twin
+    in model.py, and serve's limits and compare's settings repeated their sections' defaults."""
+    from hdmap_ad.apps.compare.settings import Settings
+    from hdmap_ad.core.config import CompareParams, MlflowParams, SynthParams
+    from hdmap_ad.pipeline.synth import SynthConfig
+
+    assert _copied_settings(PACKAGE) == []
+    assert issubclass(SynthConfig, SynthParams)
+    assert set(SynthConfig.model_fields) - set(SynthParams.model_fields) == {"domains"}
+    assert issubclass(Settings, CompareParams) and issubclass(Settings, MlflowParams)
+
+
+def test_the_copied_settings_scan_finds_one(tmp_path):
+    """The scan above is not vacuous: a dataclass repeating the score section's defaults is reported."""
+    pkg = tmp_path / "hdmap_ad"
+    pkg.mkdir()
+    (pkg / "scoring.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass ScoreConfig:\n"
+        "    size: tuple[int, int] = (256, 256)\n    blur_kernel: int = 5\n    top_ratio: float = 0.01\n"
+    )
+    assert _copied_settings(pkg) == [
+        "hdmap_ad/scoring.py: ScoreConfig copies ScoreParams ['blur_kernel', 'size', 'top_ratio']"
+    ]
 
 
 def test_output_paths_are_named_once_and_match_dvc_yaml():
@@ -315,3 +458,26 @@ def test_the_settings_that_make_runs_comparable_are_listed_once():
 
     p = Params()
     assert set(flatten(p.comparable_config())) == {k for k in flatten(p.resolved()) if is_compared_setting(k)}
+
+
+LONG_FILE_LINES = 450
+LONG_FILE_REASON = re.compile(r"\(Over 450 lines: (.+?)\)\s*$", re.S | re.M)
+
+
+def test_a_file_over_450_lines_says_why_in_its_docstring():
+    """A module over 450 lines gives its reason in its docstring, as a paragraph `(Over 450 lines: <why>.)`,
+    so a long file is a decision someone wrote down; one that has shrunk below drops the stale reason."""
+    unexplained, stale = [], []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        text = f.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        reason = LONG_FILE_REASON.search(doc)
+        long = len(text.splitlines()) > LONG_FILE_LINES
+        if long and not (reason and len(reason.group(1).split()) >= 8):
+            unexplained.append(f"{f.relative_to(REPO)} ({len(text.splitlines())} lines)")
+        if not long and "Over 450 lines" in text:
+            stale.append(str(f.relative_to(REPO)))
+    assert not unexplained, (
+        f"over {LONG_FILE_LINES} lines without '(Over 450 lines: <why>)' in the docstring: {unexplained}"
+    )
+    assert not stale, f"under {LONG_FILE_LINES} lines but still saying why it is over: {stale}"

@@ -33,6 +33,31 @@ def test_every_subcommand_has_help(capsys):
         assert "--params" in capsys.readouterr().out or name in ("bench",)
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["grid", "--dry-run", "--seeds", "42,x"], "expected comma-separated integers, got '42,x'"),
+        (["bench", "--sweep-batch", "8,0"], "expected positive integers, got '8,0'"),
+        (["bench", "--sweep-batch", "8,a"], "expected comma-separated integers, got '8,a'"),
+    ],
+)
+def test_a_bad_integer_list_is_argparse_s_one_line(capsys, argv, needle):
+    """The comma-list options (grid's seeds, bench's batch sweep) share one parser: a bad list is a usage
+    error naming the value, exit status 2, before anything runs."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_integer_lists_parse():
+    from hdmap_ad.apps.parsing import int_list, positive_int_list
+
+    assert int_list("42, 43,,0") == [42, 43, 0]
+    assert positive_int_list("1,16") == [1, 16]
+
+
 @pytest.fixture()
 def workspace(tmp_path, synthetic_root, monkeypatch):
     """A folder with params.yaml reading a private copy of the tiny synthetic data."""

@@ -481,8 +481,8 @@ def test_settings_from_params_and_missing_experiment(tmp_path, monkeypatch, temp
     params = tmp_path / "params.yaml"
     params.write_text(shipped.text("params.yaml") + "\n")
     s = compare.load_settings(params, ["compare.methods=[gem,baseline]", "compare.baseline=gem", "profile=paper"])
-    assert s.methods == ("gem", "baseline") and s.baseline == "gem" and s.profile == "paper"
-    assert s.metrics == ("auroc", "tpr_at_fpr_1", "tpr_at_fpr_5") and s.domains[0] == "domain_A"
+    assert s.methods == ["gem", "baseline"] and s.baseline == "gem" and s.profile == "paper"
+    assert s.metrics == ["auroc", "tpr_at_fpr_1", "tpr_at_fpr_5"] and s.domains[0] == "domain_A"
     with pytest.raises(HdmapError, match="unknown metric"):
         compare.load_settings(params, ["compare.metrics=[auroc,speed]"])
     # runs log only the headline metrics to MLflow: comparing another one could only give "no data"

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hdmap_ad.core.config import ScoreParams
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.model import (
     BottleneckMLP,
@@ -21,7 +22,6 @@ from hdmap_ad.core.model import (
     EncoderFeatures,
     LinearAttention,
     Reconstruction,
-    ScoreConfig,
     anomaly_map,
     build_trainable,
     gaussian_kernel,
@@ -334,7 +334,7 @@ def test_image_score_of_a_constant_map_is_the_constant():
 
 
 def test_image_score_blur_and_top_k_by_hand():
-    cfg = ScoreConfig(size=(8, 8), blur_kernel=3, blur_sigma=1.0, top_ratio=3.6 / 64)  # k = ⌊3.6⌋ = 3
+    cfg = ScoreParams(size=(8, 8), blur_kernel=3, blur_sigma=1.0, top_ratio=3.6 / 64)  # k = ⌊3.6⌋ = 3
     a = math.exp(-0.5)
     center, edge, corner = 1 / (1 + 2 * a) ** 2, a / (1 + 2 * a) ** 2, a * a / (1 + 2 * a) ** 2
     assert torch.allclose(
@@ -349,13 +349,15 @@ def test_image_score_blur_and_top_k_by_hand():
     corner_impulse = torch.zeros(1, 1, 8, 8)
     corner_impulse[0, 0, 0, 0] = 1.0
     # zero padding: nothing is reflected back from outside the border
-    assert image_score(corner_impulse, ScoreConfig((8, 8), 3, 1.0, 1 / 64)).item() == pytest.approx(center, rel=1e-6)
+    assert image_score(
+        corner_impulse, ScoreParams(size=(8, 8), blur_kernel=3, blur_sigma=1.0, top_ratio=1 / 64)
+    ).item() == pytest.approx(center, rel=1e-6)
 
 
 def test_image_score_resizes_bilinearly_without_align_corners():
     amap = torch.tensor([[0.0, 1.0], [0.0, 1.0]])[None, None]
     # to 4 columns with align_corners=False: 0, 0.25, 0.75, 1 (align_corners=True would give thirds)
-    score = image_score(amap, ScoreConfig(size=(4, 4), blur_kernel=1, blur_sigma=1.0, top_ratio=0.5))
+    score = image_score(amap, ScoreParams(size=(4, 4), blur_kernel=1, blur_sigma=1.0, top_ratio=0.5))
     assert score.item() == pytest.approx((1.0 + 0.75) / 2)
 
 
@@ -363,12 +365,12 @@ def test_image_score_default_top_count_is_655_pixels():
     amap = torch.zeros(1, 1, 256, 256)
     flat = amap.view(-1)
     flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:655]] = 10.0
-    no_blur = ScoreConfig(blur_kernel=1)
+    no_blur = ScoreParams(blur_kernel=1)
     assert image_score(amap, no_blur).item() == pytest.approx(10.0)
     flat[flat == 10.0] = 0.0
     flat[:654] = 10.0  # one fewer high pixel: the 655th is a zero
     assert image_score(amap, no_blur).item() == pytest.approx(10.0 * 654 / 655)
-    assert image_score(amap, ScoreConfig(blur_kernel=1, top_ratio=1e-9)).item() == pytest.approx(10.0)  # k >= 1
+    assert image_score(amap, ScoreParams(blur_kernel=1, top_ratio=1e-9)).item() == pytest.approx(10.0)  # k >= 1
 
 
 # --- training and inference on CPU ----------------------------------------------------------------
@@ -409,7 +411,7 @@ def test_predict_is_deterministic_and_restores_the_mode(model):
     expected = anomaly_map(group_distances(recon), (28, 42))
     assert torch.allclose(m1, expected, atol=1e-6)
     assert torch.allclose(s1, image_score(expected), atol=1e-6)
-    custom = model.predict(x, reduce=lambda m: m.amax(1, keepdim=True), score=ScoreConfig(size=(28, 42)))[0]
+    custom = model.predict(x, reduce=lambda m: m.amax(1, keepdim=True), score=ScoreParams(size=(28, 42)))[0]
     assert custom.shape == (3,) and not torch.allclose(custom, s1)
 
 

@@ -14,9 +14,9 @@ import torch
 import shipped
 import tiny
 from hdmap_ad.core import checkpoint, runtime
-from hdmap_ad.core.config import load_params
+from hdmap_ad.core.config import ScoreParams, load_params
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.model import ScoreConfig, anomaly_map, global_cosine_hm_loss, group_distances, image_score
+from hdmap_ad.core.model import anomaly_map, global_cosine_hm_loss, group_distances, image_score
 
 TINY = [
     *tiny.MODEL,
@@ -83,7 +83,7 @@ def test_float32_terms_stay_float32_under_cpu_bf16_autocast():
     torch.manual_seed(0)
     model, _ = checkpoint.build(params, ["domain_A"], CPU)
     images = torch.randn(2, 3, 28, 84)
-    cfg = ScoreConfig(size=(32, 32))
+    cfg = ScoreParams(size=(32, 32))
     with runtime.autocast(CPU, "bf16"):
         recon = model(images)
         assert recon.dec_groups[0].dtype == torch.bfloat16  # the matmuls did run in bf16

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from pydantic import ValidationError
 from scipy import ndimage, stats
 
+import shipped
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases, scan_root
 from hdmap_ad.pipeline.synth import STYLES, SynthConfig, generate, make_domain
@@ -62,13 +64,12 @@ def test_same_seed_same_bytes_other_seed_other_maps(tmp_path, synthetic_root):
     generate(tmp_path / "a", cfg, progress=False)
     generate(tmp_path / "b", cfg, progress=False)
     assert files(tmp_path / "a") == files(tmp_path / "b")
-    cfg.seed = 8
-    generate(tmp_path / "c", cfg, progress=False)
+    generate(tmp_path / "c", cfg.model_copy(update={"seed": 8}), progress=False)
     a = tifffile.imread(tmp_path / "a" / "domain_C" / "train" / "good" / "000000.tiff")
     c = tifffile.imread(tmp_path / "c" / "domain_C" / "train" / "good" / "000000.tiff")
     assert not np.allclose(a, c)
     # Per-domain streams: generating one domain alone gives the maps it has among all four.
-    alone = SynthConfig(**{**TINY.__dict__, "domains": ("domain_C",)})
+    alone = SynthConfig(**{**TINY.model_dump(), "domains": ("domain_C",)})
     generate(tmp_path / "alone", alone, progress=False)
     full = files(synthetic_root)
     assert all(full[f"domain_C/{k}"] == v for k, v in files(tmp_path / "alone" / "domain_C").items())
@@ -79,9 +80,11 @@ def test_generate_is_atomic_and_validates(tmp_path):
     cfg = SynthConfig(n_train=2, n_test_good=2, n_test_fault=2, domains=("domain_A",))
     generate(out, cfg, progress=False)
     before = files(out)
-    for bad in (SynthConfig(domains=("domain_X",)), SynthConfig(n_test_fault=0), SynthConfig(height=2)):
-        with pytest.raises(HdmapError):
-            generate(out, bad, progress=False)
+    with pytest.raises(HdmapError):
+        make_domain(cfg, "domain_X")
+    for bad in ({"domains": ("domain_X",)}, {"domains": ("domain_A", "domain_A")}, {"n_test_fault": 0}, {"height": 2}):
+        with pytest.raises(ValidationError):
+            SynthConfig(**bad)
     assert files(out) == before
     generate(out, SynthConfig(n_train=2, n_test_good=2, n_test_fault=2, domains=("domain_D",)), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["domain_D", "synth.json"]
@@ -192,3 +195,36 @@ def test_faults_detectable_but_not_trivial(sets):
     assert result["domain_A"] > 0.95 and result["domain_B"] > 0.95
     assert 0.6 < result["domain_C"] < 0.97  # faint faults: found, but not perfectly
     assert result["domain_C"] < result["domain_D"] < result["domain_A"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"), [(["--height", "2"], "synth.height"), (["--n-test-fault", "1"], "synth.n_test_fault")]
+)
+def test_synth_flags_are_checked_as_the_params_are(tmp_path, capsys, flags, key):
+    """`hdmap-ad synth`'s flags override the `synth` section and get its checks: one line naming the key,
+    exit status 2, nothing written (the limits are SynthParams', the same as for params.yaml's values)."""
+    from hdmap_ad.apps.cli import main
+
+    out = tmp_path / "synthetic"
+    assert main(["synth", "--params", str(shipped.params_file()), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and key in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_synth_flags_reach_the_generator(tmp_path):
+    from hdmap_ad.apps.cli import main
+
+    out = tmp_path / "synthetic"
+    flags = ["--n-train", "2", "--n-test-good", "2", "--n-test-fault", "3", "--height", "8", "--width", "20"]
+    assert main(["synth", "--params", str(shipped.params_file()), "--out", str(out), "--seed", "5", *flags]) == 0
+    config = json.loads((out / "synth.json").read_text())["config"]
+    assert config == {
+        "n_train": 2,
+        "n_test_good": 2,
+        "n_test_fault": 3,
+        "height": 8,
+        "width": 20,
+        "domains": list(DEFAULT_DOMAINS),
+        "seed": 5,
+    }

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hdmap_ad.apps.parsing import add_command
+
 
 def run_migrate(args: argparse.Namespace) -> int:
     from hdmap_ad.core import checkpoint
@@ -98,12 +100,12 @@ def run_model_sha256(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "checkpoint",
-        parents=[common],
-        help="verify a checkpoint file, or convert an old pickle-based one",
-        description=__doc__.split("\n\nThis module")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "verify a checkpoint file, or convert an old pickle-based one",
+        __doc__.split("\n\nThis module")[0],
     )
     actions = p.add_subparsers(dest="checkpoint_action", required=True, metavar="ACTION")
     m = actions.add_parser(

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from hdmap_ad import __version__
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.paths import TRAIN_CONFIG_FILE
 
@@ -35,17 +36,14 @@ def _params(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from hdmap_ad.core.config import load_params
     from hdmap_ad.pipeline.synth import SynthConfig, generate
 
-    p = _params(args).synth
-    cfg = SynthConfig(
-        n_train=args.n_train or p.n_train,
-        n_test_good=args.n_test_good or p.n_test_good,
-        n_test_fault=args.n_test_fault or p.n_test_fault,
-        height=args.height or p.height,
-        width=args.width or p.width,
-        seed=p.seed if args.seed is None else args.seed,
-    )
+    # the flags are `synth.*` overrides, so they are checked as params.yaml's values are (one line naming the key)
+    flags = {k: getattr(args, k) for k in ("n_train", "n_test_good", "n_test_fault", "height", "width", "seed")}
+    overrides = args.set + [f"synth.{k}={v}" for k, v in flags.items() if v is not None]
+    p = load_params(args.params, overrides).synth
+    cfg = SynthConfig(**p.model_dump())
     out = Path(args.out or p.out)
     generate(out, cfg)
     print(
@@ -149,13 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(
-            name,
-            parents=[common],
-            help=help_text,
-            description=description or help_text,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = add_command(sub, common, name, help_text, description)
         p.set_defaults(func=func)
         return p
 

@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 
 FORMATS = ("onnx",)
@@ -139,12 +140,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "export",
-        parents=[common],
-        help="export a trained model as one ONNX file (scores without PyTorch)",
-        description=__doc__.split("\n\nThis module")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "export a trained model as one ONNX file (scores without PyTorch)",
+        __doc__.split("\n\nThis module")[0],
     )
     p.add_argument(
         "--model", required=True, help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>"

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.pipeline.model_source import (
     CHECKPOINT_SUFFIX,
@@ -398,12 +399,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "predict",
-        parents=[common],
-        help="score map files with a trained model (CSV of scores and decisions)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        sub, common, "predict", "score map files with a trained model (CSV of scores and decisions)", DESCRIPTION
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="map files or folders (.tif/.tiff/.png, recursive)")
     p.add_argument(

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 
 DESCRIPTION = """\
@@ -72,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hdmap_ad import __version__
-    from hdmap_ad.pipeline.http_server import InvocationsApp, Limits
+    from hdmap_ad.pipeline.http_server import InvocationsApp
     from hdmap_ad.pipeline.model_source import CHECKPOINT_SUFFIX, check_source, is_mlflow_reference, resolve_model
     from hdmap_ad.pipeline.serving import ARTIFACT_KEY, ONNX_ARTIFACT_KEY, HdmapPyfuncModel
     from hdmap_ad.pipeline.tracking import tracking_uri
@@ -92,8 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
         key = ONNX_ARTIFACT_KEY if onnx else ARTIFACT_KEY
         model.load_context(SimpleNamespace(artifacts={key: str(resolved.checkpoint)}))
         check_source(resolved, model.onnx.info.get("model_sha256") if onnx else model.trained.info.get("sha256"))
-        limits = Limits.from_params(serve)
-        app = InvocationsApp(model, limits, version=__version__)
+        app = InvocationsApp(model, serve, version=__version__)
         print(
             f"serving {args.model} ({'onnxruntime' if onnx else 'PyTorch'}) on http://{serve.host}:{serve.port}"
             f"/invocations; per request at most {serve.max_request_mb:g} MiB and {serve.max_maps} maps, "
@@ -118,12 +118,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "serve",
-        parents=[common],
-        help="serve a trained model over HTTP (MLflow's /invocations) with bounded request size and memory",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serve a trained model over HTTP (MLflow's /invocations) with bounded request size and memory",
+        DESCRIPTION,
     )
     p.add_argument(
         "--model", required=True, help="checkpoint path | .onnx file | MLflow run id | runs:/<run id>/... | models:/..."

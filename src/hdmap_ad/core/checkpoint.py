@@ -36,7 +36,7 @@ import torch
 from hdmap_ad.core import methods, signing
 from hdmap_ad.core.config import Params, move_legacy_runtime_keys, parse_params
 from hdmap_ad.core.errors import HdmapError
-from hdmap_ad.core.model import Dinomaly, DinomalyConfig, ScoreConfig
+from hdmap_ad.core.model import Dinomaly, DinomalyConfig
 from hdmap_ad.core.paths import LEGACY_SUFFIX
 
 RANDOM_ENCODER_SEED = 0
@@ -50,11 +50,6 @@ _TAGS = (_TENSOR, _TUPLE, _DICT, _FLOAT)
 
 def dinomaly_config(params: Params) -> DinomalyConfig:
     return DinomalyConfig.from_params(params.model, params.preprocess.crop)
-
-
-def score_config(params: Params) -> ScoreConfig:
-    s = params.score
-    return ScoreConfig(size=tuple(s.size), blur_kernel=s.blur_kernel, blur_sigma=s.blur_sigma, top_ratio=s.top_ratio)
 
 
 def build(params: Params, domains: list[str], device: torch.device) -> tuple[Dinomaly, methods.Method]:

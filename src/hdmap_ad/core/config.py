@@ -3,6 +3,9 @@
 `params.yaml` is the single source of tunable settings. Loading resolves the active profile
 (`profiles.<profile>` is deep-merged over the base sections), picks the active method's own
 section, and validates everything; any problem is one HdmapError naming the key.
+
+(Over 450 lines: every section's schema sits here, so each setting is defined once beside its siblings;
+tests/test_architecture.py refuses a copy of a section's defaults anywhere else.)
 """
 
 from __future__ import annotations
@@ -212,6 +215,10 @@ class ServeParams(Section):
     max_connections: int = Field(32, ge=1)  # open connections beyond this are answered 503
     read_timeout_s: float = Field(30.0, gt=0)  # a body that arrives slower than this is answered 408
     request_timeout_s: float = Field(60.0, gt=0)  # scoring stops between batches after this (504)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
 
 
 class CompareParams(Section):

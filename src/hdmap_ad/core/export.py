@@ -28,11 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from hdmap_ad.core import signing
-from hdmap_ad.core.checkpoint import TrainedModel, score_config
+from hdmap_ad.core.checkpoint import TrainedModel
+from hdmap_ad.core.config import ScoreParams
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.inference import score_images
 from hdmap_ad.core.methods import Method
-from hdmap_ad.core.model import Dinomaly, ScoreConfig
+from hdmap_ad.core.model import Dinomaly
 from hdmap_ad.core.onnx_scorer import (
     FORMAT,
     HASH_KEY,
@@ -54,7 +55,7 @@ class MapScorer(nn.Module):
     """Raw maps N×H×W float32 -> (anomaly maps N×S×S, scores N), through the PyTorch scoring path."""
 
     def __init__(
-        self, model: Dinomaly, method: Method, resize: tuple[int, int], crop: tuple[int, int], score: ScoreConfig
+        self, model: Dinomaly, method: Method, resize: tuple[int, int], crop: tuple[int, int], score: ScoreParams
     ) -> None:
         super().__init__()
         self.model, self.method = model.eval(), method.eval()
@@ -68,7 +69,7 @@ class MapScorer(nn.Module):
 
 def map_scorer(trained: TrainedModel) -> MapScorer:
     p = trained.params.preprocess
-    return MapScorer(trained.model, trained.method, tuple(p.resize), tuple(p.crop), score_config(trained.params)).eval()
+    return MapScorer(trained.model, trained.method, tuple(p.resize), tuple(p.crop), trained.params.score).eval()
 
 
 def metadata(
@@ -78,7 +79,7 @@ def metadata(
     import hdmap_ad
 
     p = trained.params
-    s = score_config(p)
+    s = p.score
     values: dict[str, Any] = {
         "format": FORMAT,
         "version": hdmap_ad.__version__,

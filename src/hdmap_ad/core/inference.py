@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdmap_ad.core.checkpoint import TrainedModel, score_config
-from hdmap_ad.core.config import Params
+from hdmap_ad.core.checkpoint import TrainedModel
+from hdmap_ad.core.config import Params, ScoreParams
 from hdmap_ad.core.decision import decide, threshold_for  # noqa: F401  (torch-free; re-exported for callers)
 from hdmap_ad.core.methods import Method
-from hdmap_ad.core.model import Dinomaly, Reconstruction, ScoreConfig, anomaly_map, group_distances, image_score
+from hdmap_ad.core.model import Dinomaly, Reconstruction, anomaly_map, group_distances, image_score
 from hdmap_ad.core.preprocess import preprocess
 from hdmap_ad.core.runtime import autocast, progress_iter
 
@@ -30,7 +30,7 @@ class Scored:
 
 
 def score_images(
-    model: Dinomaly, method: Method, images: torch.Tensor, cfg: ScoreConfig
+    model: Dinomaly, method: Method, images: torch.Tensor, cfg: ScoreParams
 ) -> tuple[torch.Tensor, torch.Tensor, Reconstruction]:
     """Scores B and anomaly maps B×1×S×S (score size, before blur) for preprocessed images.
 
@@ -49,7 +49,7 @@ def score_batch(
     model: Dinomaly, method: Method, images: torch.Tensor, params: Params, domain_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Reconstruction]:
     """Scores B, anomaly maps B×1×S×S (score size, before blur), method extras, for preprocessed images."""
-    scores, small, recon = score_images(model, method, images, score_config(params))
+    scores, small, recon = score_images(model, method, images, params.score)
     extras = method.eval_batch(recon, domain_ids) if domain_ids is not None else {}
     return scores, small, extras, recon
 

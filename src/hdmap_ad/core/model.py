@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hdmap_ad.core.config import ModelParams, PreprocessParams
+from hdmap_ad.core.config import ModelParams, PreprocessParams, ScoreParams
 from hdmap_ad.core.encoder import FrozenEncoder, create_vit, default_target_blocks, resolve_pos_embed
 from hdmap_ad.core.errors import HdmapError
 
@@ -68,14 +68,6 @@ class Reconstruction:
     enc_groups: list[Tensor]  # per group B×C×h×w, detached targets
     dec_groups: list[Tensor]  # per group B×C×h×w with grad; dec_groups[g] reconstructs enc_groups[g]
     bottleneck_out: Tensor  # B×T×C, the decoder's input (used by the aux method's head)
-
-
-@dataclass
-class ScoreConfig:
-    size: tuple[int, int] = (256, 256)  # the anomaly map is resized to this before blur and top-k
-    blur_kernel: int = 5  # Gaussian kernel size (odd)
-    blur_sigma: float = 4.0
-    top_ratio: float = 0.01  # image score = mean of the top ⌊ratio·H·W⌋ pixels (≥ 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,14 +306,14 @@ class Dinomaly(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: Tensor, reduce: str | Callable[[Tensor], Tensor] = "mean", score: ScoreConfig | None = None
+        self, images: Tensor, reduce: str | Callable[[Tensor], Tensor] = "mean", score: ScoreParams | None = None
     ) -> tuple[Tensor, Tensor]:
         """Image scores (B) and anomaly maps (B×1×H×W at the input size), in eval mode."""
         was_training = self.training
         self.eval()  # bottleneck dropout off; restored below so a training loop is not surprised
         try:
             amap = anomaly_map(group_distances(self(images)), tuple(images.shape[-2:]), reduce)
-            return image_score(amap, score or ScoreConfig()), amap
+            return image_score(amap, score or ScoreParams()), amap
         finally:
             self.train(was_training)
 
@@ -431,10 +423,10 @@ def gaussian_blur(maps: Tensor, size: int, sigma: float) -> Tensor:
     return out.reshape(b, c, h, w)
 
 
-def image_score(amap: Tensor, cfg: ScoreConfig | None = None) -> Tensor:
+def image_score(amap: Tensor, cfg: ScoreParams | None = None) -> Tensor:
     """Anomaly map B×1×H×W -> score B: resize to cfg.size (bilinear, align_corners=False, as the
     original evaluation), Gaussian blur, mean of the top ⌊top_ratio·H·W⌋ pixels (at least 1)."""
-    cfg = cfg or ScoreConfig()
+    cfg = cfg or ScoreParams()
     maps = amap.float()
     if tuple(maps.shape[-2:]) != tuple(cfg.size):
         maps = F.interpolate(maps, size=tuple(cfg.size), mode="bilinear", align_corners=False)

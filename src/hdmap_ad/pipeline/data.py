@@ -3,6 +3,9 @@
 `prepare_dataset` turns `<root>/<domain>/{train/good,test/good,test/fault}/*.tiff` into one folder of
 NumPy arrays plus a manifest; training and evaluation read only that folder (`PreparedData`), and
 prediction reads single files with the same `read_map`, so every path sees identical float32 values.
+
+(Over 450 lines: reading, the folder layout, packing and loading are the one definition of the prepared
+format, which is written and read only here.)
 """
 
 from __future__ import annotations

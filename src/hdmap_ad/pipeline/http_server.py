@@ -29,11 +29,11 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from hdmap_ad.core.config import ServeParams
 from hdmap_ad.core.decision import map_shape
 from hdmap_ad.pipeline.serving import ScoringTimeout
 
@@ -41,26 +41,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 KNOWN_PARAMS = {"domain": str, "threshold": (int, float), "resize": bool}
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_request_bytes: int
-    max_maps: int
-    concurrency: int = 1
-    read_timeout_s: float = 30.0
-    request_timeout_s: float = 60.0
-
-    @classmethod
-    def from_params(cls, serve: Any) -> Limits:
-        """From params.yaml's validated `serve` section."""
-        return cls(
-            max_request_bytes=int(serve.max_request_mb * 2**20),
-            max_maps=serve.max_maps,
-            concurrency=serve.concurrency,
-            read_timeout_s=serve.read_timeout_s,
-            request_timeout_s=serve.request_timeout_s,
-        )
 
 
 class Refused(Exception):
@@ -74,9 +54,10 @@ def _mb(n: float) -> str:
 
 
 class InvocationsApp:
-    """The ASGI application. `model` is an `HdmapPyfuncModel` after `load_context`."""
+    """The ASGI application. `model` is an `HdmapPyfuncModel` after `load_context`; `limits` params.yaml's
+    validated `serve` section."""
 
-    def __init__(self, model: Any, limits: Limits, version: str = "") -> None:
+    def __init__(self, model: Any, limits: ServeParams, version: str = "") -> None:
         self.model, self.limits, self.version = model, limits, version
         shape = map_shape(model.trained)
         # numbers a request may hold: max_maps maps of the training H×W (unknown H×W: one per 2 body bytes)

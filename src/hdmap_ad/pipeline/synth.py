@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import field_validator
 
+from hdmap_ad.core.config import SynthParams
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import atomic_dir
 from hdmap_ad.pipeline.data import DEFAULT_DOMAINS, folder_phases
@@ -56,15 +58,25 @@ STYLES: dict[str, DomainStyle] = {
 }
 
 
-@dataclass
-class SynthConfig:
-    n_train: int = 200
-    n_test_good: int = 100
-    n_test_fault: int = 100
-    height: int = 31
-    width: int = 95
+class SynthConfig(SynthParams):
+    """What the generator makes: params.yaml's `synth` section (each setting, its default and its check are
+    defined once, in hdmap_ad.core.config.SynthParams; `out` is generate's argument) and which domains."""
+
     domains: tuple[str, ...] = DEFAULT_DOMAINS
-    seed: int = 0
+
+    @field_validator("domains")
+    @classmethod
+    def _known_once(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or any(d not in STYLES for d in v):
+            raise ValueError(f"synth domains {list(v)}: choose from {', '.join(DEFAULT_DOMAINS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"synth domains {list(v)}: a domain is listed twice")
+        return v
+
+    def summary(self) -> dict[str, Any]:
+        """The settings as synth.json records them (keys in the order files written so far have them)."""
+        keys = ("n_train", "n_test_good", "n_test_fault", "height", "width", "domains", "seed")
+        return {k: list(self.domains) if k == "domains" else getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -78,19 +90,6 @@ class DomainMaps:
     train_warm: np.ndarray  # bool per train map
     raw_train_max: float  # the divisor of the min-max scaling
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _check(cfg: SynthConfig) -> None:
-    unknown = [d for d in cfg.domains if d not in STYLES]
-    if unknown or not cfg.domains:
-        raise HdmapError(f"synth domains {list(cfg.domains)}: choose from {', '.join(DEFAULT_DOMAINS)}")
-    if len(set(cfg.domains)) != len(cfg.domains):
-        raise HdmapError(f"synth domains {list(cfg.domains)}: a domain is listed twice")
-    for name in ("n_train", "n_test_good", "n_test_fault"):
-        if getattr(cfg, name) < 1:
-            raise HdmapError(f"synth.{name}={getattr(cfg, name)}: need at least 1 map per folder")
-    if cfg.height < 4 or cfg.width < 16:
-        raise HdmapError(f"synth size {cfg.height}x{cfg.width}: need at least 4 rows and 16 columns")
 
 
 def _normal_maps(
@@ -140,7 +139,8 @@ def _add_faults(
 
 def make_domain(cfg: SynthConfig, domain: str) -> DomainMaps:
     """Generate one domain in memory; depends only on (seed, domain, counts, size), not on the other domains."""
-    _check(SynthConfig(**{**asdict(cfg), "domains": (domain,)}))
+    if domain not in STYLES:
+        raise HdmapError(f"synth domain {domain!r}: choose from {', '.join(DEFAULT_DOMAINS)}")
     style = STYLES[domain]
     h, w = cfg.height, cfg.width
     streams = np.random.SeedSequence([cfg.seed, DEFAULT_DOMAINS.index(domain)]).spawn(3)
@@ -195,12 +195,11 @@ def generate(out: Path, cfg: SynthConfig, progress: bool = True) -> dict:
     """Write the synthetic dataset to `out` (replaced atomically) and return a summary (also in synth.json)."""
     import tifffile
 
-    _check(cfg)
     out = Path(out)
     summary = {
         "seed": cfg.seed,
         "shape": [cfg.height, cfg.width],
-        "config": {**asdict(cfg), "domains": list(cfg.domains)},
+        "config": cfg.summary(),
         "domains": {},
     }
     total = len(cfg.domains) * (cfg.n_train + cfg.n_test_good + 2 * cfg.n_test_fault)

@@ -53,6 +53,7 @@ from typing import Any
 
 from hdmap_ad.apps.bench.spec import DEFAULT_OUT, HARD_MINING_STEP, PAPER_MAPS, PRECISIONS, Case
 from hdmap_ad.apps.bench.tables import cache_text, precision_table, results_table, sweep_table
+from hdmap_ad.apps.parsing import add_command, doc_body, positive_int_list
 from hdmap_ad.core.errors import HdmapError
 
 # --------------------------------------------------------------------------------------------------
@@ -81,23 +82,13 @@ def _precisions(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "bench",
-        parents=[common],
-        help="measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "measure training/inference speed, memory and FLOP/s against anomalib's Dinomaly",
+        doc_body(__doc__),
     )
     p.add_argument(
         "--profile",
@@ -122,7 +113,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "latter is robust to other jobs on a shared machine",
     )
     p.add_argument("--sweep-sizes", type=_sizes, metavar="HxW,...", help="sizes to sweep (time per image vs tokens)")
-    p.add_argument("--sweep-batch", type=_ints, metavar="N,...", help="batch sizes to sweep")
+    p.add_argument("--sweep-batch", type=positive_int_list, metavar="N,...", help="batch sizes to sweep")
     p.add_argument(
         "--precision",
         type=_precisions,

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hdmap_ad.apps.parsing import add_command, doc_body
+
 PROFILE_OVERRIDES = {
     "quick": ["profile=quick"],
     # the paper's encoder (ViT-B/14) and input size, with random weights: offline, same cost
@@ -165,12 +167,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "bench-onnx",
-        parents=[common],
-        help="CPU latency/throughput of the exported ONNX model vs PyTorch",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        sub, common, "bench-onnx", "CPU latency/throughput of the exported ONNX model vs PyTorch", doc_body(__doc__)
     )
     add_arguments(p)
     p.set_defaults(func=run)

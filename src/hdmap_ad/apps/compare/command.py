@@ -14,6 +14,7 @@ from hdmap_ad.apps.compare.result import ComparisonResult
 from hdmap_ad.apps.compare.runs import COMPARE_KIND, Reference, collect, order_methods
 from hdmap_ad.apps.compare.settings import Settings, load_settings
 from hdmap_ad.apps.compare.terminal import print_found, print_summary
+from hdmap_ad.apps.parsing import add_command
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.files import write_json, write_text
 from hdmap_ad.core.method_params import metric_safe
@@ -298,12 +299,8 @@ leaves the existing outputs as they were. MLFLOW_TRACKING_URI points it at anoth
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "compare",
-        parents=[common],
-        help="compare methods against the baseline over seeds (paired statistics)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        sub, common, "compare", "compare methods against the baseline over seeds (paired statistics)", DESCRIPTION
     )
     p.add_argument(
         "--methods", help="comma list of methods to compare (default: compare.methods, or every method found)"

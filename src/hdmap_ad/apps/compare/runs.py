@@ -1,4 +1,3 @@
-# Over 450 lines on purpose: one selection (status, profile, group, precision, latest per seed) whose steps share the run records and reasons; the hints that pair are its last step.
 """The runs compare reads: fetched from MLflow, then selected (one comparison group, the latest valid
 run per method and seed) with every run left out named and why; and the hints that would pair a
 method with the baseline.
@@ -12,6 +11,9 @@ same params can train in bf16 on one machine and in float32 on another, a differ
 the seed-to-seed spread. The group's precision is the newest baseline run's (else the newest run's),
 as the runs recorded it; a run trained or scored at another precision is left out and says so. When
 several valid runs share (method, seed) the latest one is used and the others are named.
+
+(Over 450 lines: one selection (status, profile, group, precision, latest per seed) whose steps share the
+run records and reasons; the hints that pair are its last step.)
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ says otherwise (nothing is downloaded by default). `--set KEY=VALUE` changes the
 from (e.g. `--set method=focal`); the check's own settings (data, steps, precision, cache, device)
 win. On one GPU the paper-shape run is meant to take under 8 minutes.
 
-This file is one orchestrator (~490 lines): its steps share the scratch folders, the device and the list of
-checks, so they stay one class; what runs is in plan.py and the report in report.py.
+This file is the orchestrator: its steps share the scratch folders, the device and the list of checks, so
+they stay one class; what runs is in plan.py, what was measured and the report in report.py.
 """
 
 from __future__ import annotations
@@ -46,15 +46,19 @@ from typing import Any
 
 import yaml
 
-from hdmap_ad.apps.gpucheck.plan import DEFAULT_OUT, SHAPES, RunSpec, Shapes, plan_runs
+from hdmap_ad.apps.gpucheck.plan import DEFAULT_OUT, SHAPES, RunSpec, Shapes, plan_runs, tracking_uri
 from hdmap_ad.apps.gpucheck.report import (
     agreement,
     bench_summary,
     checks_table,
+    command_line,
+    device_name,
     metrics_parity,
+    run_measures,
     scores_by_file,
     write_report,
 )
+from hdmap_ad.apps.parsing import add_command, doc_body
 from hdmap_ad.core.errors import HdmapError
 
 # --------------------------------------------------------------------------------------------------
@@ -62,13 +66,7 @@ from hdmap_ad.core.errors import HdmapError
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "gpu-check",
-        parents=[common],
-        help="run every CUDA path end to end and write one report",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, common, "gpu-check", "run every CUDA path end to end and write one report", doc_body(__doc__))
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
     p.add_argument("--shapes", choices=sorted(SHAPES), help="paper (default on CUDA) | tiny (default on CPU)")
     p.add_argument("--steps", type=int, help="training steps per run (default: 100 paper, 6 tiny)")
@@ -124,26 +122,6 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
         f"{report['wall_s']:.0f} s; report: {args.out / 'gpu-check.md'}"
     )
     return 1 if failed else 0
-
-
-def command_line(args: argparse.Namespace) -> str:
-    parts = ["hdmap-ad", "gpu-check", "--device", args.device, *[f"--set {s}" for s in args.set]]
-    for flag in ("shapes", "steps", "weights"):
-        if getattr(args, flag):
-            parts += [f"--{flag}", str(getattr(args, flag))]
-    if args.no_bench:
-        parts.append("--no-bench")
-    return " ".join(parts + ["--out", str(args.out)])
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from hdmap_ad.apps.bench.command import cpu_name
-
-    return cpu_name()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,30 +445,3 @@ class GpuCheck:
             + (result["anomalib"] or "not compared (not installed: pip install -e '.[bench]')"),
         )
         return summary
-
-
-# --------------------------------------------------------------------------------------------------
-# what the report holds
-
-
-def tracking_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def run_measures(folder: Path, run_id: str) -> dict[str, Any]:
-    """Steady-state images/s (median of the logged windows after the first), the feature cache as
-    training described it, and the evaluation's headline metrics."""
-    import mlflow
-    import numpy as np
-
-    client = mlflow.MlflowClient(tracking_uri(folder))
-    history = client.get_metric_history(run_id, "train/images_per_s")
-    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
-    steady = rates[1:] or rates
-    run = client.get_run(run_id)
-    return {
-        "images_per_s": float(np.median(steady)) if steady else float("nan"),
-        "feature_cache": run.data.params.get("feature_cache", "?"),
-        "precision_resolved": run.data.params.get("train.amp_resolved"),
-        "metrics": json.loads((folder / "metrics" / "eval.json").read_text()),
-    }

@@ -68,3 +68,8 @@ def plan_runs(device_type: str) -> list[RunSpec]:
     if device_type == "cuda":
         return [RunSpec("bf16", "bf16", "on"), RunSpec("fp16", "fp16", "off"), RunSpec("float32", "off", "on")]
     return [RunSpec("bf16", "bf16", "on"), RunSpec("float32", "off", "off")]
+
+
+def tracking_uri(folder: Path) -> str:
+    """The MLflow store of one run's folder."""
+    return f"sqlite:///{folder / 'mlflow.db'}"

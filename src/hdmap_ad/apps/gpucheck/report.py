@@ -1,11 +1,16 @@
-"""gpu-check's report: what the runs measured, side by side (metrics parity, score agreement, the bench
-summary), written as gpu-check.json and gpu-check.md, and the checks as a terminal table."""
+"""gpu-check's report: what the runs measured (read back from their MLflow stores), side by side (metrics
+parity, score agreement, the bench summary), written as gpu-check.json and gpu-check.md, and the checks as a
+terminal table."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hdmap_ad.apps.gpucheck.plan import tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -245,3 +250,46 @@ def checks_table(report: dict[str, Any]):
     for c in report["checks"]:
         table.add_row(escape(c["check"]), "[green]yes[/]" if c["ok"] else "[bold red]NO[/]", escape(c["detail"]))
     return table
+
+
+# --------------------------------------------------------------------------------------------------
+# what the runs measured and where they ran
+
+
+def run_measures(folder: Path, run_id: str) -> dict[str, Any]:
+    """Steady-state images/s (median of the logged windows after the first), the feature cache as
+    training described it, and the evaluation's headline metrics."""
+    import mlflow
+    import numpy as np
+
+    client = mlflow.MlflowClient(tracking_uri(folder))
+    history = client.get_metric_history(run_id, "train/images_per_s")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    steady = rates[1:] or rates
+    run = client.get_run(run_id)
+    return {
+        "images_per_s": float(np.median(steady)) if steady else float("nan"),
+        "feature_cache": run.data.params.get("feature_cache", "?"),
+        "precision_resolved": run.data.params.get("train.amp_resolved"),
+        "metrics": json.loads((folder / "metrics" / "eval.json").read_text()),
+    }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["hdmap-ad", "gpu-check", "--device", args.device, *[f"--set {s}" for s in args.set]]
+    for flag in ("shapes", "steps", "weights"):
+        if getattr(args, flag):
+            parts += [f"--{flag}", str(getattr(args, flag))]
+    if args.no_bench:
+        parts.append("--no-bench")
+    return " ".join(parts + ["--out", str(args.out)])
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from hdmap_ad.apps.bench.command import cpu_name
+
+    return cpu_name()

@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 
 from hdmap_ad.apps.grid.local import DEFAULT_METHODS, DEFAULT_SEEDS, run_grid
+from hdmap_ad.apps.parsing import add_command, int_list
 from hdmap_ad.core.method_params import JOIN, METHODS
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -81,12 +75,12 @@ def methods_help() -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
+        common,
         "grid",
-        parents=[common],
-        help="run a methods x seeds grid through the DVC queue, then compare",
-        description=DESCRIPTION + "\n" + methods_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run a methods x seeds grid through the DVC queue, then compare",
+        DESCRIPTION + "\n" + methods_help(),
     )
     # `--set` (from the common options) and its short form -S are passed to `dvc exp run` as -S KEY=VALUE.
     p.add_argument(
@@ -101,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p.add_argument(
         "--seeds",
-        type=_int_list,
+        type=int_list,
         default=list(DEFAULT_SEEDS),
         help=f"comma list (default: {','.join(map(str, DEFAULT_SEEDS))})",
     )

@@ -33,6 +33,12 @@ def finite_array(values: Sequence[float | None]) -> tuple[np.ndarray, int]:
     return arr[ok], int(np.count_nonzero(~ok))
 
 
+def finite_diffs(diffs: Sequence[float | None]) -> tuple[np.ndarray, list[str]]:
+    """The finite paired differences, and the notes a result's `note` starts with (how many were left out)."""
+    d, dropped = finite_array(diffs)
+    return d, [f"{dropped} non-finite difference(s) left out"] if dropped else []
+
+
 def check_confidence(confidence: float) -> float:
     confidence = float(confidence)
     if not 0.0 < confidence < 1.0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, finite_array, finite_or_none
+from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, finite_diffs, finite_or_none
 
 
 def _check(margin: float, alpha: float) -> None:
@@ -54,9 +54,8 @@ def tost_paired(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> T
     mean is then known exactly on these seeds and ``equivalent`` is |Δ| < m, with no p-value.
     """
     _check(margin, alpha)
-    d, dropped = finite_array(diffs)
+    d, notes = finite_diffs(diffs)
     res = TostResult(int(d.size), finite_or_none(d.mean()) if d.size else None, float(margin), float(alpha))
-    notes = [f"{dropped} non-finite difference(s) left out"] if dropped else []
     if d.size < 2:
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), TOST needs at least 2")
     else:
@@ -104,11 +103,10 @@ def bayes_correlated_t(diffs: Sequence[float], margin: float, rho: float = 0.0) 
         raise ValueError(f"margin must be a positive number, got {margin}")
     if not 0.0 <= rho < 1.0:
         raise ValueError(f"rho must be in [0, 1), got {rho}")
-    d, dropped = finite_array(diffs)
+    d, notes = finite_diffs(diffs)
     res = BayesProbabilities(
         int(d.size), float(margin), method=f"Bayesian correlated t-test over seeds (ρ = {rho:g}, flat prior)"
     )
-    notes = [f"{dropped} non-finite difference(s) left out"] if dropped else []
     if d.size < 2:
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), the posterior needs at least 2")
     else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, check_confidence, finite_array, finite_or_none
+from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, check_confidence, finite_diffs, finite_or_none
 
 
 @dataclass
@@ -57,10 +57,7 @@ def paired_delta_interval(
     confidence = check_confidence(confidence)
     if boot_method not in ("percentile", "BCa", "basic"):
         raise ValueError(f"boot_method must be percentile, BCa or basic, got {boot_method!r}")
-    d, dropped = finite_array(diffs)
-    notes: list[str] = []
-    if dropped:
-        notes.append(f"{dropped} non-finite difference(s) left out")
+    d, notes = finite_diffs(diffs)
     res = DeltaInterval(
         n=int(d.size),
         delta=finite_or_none(d.mean()) if d.size else None,
@@ -127,9 +124,8 @@ def probability_of_improvement(diffs: Sequence[float]) -> Improvement:
     Non-finite diffs are dropped and said; no diffs → share None. The bootstrap counterpart (share of
     replicates with Δ > 0) is ``BootstrapDelta.p_improvement``.
     """
-    d, dropped = finite_array(diffs)
+    d, notes = finite_diffs(diffs)
     res = Improvement(int(d.size), int(np.sum(d > 0)), int(np.sum(d < 0)), int(np.sum(d == 0)), None)
-    notes = [f"{dropped} non-finite difference(s) left out"] if dropped else []
     if d.size == 0:
         notes.append(NOT_COMPUTABLE + "no paired seed")
     else:
