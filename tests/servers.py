@@ -53,6 +53,8 @@ def running_mlflow_server(folder: Path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
         cwd=folder,
+        # MLflow 3's job runner (GenAI scoring jobs) starts seven more processes; nothing here uses it
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -35,6 +35,7 @@ TINY = f"model.encoder_overrides={json.dumps(tiny.ENCODER)}"
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     rc = main(
@@ -136,6 +137,7 @@ def test_cache_is_bitwise_exact_when_the_batch_size_divides_the_maps():
     assert all(torch.equal(a, b) for a, b in zip(p_on, p_off))
 
 
+@pytest.mark.slow
 def test_cache_with_a_ragged_tail_is_bitwise_exact():
     # 7 maps, batch 4: the last chunk (3 maps) is padded to 4 for encoding; training batches of 4
     # mix maps from both chunks over the epochs.

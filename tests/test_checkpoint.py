@@ -326,6 +326,7 @@ def test_a_broken_train_state_is_moved_aside_and_training_starts_afresh(workdir,
         assert Path(f"{STATE_FILE}.corrupt").is_file()
 
 
+@pytest.mark.slow
 def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prepared_dir, monkeypatch):
     import mlflow
 
@@ -363,6 +364,7 @@ def test_model_file_has_no_run_id_and_evaluate_finds_its_run_first(workdir, prep
     assert not Path("mlflow.db").exists()  # and it is not recreated empty
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["off", "bf16"])  # float32, and bf16 autocast (emulated where the CPU lacks it)
 def test_an_interrupted_run_resumes_to_the_identical_model_file(workdir, prepared_dir, monkeypatch, capsys, amp):
     from hdmap_ad.pipeline import training

@@ -22,6 +22,8 @@ from fixtures_pipeline import TinyPipeline, tiny_params
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+# every test here runs a torch.onnx.export (30-60 s each on 2 cores): the full suite only
+pytestmark = pytest.mark.slow
 
 SCORE_RTOL = 1e-4
 MAP_ATOL = 1e-3

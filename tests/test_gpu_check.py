@@ -15,6 +15,7 @@ from hdmap_ad.apps.cli import main
 from hdmap_ad.apps.gpucheck.report import agreement, metrics_parity
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_part_on_cpu_and_reports(tmp_path, capsys):
     out = tmp_path / "report"
     rc = main(["gpu-check", "--params", str(shipped.params_file()), "--device", "cpu", "--no-bench", "--out", str(out)])
@@ -77,6 +78,7 @@ def test_metrics_parity_is_each_precision_against_float32():
     assert rows[("pixel_auroc", "domain_A")]["bf16 - float32"] == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_a_failing_part_is_a_failed_check_and_the_report_is_still_written(tmp_path):
     out = tmp_path / "report"
     missing = tmp_path / "no-such-weights.safetensors"

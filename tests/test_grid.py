@@ -16,6 +16,7 @@ import pytest
 import shipped
 from hdmap_ad.apps import grid
 from hdmap_ad.core import devices
+from hdmap_ad.core.method_params import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,8 @@ def test_dry_run_prints_the_exact_dvc_commands(workspace, capsys):
 
     assert cli.main(["grid", "--dry-run", "--no-compare"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "dvc exp run --queue -S method=baseline,gem,focal,aux,scale,topk -S seed=42,43,44,123,456" in lines
+    every = ",".join(METHODS)  # by default, every method of the method list (each alone)
+    assert f"dvc exp run --queue -S method={every} -S seed=42,43,44,123,456" in lines
     assert "dvc queue start -j 1" in lines and not any(line.startswith("hdmap-ad compare") for line in lines)
     assert cli.main(["grid", "--dry-run", "--methods", "baseline", "--set", "seed=3"]) == 2  # seeds go through --seeds
 

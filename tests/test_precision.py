@@ -139,6 +139,7 @@ def test_a_state_does_not_resume_at_another_resolved_precision(workdir, prepared
 # --- bf16 inference of a float32 model --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_inference_of_a_float32_model_matches_float32(workdir, prepared_dir):
     from hdmap_ad.core.inference import score_maps
     from hdmap_ad.pipeline.data import PreparedData

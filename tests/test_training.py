@@ -63,6 +63,7 @@ def test_feature_cache_on_and_off_give_the_same_metrics(workdir, prepared_dir):
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
 
 
+@pytest.mark.slow
 def test_a_state_resumes_only_with_the_same_code(workdir, prepared_dir, monkeypatch, capsys):
     from hdmap_ad.pipeline import fingerprint
 
@@ -89,6 +90,7 @@ def test_a_state_under_its_old_name_is_renamed_and_resumed(workdir, prepared_dir
     assert STATE_FILE.is_file() and not legacy.exists()
 
 
+@pytest.mark.slow
 def test_a_finished_state_with_other_score_settings_gets_a_run_of_its_own(workdir, prepared_dir, capsys):
     """Changing score.* keeps the weights (the state resumes at its last step) but changes what the run
     is compared by: the earlier run keeps its params and results, the new settings get a new run."""
