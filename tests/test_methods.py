@@ -109,7 +109,7 @@ def test_gem_with_p1_is_the_mean_loss_and_map():
     recon, _ = fake_recon()
     loss, info = make("gem", p=1.0).loss(recon, torch.zeros(B, dtype=torch.long), 0)
     assert torch.allclose(loss, group_distances(recon).mean(), atol=1e-6)
-    assert info["gem/p"] == 1.0
+    assert "gem/p" not in info  # a setting (the param gem.p), not a curve
     maps = torch.rand(B, G, 11, 13) + 0.01
     assert torch.allclose(make("gem", p=1.0).reduce_maps(maps), maps.mean(dim=1, keepdim=True), atol=1e-6)
 
@@ -188,13 +188,13 @@ def test_topk_with_q100_is_the_mean_of_group_averaged_distances():
     recon, _ = fake_recon()
     loss, info = make("topk", q=100.0, warmup=0, min_k=1).loss(recon, torch.zeros(B, dtype=torch.long), 0)
     assert torch.allclose(loss, group_distances(recon).mean(), atol=1e-6)
-    assert info["topk/q"] == 100.0
+    assert info == {}  # no warmup: q_t and k are fixed by the settings, not curves
 
 
 def test_topk_keeps_the_k_largest_points():
     recon, _ = fake_recon()
     n = B * H * W
-    loss, info = make("topk", q=10.0, warmup=0, min_k=7).loss(recon, torch.zeros(B, dtype=torch.long), 3)
+    loss, info = make("topk", q=10.0, warmup=2, min_k=7).loss(recon, torch.zeros(B, dtype=torch.long), 3)
     k = max(7, math.floor(n * 10 / 100))
     assert info["topk/k"] == k
     expected = group_distances(recon).mean(1).flatten().sort(descending=True).values[:k].mean()
@@ -253,7 +253,8 @@ def test_scale_alpha_diagnostics_and_lr_mult_group():
 def test_scale_fixed_weights_are_normalised_and_checked_against_the_groups():
     method = make("scale", learnable=False, weights=[1.0, 3.0])
     assert method.param_groups(1e-3) == [] and list(method.parameters()) == []
-    assert method.diagnostics() == pytest.approx({"scale/alpha_0": 0.25, "scale/alpha_1": 0.75})
+    assert method.diagnostics() == {}  # fixed weights are constants: params, not curves
+    assert method.constants() == pytest.approx({"scale.alpha_0": 0.25, "scale.alpha_1": 0.75})
     maps = torch.rand(B, G, 6, 7)
     assert torch.allclose(method.reduce_maps(maps), 0.25 * maps[:, :1] + 0.75 * maps[:, 1:], atol=1e-6)
     with pytest.raises(HdmapError, match="weights has 3 entries"):
@@ -346,3 +347,45 @@ def test_every_method_trains_on_a_tiny_model(tiny_model, name):
     assert all(math.isfinite(v) for v in method.diagnostics().values())
     maps = method.reduce_maps(torch.rand(4, len(model.config.fuse_groups), 28, 42))
     assert maps.shape == (4, 1, 28, 42) and torch.isfinite(maps).all()
+
+
+# --- what a method logs ----------------------------------------------------------------------------
+
+CONSTANT_CASES = [
+    ("baseline", {}, {}),
+    ("baseline", {}, {"hard_mining_ramp_steps": 0}),
+    ("gem", {}, {}),
+    ("focal", {}, {}),
+    ("aux", {}, {}),
+    ("scale", {}, {}),
+    ("scale", {"learnable": False, "weights": [1.0, 3.0]}, {}),
+    ("topk", {"warmup": 4, "min_k": 1}, {}),
+    ("topk", {"warmup": 0}, {}),
+    ("vdrop", {"warmup_steps": 4}, {}),
+    ("vdrop", {"warmup_steps": 0}, {}),
+    ("hseg", {}, {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "section", "ctx_kw"), CONSTANT_CASES, ids=[f"{n}-{s or k or 'default'}" for n, s, k in CONSTANT_CASES]
+)
+def test_diagnostics_are_curves_that_move_never_settings(name, section, ctx_kw):
+    """What a method logs as metric curves changes during training; a value fixed by the settings (focal's γ,
+    gem's p, fixed scale weights, a schedule without a ramp) is not a curve: it is a param already, or one
+    of the method's `constants()`. Steps run through the ramps with fresh batches and, for learnable
+    extras, optimiser updates."""
+    method = build(name, section, ctx(**{"hard_mining_ramp_steps": 4, **ctx_kw}))
+    optimizer = torch.optim.SGD(list(method.parameters()) or [torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    seen: dict[str, set[float]] = {}
+    for step in range(6):
+        recon, _ = fake_recon(seed=step)
+        method.begin_step(step)
+        optimizer.zero_grad()
+        loss, info = method.loss(recon, torch.tensor([0, 1, 2]), step)
+        loss.backward()
+        optimizer.step()
+        for key, value in {**info, **method.diagnostics()}.items():
+            seen.setdefault(key, set()).add(round(float(value), 12))
+    constant = sorted(k for k, values in seen.items() if len(values) == 1)
+    assert not constant, f"{name} logs constants as curves: {constant}"

@@ -2,7 +2,8 @@
 leave git clean, `dvc exp run -S ...`, `dvc metrics diff`, and which settings retrain.
 
 One throw-away repository (tests/dvc_repo.py) is built for this module; the failure cases, the new
-methods and the grid have modules of their own (test_pipeline_faults.py, _methods.py, _grid.py).
+methods, the grid and the README's DVC commands have modules of their own (test_pipeline_faults.py,
+_methods.py, _grid.py, _readme.py).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_bf16_training_is_finite_and_records_the_resolved_precision(workdir, pre
     assert bf16_state["precision"] == "bf16" and bf16_state["config"]["train"]["amp"] == "auto"
     run = mlflow.MlflowClient().get_run(summary["run_id"])
     assert run.data.params["train.amp_resolved"] == "bf16" and run.data.params["train.amp"] == "auto"
-    losses = [m.value for m in mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/loss")]
+    losses = [m.value for m in mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")]
     assert len(losses) == 5 and all(np.isfinite(losses)) and summary["bad_steps"] == 0
     assert all(np.isfinite(v) for v in summary["val"].values())
 

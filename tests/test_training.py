@@ -128,7 +128,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(workdir, prepared_dir, 
     with pytest.warns(UserWarning, match="non-finite loss"):
         summary = train(tiny_params(prepared_dir))
     assert summary["bad_steps"] == 2
-    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/bad_steps")
+    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_bad_steps")
     assert max(m.value for m in history) == 2
     written = json.loads(TRAIN_METRICS.read_text())
     assert written["bad_steps"] == 2
@@ -164,3 +164,29 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     state = checkpoint.load(STATE_FILE)
     assert state["step"] == 3  # saved after the last good update, never after a bad one
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.slow
+def test_settings_are_params_and_curves_sort_below_the_headline_metrics(workdir, prepared_dir):
+    """Tiny focal and fixed-weight scale runs: focal's γ and the normalised scale weights are the runs' params,
+    not metrics; the metrics are the validation section (`val_auroc/…`) and slash-free training curves, which
+    the MLflow chart view puts after every named section (its default section comes last)."""
+    import mlflow
+
+    focal_id = train(tiny_params(prepared_dir, "method=focal", "focal.gamma=2.5"))["run_id"]
+    scale_id = train(tiny_params(prepared_dir, "method=scale", "scale.learnable=false", "scale.weights=[1,3]"))[
+        "run_id"
+    ]
+    client = mlflow.MlflowClient()  # after training: it set this test's store as the tracking URI
+    focal, scale = client.get_run(focal_id).data, client.get_run(scale_id).data
+    assert focal.params["focal.gamma"] == "2.5"
+    assert float(scale.params["scale.alpha_0"]) == pytest.approx(0.25)
+    assert float(scale.params["scale.alpha_1"]) == pytest.approx(0.75)
+    for data in (focal, scale):
+        assert not [k for k in data.metrics if "gamma" in k or "alpha" in k]  # constants are no curves
+        assert {"train_loss", "train_grad_total_norm", "train_hard_mining_threshold", "val_auroc/mean"} - {
+            "train_hard_mining_threshold" if data is focal else ""
+        } <= set(data.metrics)
+        sections = {k.rsplit("/", 1)[0] for k in data.metrics if "/" in k}
+        assert sections == {"val_auroc"}  # every other metric is in MLflow's default section, shown last
+    assert {"train_focal_loss_0", "train_focal_loss_1"} <= set(focal.metrics)

@@ -1,13 +1,14 @@
 """`hdmap-ad export`: a trained model as one portable ONNX file, checked against PyTorch.
 
-    hdmap-ad export --model models/model.safetensors --format onnx --out model.onnx
+    hdmap-ad export --model models/model.safetensors --format onnx      # writes exports/model.onnx
 
 `--model` is resolved as `predict` resolves it (a checkpoint file, an MLflow run id, runs:/...,
 models:/...). The graph (hdmap_ad.core.export) takes raw maps N×H×W float32 of the training maps'
 H×W and returns the anomaly maps and image scores; thresholds, domains, preprocessing, the training
 run, the code commit and the checkpoint's sha256 are in its metadata. After writing, the file is
 loaded in onnxruntime and its scores on a few maps are compared with PyTorch's; a difference above
-1e-3 relative fails the command. `--log-model` also logs it as an MLflow pyfunc model (the served
+1e-3 relative fails the command. Without `--out` the file goes to exports/model.onnx at the repository
+root, a git-ignored folder: an export is a build product, not a source file. `--log-model` also logs it as an MLflow pyfunc model (the served
 model on onnxruntime, no PyTorch needed) into the run that trained the model.
 
 This module keeps its top-level imports light: every `hdmap-ad` call imports it to build the parser.
@@ -29,6 +30,8 @@ FORMATS = ("onnx",)
 PARITY_MAPS = 4  # maps compared between onnxruntime and PyTorch after export
 PARITY_RTOL = 1e-3  # the export test holds 1e-4; this is the command's alarm threshold
 ONNX_MODEL_NAME = "model_onnx"  # the pyfunc model's name in the run with --log-model
+# Without --out, relative to the repository root: git-ignored (.gitignore), apart from the DVC outputs in models/
+DEFAULT_OUT = Path("exports/model.onnx")
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -38,23 +41,31 @@ def _shape(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _training_run(resolved, trained) -> str | None:
-    """The MLflow run that trained the model: named by --model, or recorded in models/run.json
-    for this very file (matched by its content hash)."""
+def _training_run(resolved, trained, uri: str) -> str | None:
+    """The MLflow run that trained the model: named by --model; else recorded in models/run.json for
+    this very file (matched by its content hash); else the newest run of the store `uri` tagged with
+    that hash (after `dvc exp apply` or `dvc checkout`, run.json still names the run of the model that
+    was there before). None when no store or run is found: the export does not need one."""
     from hdmap_ad.core.paths import RUN_FILE, repo_root
+    from hdmap_ad.pipeline.model_source import run_of_model
 
     if resolved.run_id:
         return resolved.run_id
     if trained.info.get("run_id"):
         return str(trained.info["run_id"])
-    run_file = repo_root() / RUN_FILE
+    sha256 = trained.info.get("sha256")
     try:
-        recorded = json.loads(run_file.read_text())
+        recorded = json.loads((repo_root() / RUN_FILE).read_text())
     except (OSError, ValueError):
-        return None
-    if isinstance(recorded, dict) and recorded.get("model_sha256") == trained.info.get("sha256"):
+        recorded = None
+    if isinstance(recorded, dict) and sha256 and recorded.get("model_sha256") == sha256:
         return recorded.get("run_id")
-    return None
+    if not sha256:
+        return None
+    try:
+        return run_of_model(sha256, uri, create=False)
+    except HdmapError:
+        return None  # no usable store: the export says `run unknown`
 
 
 def parity(trained, onnx_path: Path, map_shape: tuple[int, int], n: int = PARITY_MAPS) -> tuple[float, float]:
@@ -83,6 +94,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from hdmap_ad.core.checkpoint import load_trained
     from hdmap_ad.core.export import export_onnx
+    from hdmap_ad.core.paths import repo_root
     from hdmap_ad.pipeline import tracking
     from hdmap_ad.pipeline.model_source import (
         check_source,
@@ -92,10 +104,16 @@ def run_export(args: argparse.Namespace) -> int:
         tracking_uri_for,
     )
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else repo_root() / DEFAULT_OUT
     if out.exists() and out.is_dir():
         raise HdmapError(f"--out {out}: is a folder; give a file name, e.g. {out / 'model.onnx'}")
-    uri = tracking_uri_for(args.params, args.set) if (is_mlflow_reference(args.model) or args.log_model) else ""
+    if is_mlflow_reference(args.model) or args.log_model:
+        uri = tracking_uri_for(args.params, args.set)
+    else:  # the store is only searched for the run that trained the file: a bad --params must not stop the export
+        try:
+            uri = tracking_uri_for(args.params, args.set)
+        except HdmapError:
+            uri = tracking.tracking_uri()
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hdmap-export-")))
         resolved = resolve_model(args.model, workdir, uri)
@@ -106,8 +124,9 @@ def run_export(args: argparse.Namespace) -> int:
             raise HdmapError(
                 f"--model {args.model}: the checkpoint does not record its maps' size; give --map-shape HxW"
             )
-        run_id = _training_run(resolved, trained)
+        run_id = _training_run(resolved, trained, uri)
         # written beside --out and moved there only once it passed the parity check
+        out.parent.mkdir(parents=True, exist_ok=True)
         unchecked = out.with_name(f".{out.name}.unchecked-{os.getpid()}")
         stack.callback(unchecked.unlink, missing_ok=True)
         export_onnx(trained, unchecked, shape, run_id=run_id, commit=tracking.git_commit())
@@ -151,7 +170,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--model", required=True, help="checkpoint path | MLflow run id | runs:/<run id>/... | models:/<name>/<version>"
     )
     p.add_argument("--format", default="onnx", choices=FORMATS, help="export format (default: onnx)")
-    p.add_argument("--out", default="model.onnx", help="file to write (default: model.onnx)")
+    p.add_argument("--out", help=f"file to write (default: {DEFAULT_OUT} at the repository root, a git-ignored folder)")
     p.add_argument(
         "--map-shape",
         type=_shape,

@@ -1,7 +1,7 @@
 """`hdmap-ad serve`: serve a trained model over HTTP (MLflow's /invocations contract) with bounded memory.
 
     hdmap-ad serve --model models/model.safetensors                  # or a run id, runs:/..., models:/...
-    hdmap-ad serve --backend onnx --model model.onnx --port 5002
+    hdmap-ad serve --backend onnx --model exports/model.onnx --port 5002
 
 The model is resolved as `predict` resolves it and scored by the same pyfunc model code that
 `mlflow models serve` runs (hdmap_ad.pipeline.serving); the HTTP side (hdmap_ad.pipeline.http_server)

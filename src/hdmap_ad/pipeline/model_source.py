@@ -160,6 +160,37 @@ def resolve_model(spec: str, workdir: Path, tracking_uri: str, suffix: str = CHE
     return ResolvedModel(find_checkpoint(downloaded, suffix), run_id, spec, source_run, run_sha256)
 
 
+def run_of_model(model_sha256: str, tracking_uri: str, create: bool = True) -> str | None:
+    """The newest active run, in any experiment of the store, tagged `model_sha256` with this hash (what
+    training tags its run with), or None. With `create=False` a local store that does not exist is not
+    created (None). An unusable store is an HdmapError naming it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from hdmap_ad.pipeline.tracking import sqlite_file
+
+    local = sqlite_file(tracking_uri)
+    if not create and local is not None and not local.is_file():
+        return None
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = (
+            client.search_runs(
+                experiments,
+                filter_string=f"tags.model_sha256 = '{model_sha256}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if experiments
+            else []
+        )
+    except MlflowException as err:
+        first = (str(err).strip().splitlines() or ["?"])[0][:300]
+        raise HdmapError(f"MLflow store {tracking_uri}: {first}") from None
+    return runs[0].info.run_id if runs else None
+
+
 def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking_uri: str) -> str:
     """Register the run's pyfunc model as a new version of `name`; log it from the checkpoint if missing."""
     import logging
@@ -174,21 +205,9 @@ def register(resolved: ResolvedModel, trained: TrainedModel, name: str, tracking
     run_id = resolved.run_id or trained.info.get("run_id")
     if not run_id and trained.info.get("sha256"):  # a model file names no run: find the run that logged it
         try:
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = (
-                client.search_runs(
-                    experiments,
-                    filter_string=f"tags.model_sha256 = '{trained.info['sha256']}'",
-                    order_by=["attributes.start_time DESC"],
-                    max_results=1,
-                )
-                if experiments
-                else []
-            )
-        except MlflowException as err:
-            first = (str(err).strip().splitlines() or ["?"])[0][:300]
-            raise HdmapError(f"--register {name}: MLflow store {tracking_uri}: {first}") from None
-        run_id = runs[0].info.run_id if runs else None
+            run_id = run_of_model(trained.info["sha256"], tracking_uri)
+        except HdmapError as err:
+            raise HdmapError(f"--register {name}: {err}") from None
     if not run_id:
         raise HdmapError(
             f"--register {name}: no run in the MLflow store {tracking_uri} logged {resolved.source} "

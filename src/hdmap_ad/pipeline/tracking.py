@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the training run's artifact folder that holds its model file
 
 
+def curve_name(key: str) -> str:
+    """The MLflow name of a training curve or method diagnostic (`train/loss`, `grad/total_norm`,
+    `focal/loss_0`): `train_<key>` without slashes (`train_loss`, `train_grad_total_norm`,
+    `train_focal_loss_0`).
+
+    The MLflow chart view groups metrics into sections by the part before the last slash, sorts the
+    sections by name and puts its default section (metrics without a slash) last: so the headline
+    sections, `test_<metric>/…` and `val_auroc/…`, open the view and every training curve sits
+    together below them instead of between them (`focal/…` and `grad/…` would sort first)."""
+    return "train_" + key.removeprefix("train/").replace("/", "_")
+
+
 def tracking_uri(configured: str | None = None) -> str:
     """`MLFLOW_TRACKING_URI` > params `mlflow.tracking_uri` > sqlite `mlflow.db` at the repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured

@@ -262,8 +262,10 @@ def run_measures(folder: Path, run_id: str) -> dict[str, Any]:
     import mlflow
     import numpy as np
 
+    from hdmap_ad.pipeline.tracking import curve_name
+
     client = mlflow.MlflowClient(tracking_uri(folder))
-    history = client.get_metric_history(run_id, "train/images_per_s")
+    history = client.get_metric_history(run_id, curve_name("train/images_per_s"))
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     steady = rates[1:] or rates
     run = client.get_run(run_id)

@@ -54,7 +54,9 @@ class Method(nn.Module):
         """Called before each training step's forward pass (step-dependent schedules); nothing by default."""
 
     def loss(self, recon: Reconstruction, domain_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Training loss for one batch and scalar diagnostics to log."""
+        """Training loss for one batch and scalar diagnostics to log: only values that change during
+        training (a schedule while it runs, a statistic of the batch); a setting is an MLflow param
+        already (the run's params are the resolved configuration), never a metric curve."""
         raise NotImplementedError
 
     def reduce_maps(self, maps: Tensor) -> Tensor:
@@ -67,7 +69,13 @@ class Method(nn.Module):
         return [{"params": params, "lr": lr, "name": self.name}] if params else []
 
     def diagnostics(self) -> dict[str, float]:
-        """Method state worth logging at every logging step (e.g. scale weights)."""
+        """Method state worth logging at every logging step (e.g. learnable scale weights); as for
+        `loss`'s diagnostics, only what can change during training."""
+        return {}
+
+    def constants(self) -> dict[str, float]:
+        """Values the method derives from its settings and keeps fixed (e.g. normalised fixed scale
+        weights): logged once, as MLflow params named `<method>.<name>`, never as metric curves."""
         return {}
 
     @torch.no_grad()
@@ -125,6 +133,9 @@ class Combination(Method):
 
     def diagnostics(self) -> dict[str, float]:
         return {k: v for p in self.parts.values() for k, v in p.diagnostics().items()}
+
+    def constants(self) -> dict[str, float]:
+        return {k: v for p in self.parts.values() for k, v in p.constants().items()}
 
     @torch.no_grad()
     def eval_batch(self, recon: Reconstruction, domain_ids: Tensor) -> dict[str, Tensor]:

@@ -34,6 +34,6 @@ class Focal(Method):
 
     def loss(self, recon: Reconstruction, domain_ids: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         per_group = focal_group_losses(group_distances(recon), self.params.gamma)
-        info = {"focal/gamma": self.params.gamma}
-        info.update({f"focal/loss_{g}": v for g, v in enumerate(per_group.detach().tolist())})  # one sync
+        # γ is a setting (the param focal.gamma), not a curve: only the per-group losses are logged
+        info = {f"focal/loss_{g}": v for g, v in enumerate(per_group.detach().tolist())}  # one sync
         return per_group.mean(), info

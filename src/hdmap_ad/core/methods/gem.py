@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hdmap_ad.core.method_params import GemParams
 from hdmap_ad.core.methods.base import Method, register
+from hdmap_ad.core.methods.baseline import hard_mining_info
 from hdmap_ad.core.model import Reconstruction, group_distances, hard_mining_ratio, scale_easy_gradients
 
 # 1 - cos can come out a hair below 0 by rounding; a negative base breaks a fractional power, and
@@ -34,8 +35,7 @@ class Gem(Method):
         ratio = hard_mining_ratio(step, self.ctx.hard_mining_max_ratio, self.ctx.hard_mining_ramp_steps)
         # Hard mining on G itself: scaling dL/dG at easy points scales every group's gradient there.
         threshold = scale_easy_gradients(per_point, per_point.detach(), ratio, self.params.factor)
-        info = {"gem/p": self.params.p, "hard_mining/ratio": ratio, "hard_mining/threshold": float(threshold)}
-        return per_point.mean(), info
+        return per_point.mean(), hard_mining_info(ratio, threshold, self.ctx)
 
     def reduce_maps(self, maps: Tensor) -> Tensor:
         return generalized_mean(maps, self.params.p, dim=1, keepdim=True)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from hdmap_ad.core.errors import HdmapError
 from hdmap_ad.core.method_params import ScaleParams
 from hdmap_ad.core.methods.base import MethodContext, register
-from hdmap_ad.core.methods.baseline import Baseline
+from hdmap_ad.core.methods.baseline import Baseline, hard_mining_info
 from hdmap_ad.core.model import Reconstruction, global_cosine_hm_loss
 
 
@@ -48,7 +48,7 @@ class Scale(Baseline):
         ratio = self.hard_mining_ratio(step)
         _, hm = global_cosine_hm_loss(recon, ratio, self.ctx.hard_mining_factor)  # hook registered here
         loss = (self.alpha() * hm["per_group"].float()).sum()
-        return loss, {"hard_mining/ratio": ratio, "hard_mining/threshold": float(hm["threshold"])}
+        return loss, hard_mining_info(ratio, hm["threshold"], self.ctx)
 
     def reduce_maps(self, maps: Tensor) -> Tensor:
         alpha = self.alpha().detach().to(device=maps.device, dtype=maps.dtype)
@@ -63,4 +63,11 @@ class Scale(Baseline):
         ]
 
     def diagnostics(self) -> dict[str, float]:
+        if not self.params.learnable:
+            return {}  # fixed weights do not move: they are params (constants), not curves
         return {f"scale/alpha_{g}": a for g, a in enumerate(self.alpha().detach().tolist())}
+
+    def constants(self) -> dict[str, float]:
+        if self.params.learnable:
+            return {}
+        return {f"scale.alpha_{g}": a for g, a in enumerate(self.fixed_alpha.tolist())}

@@ -39,4 +39,5 @@ class Topk(Method):
         q_t = q_at(step, self.params.q, self.params.warmup)
         k = k_at(mean_dist.numel(), q_t, self.params.min_k)
         loss = mean_dist.topk(k, sorted=False).values.mean()
-        return loss, {"topk/q": q_t, "topk/k": float(k)}
+        # q_t and k move only while q_t ramps; without a warmup they are fixed by the settings (params)
+        return loss, ({"topk/q": q_t, "topk/k": float(k)} if self.params.warmup > 0 else {})

@@ -64,7 +64,8 @@ class Vdrop(Baseline):
         self._row_p = self.params.row_p * ramp(step, self.params.warmup_steps)
 
     def diagnostics(self) -> dict[str, float]:
-        return {"vdrop/row_p": self._row_p}
+        # row_p moves only while it ramps in; without a warmup it is the param vdrop.row_p
+        return {"vdrop/row_p": self._row_p} if self.params.warmup_steps > 0 else {}
 
     def attach(self, model: Dinomaly) -> None:
         grid, prefix, depth = model.grid, model.token_prefix, len(model.decoder)
