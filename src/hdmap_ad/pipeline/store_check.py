@@ -3,7 +3,7 @@
 MLflow's HTTP client retries a dead address for minutes (7 retries with back-off, 120 s timeouts:
 `init-tracking` took 272 s to say so), and a read-only sqlite file is only found at the first write,
 after the slow work. Every command that uses the store calls `check_store` first
-(docs/design.md#pipe-store-check):
+(README.md, "Failures"):
 
 - reachable: one read (`search_experiments`, at most one result) with MLflow's HTTP retries off and
   a short timeout (STORE_TIMEOUT_S, or MLFLOW_HTTP_REQUEST_TIMEOUT when the user set it lower);
