@@ -129,6 +129,8 @@ def _trajectory(spec: dict, cache: str, n_maps: int, steps: int) -> tuple[list[f
     return losses, [p.detach().clone() for p in model.trainable_parameters()]
 
 
+@pytest.mark.slow  # ViT-S shapes, 47 s; the fast loop checks the same promise with the tiny encoder
+# (tests/test_training.py::test_feature_cache_on_and_off_give_the_same_metrics)
 def test_cache_is_bitwise_exact_when_the_batch_size_divides_the_maps():
     spec = _spec((56, 196), batch=4)  # ViT-S/14 shapes of the quick profile, random weights
     on, p_on = _trajectory(spec, "on", n_maps=8, steps=6)

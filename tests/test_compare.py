@@ -323,6 +323,8 @@ def test_full_grid_matches_scipy_fills_every_table_and_logs_a_compare_run(store,
     (crun,) = client.search_runs([compare_exp.experiment_id], "tags.kind = 'compare'")
     # named by what it compares; the verdicts are tags, the same as in the outputs
     assert crun.info.run_name == "gem,focal vs baseline × seeds 42,43,44,123,456 × group a1b2c3"
+    # the terminal names the run and the experiment it went to (not one of the metric keys)
+    assert f"{crun.info.run_id} (experiment '{EXPERIMENT}-compare')" in (tmp_path / "console.txt").read_text()
     assert crun.info.status == "FINISHED"
     assert crun.data.tags["verdict/gem"] == saved["verdicts"]["gem"]["verdict"]
     assert crun.data.tags["verdict/gem/mean/auroc"] == comparison(saved, "gem", "mean", "auroc")["verdict"]["verdict"]
@@ -449,8 +451,9 @@ def test_fewer_than_two_pairs_and_a_single_method(store, tmp_path):
     assert c["delta"] is not None  # the difference itself is still reported
 
     # one method only: all outputs still written, and they say there is nothing to compare
-    saved, md = run(tmp_path, methods=["baseline"], log_run=False)
+    saved, md = run(tmp_path, methods=["baseline"])
     assert saved["methods"] == ["baseline"] and saved["comparisons"] == []
+    assert "MLflow run 'baseline alone × seeds 42" in (tmp_path / "console.txt").read_text()
     assert "nothing to compare" in md and "### AUROC (Mean±Std)" in md
     assert any("not compared" in n for n in saved["notes"])  # focal's runs: not selected, said so
 

@@ -185,8 +185,8 @@ def log_compare_run(
                 continue
             for key, value in logged_values(c):
                 if value is not None:  # grouped like the training metrics: <what>_<metric>/<method>/<scope>
-                    name = f"{key}_{c.metric}/{metric_safe(c.method)}/{c.scope}"  # MLflow refuses `+` in names
-                    metrics.append(Metric(name, float(value), now, 0))
+                    key_name = f"{key}_{c.metric}/{metric_safe(c.method)}/{c.scope}"  # MLflow refuses `+` in names
+                    metrics.append(Metric(key_name, float(value), now, 0))
         u = result.uncertainty
         params = [
             Param("baseline", result.baseline),
@@ -217,7 +217,8 @@ def log_compare_run(
 
 
 def compare_run_name(result: ComparisonResult) -> str:
-    """What the run compares: 'gem,topk vs baseline × seeds 42-44 × group 1a2b3c'."""
+    """What the run compares: 'gem,topk vs baseline × seeds 42-44 × group 1a2b3c' ('baseline alone × seeds 43'
+    when no other method has runs)."""
     others = [m for m in result.methods if m != result.baseline and result.runs.get(m)]
     seeds = sorted({s for runs in result.runs.values() for s in runs})
     span = (
@@ -227,7 +228,8 @@ def compare_run_name(result: ComparisonResult) -> str:
     )
     ref = result.reference
     group = f" × group {ref.key[:6]}" if ref is not None and ref.key else ""
-    return f"{','.join(others) or 'nothing'} vs {result.baseline} × seeds {span or 'none'}{group}"
+    what = f"{','.join(others)} vs {result.baseline}" if others else f"{result.baseline} alone"
+    return f"{what} × seeds {span or 'none'}{group}"
 
 
 def logged_values(c) -> list[tuple[str, float | None]]:
