@@ -10,6 +10,11 @@ import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# pytest-xdist runs several workers per core (make test: 4 on the 2-core machines); torch's default of one
+# thread per core in each of them oversubscribes the CPU, and OpenMP threads then wait on each other.
+# Set before any test module imports torch. A test of thread settings sets them itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = dict(n_train=8, n_test_good=6, n_test_fault=6, height=31, width=95, seed=0)
 

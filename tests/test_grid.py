@@ -139,6 +139,8 @@ class FakeDvc:
             for i, (m, s) in enumerate((m, s) for m in methods for s in seeds):
                 self.tasks[f"abc{i:04x}"] = [f"exp-{m}-{s}", "Queued", m, s]
                 out += f"Queued experiment 'exp-{m}-{s}' for future execution.\n"
+        elif args[:2] == ["queue", "logs"]:
+            out = "Running stage 'train':\n> hdmap-ad train\nhdmap-ad: error: train.steps=5: what went wrong\n"
         elif args[:2] == ["queue", "start"]:
             # what the workers would find: the store and the experiment already there
             with sqlite3.connect(self.db) as con:
@@ -200,6 +202,9 @@ def test_store_and_experiment_exist_before_workers_start_then_compare(workspace)
     text = "\n".join(lines)
     assert "6/6 done (1 failed)" in text and "old-one" not in text.split("grid finished")[1]
     assert "FAILED exp-gem-43: see `dvc queue logs exp-gem-43`" in text
+    # the failed stage's last lines, read from its queue log, come with it
+    assert "    | hdmap-ad: error: train.steps=5: what went wrong" in text
+    assert ["queue", "logs", "exp-gem-43"] in fake.calls
     saved = json.loads((workspace / "reports/comparison.json").read_text())
     assert saved["runs"]["gem"].keys() == {"42", "44"} and saved["runs"]["baseline"].keys() == {"42", "43", "44"}
     assert any(x["reason"].startswith("failed") for x in saved["left_out"])

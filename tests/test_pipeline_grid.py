@@ -21,17 +21,11 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.mark.xfail(
-    reason="open: on a repository where nothing ran before, the queued topk+hseg runs were not paired "
-    "(compare saw 0 seeds of it) in the 2026-12-03 run; tests/test_grid.py pairs a combination through "
-    "the grid's compare with stand-in runs",
-    strict=False,
-)
 def test_grid_with_a_combined_method_then_compare_pairs_it(repo):
-    """`hdmap-ad grid --methods baseline,topk,topk+hseg --seeds 42,43` through the real DVC queue: the
+    """`hdmap-ad grid --methods baseline,topk,topk+hseg --seeds 42,43 --jobs 2` through the real DVC queue: the
     combination is one grid entry, its runs are tagged as a method of its own, compare pairs all three."""
     sh(repo, "git", "checkout", "-q", "--", "params.yaml")
-    out = sh(repo, "hdmap-ad", "grid", "--methods", "baseline,topk,topk+hseg", "--seeds", "42,43", "--jobs", "1",
+    out = sh(repo, "hdmap-ad", "grid", "--methods", "baseline,topk,topk+hseg", "--seeds", "42,43", "--jobs", "2",
              timeout=3000)  # fmt: skip
     assert "6/6 done" in out.stdout, out.stdout[-3000:]
     saved = json.loads((repo / "reports/comparison.json").read_text())

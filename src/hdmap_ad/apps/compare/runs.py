@@ -41,10 +41,11 @@ STATUS_REASONS = {
 
 
 def known_methods() -> tuple[str, ...]:
-    """The registered methods in registry order (the experiment plan's order)."""
-    from hdmap_ad.core.methods import REGISTRY
+    """The methods in the method list's order (the experiment plan's order); torch-free, so compare
+    imports no torch for it."""
+    from hdmap_ad.core.method_params import METHODS
 
-    return tuple(REGISTRY)
+    return tuple(METHODS)
 
 
 def iso_time(ms: int | None) -> str | None:

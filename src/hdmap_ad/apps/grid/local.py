@@ -290,6 +290,8 @@ def run_grid(
     out(f"grid finished: {ok} succeeded, {len(failed)} failed, {len(unfinished)} not finished (of {len(ours)})")
     for t in failed:
         out(f"  FAILED {t.name or t.rev}: see `dvc queue logs {t.name or t.rev}`")
+        for line in failure_tail(t.name or t.rev, run):
+            out(f"    | {line}")
     for t in unfinished:
         if t.status == "Gone":
             out(f"  {t.name or t.rev}: no longer listed by `dvc queue status` (removed?); see `dvc exp show`")
@@ -298,6 +300,17 @@ def run_grid(
     if compare:
         compare_mod.run_compare(settings, methods=list(methods))
     return 0 if not failed and not unfinished else 1
+
+
+def failure_tail(name: str, run: Callable[[Sequence[str]], subprocess.CompletedProcess], lines: int = 6) -> list[str]:
+    """The last non-empty lines of `dvc queue logs NAME` (where a failed stage says why); [] when the log
+    cannot be read: the FAILED line already says where to look."""
+    try:
+        result = run(with_venv_dvc(["dvc", "queue", "logs", name]))
+    except (OSError, HdmapError):
+        return []
+    text = (result.stdout or "") + (result.stderr or "")
+    return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
 def wait_for_tasks(
