@@ -248,3 +248,36 @@ def test_verdicts_in_simulation_with_a_known_truth():
     effect = simulate_verdicts(2 * m, sd, m, n_rec, reps, seed=3)
     assert effect["better"] >= 0.8
     print(f"\nΔ=0, n=5: {null5}\nΔ=0, n={n_eq}: {null_many}\nΔ=2m, n={n_rec}: {effect}")
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_equal_differences_of_whole_map_steps_are_no_evidence_of_a_difference(step):
+    """TPR at 100 faults moves in steps of 0.01: the paired differences of such values are equal but for
+    float rounding (0.20 − 0.21 ≠ 0.21 − 0.22 in the 17th digit). Over a grid of levels and seed counts no
+    test may read that rounding as a spread: no t-test p, TOST/Bayes treat Δ as a point, no seeds-needed
+    guess, and the verdict is not "worse" (in the quick profile's gem vs baseline it was, with p ~ 1e-30)."""
+    from hdmap_ad.pipeline.stats import paired_test
+
+    rng = np.random.default_rng(step)
+    rounded = 0
+    for n in (2, 3, 5, 8):
+        levels = rng.integers(step, 90, size=n)
+        base = {s: int(k) / 100 for s, k in enumerate(levels, start=42)}
+        method = {s: int(k - step) / 100 for s, k in enumerate(levels, start=42)}
+        diffs = [method[s] - base[s] for s in base]
+        rounded += np.ptp(diffs) > 0  # the rounding this is about
+        paired = paired_test(base, method)
+        assert paired.p_ttest is None and paired.d_z is None and "all paired differences are equal" in paired.note
+        margin = 0.005  # half a step: |Δ| is outside it
+        tost = tost_paired(diffs, margin)
+        assert tost.p is None and tost.low == tost.high == pytest.approx(-step / 100) and tost.equivalent is False
+        bayes = bayes_correlated_t(diffs, margin)
+        assert (bayes.p_worse, bayes.p_equivalent, bayes.p_better) == (1.0, 0.0, 0.0)
+        need = seeds_needed(diffs, margin=margin)
+        assert need.n_needed is None and need.d_z is None
+        verdict = decide(paired.delta, n, paired.p_ttest, tost, 0.05, need=need)
+        assert verdict.verdict == "inconclusive"
+    assert rounded >= 1
+    # a real spread, however small against the values, is still a spread
+    tiny_spread = tost_paired([0.01, 0.01 + 1e-9, 0.01 - 1e-9], 0.005)
+    assert tiny_spread.p is not None

@@ -39,6 +39,14 @@ def finite_diffs(diffs: Sequence[float | None]) -> tuple[np.ndarray, list[str]]:
     return d, [f"{dropped} non-finite difference(s) left out"] if dropped else []
 
 
+def all_equal(diffs: np.ndarray) -> bool:
+    """Whether the paired differences are all equal up to float rounding. Metrics that move in whole maps
+    (TPR at 100 faults: steps of 0.01) give equal differences such as 0.20 − 0.21 and 0.21 − 0.22, which differ
+    in the 17th digit; their sd of ~1e-17 would make a t statistic of 1e15 and a p-value of 1e-30."""
+    d = np.asarray(diffs, dtype=np.float64)
+    return d.size > 0 and float(np.ptp(d)) <= 1e-12 * max(1.0, float(np.max(np.abs(d))))
+
+
 def check_confidence(confidence: float) -> float:
     confidence = float(confidence)
     if not 0.0 < confidence < 1.0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, finite_diffs, finite_or_none
+from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, all_equal, finite_diffs, finite_or_none
 
 
 def _check(margin: float, alpha: float) -> None:
@@ -60,7 +60,7 @@ def tost_paired(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> T
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), TOST needs at least 2")
     else:
         n, mean, sd = d.size, float(d.mean()), float(np.std(d, ddof=1))
-        if np.all(d == d[0]):  # (sd of equal floats may round to 1e-17, not 0)
+        if all_equal(d):
             res.low = res.high = mean
             res.equivalent = abs(mean) < margin
             notes.append("all paired differences are equal (sd = 0): no p-value, the interval is the point")
@@ -111,7 +111,7 @@ def bayes_correlated_t(diffs: Sequence[float], margin: float, rho: float = 0.0) 
         notes.append(NOT_COMPUTABLE + f"{d.size} paired seed(s), the posterior needs at least 2")
     else:
         n, mean, sd = d.size, float(d.mean()), float(np.std(d, ddof=1))
-        if np.all(d == d[0]):  # (sd of equal floats may round to 1e-17, not 0)
+        if all_equal(d):
             res.p_worse, res.p_better = float(mean < -margin), float(mean > margin)
             notes.append("all paired differences are equal (sd = 0): a point mass at the mean")
         else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-from hdmap_ad.pipeline.stats.common import finite_or_none, mean_std
+from hdmap_ad.pipeline.stats.common import all_equal, finite_or_none, mean_std
 
 
 @dataclass
@@ -82,7 +82,7 @@ def paired_test(baseline: Mapping[int, float], method: Mapping[int, float]) -> P
     sd = float(np.std(diff, ddof=1))
     if np.all(diff == 0):
         notes.append("all paired differences are zero: no test")
-    elif sd == 0:
+    elif all_equal(diff):
         notes.append("all paired differences are equal: t-test and d_z undefined (zero variance)")
     else:
         with warnings.catch_warnings():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sst
 
-from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, finite_array, finite_or_none
+from hdmap_ad.pipeline.stats.common import NOT_COMPUTABLE, all_equal, finite_array, finite_or_none
 
 
 def paired_t_power(n, d_z: float, alpha: float = 0.05) -> np.ndarray:
@@ -148,7 +148,7 @@ def seeds_needed(
         sd = float(np.std(d, ddof=1))
         res.sd = sd
         mean = float(d.mean())
-        if np.all(d == d[0]):  # (sd of equal floats may round to 1e-17, not 0)
+        if all_equal(d):
             notes.append(NOT_COMPUTABLE + "all paired differences are equal (sd = 0)")
             eq_why = notes[-1]
         else:
