@@ -276,7 +276,7 @@ def test_equal_differences_of_whole_map_steps_are_no_evidence_of_a_difference(st
         need = seeds_needed(diffs, margin=margin)
         assert need.n_needed is None and need.d_z is None
         verdict = decide(paired.delta, n, paired.p_ttest, tost, 0.05, need=need)
-        assert verdict.verdict == "inconclusive"
+        assert verdict.verdict == "inconclusive" and "on every seed" in verdict.reason
     assert rounded >= 1
     # a real spread, however small against the values, is still a spread
     tiny_spread = tost_paired([0.01, 0.01 + 1e-9, 0.01 - 1e-9], 0.005)

@@ -105,6 +105,17 @@ def decide(
         if eq and (need.equivalence_n_needed is not None or need.equivalence_more_than is not None):
             parts.append(eq.replace("paired seeds", "seeds"))
     settle = "; ".join(parts) if parts else "more seeds"
+    if tost is not None and tost.p is None and tost.low is not None and tost.low == tost.high:
+        # all paired differences equal (whole-map steps, few seeds): no spread for a test to measure against
+        return Verdict(
+            INCONCLUSIVE,
+            f"Δ {fmt(delta)} on every seed (n={n}): no seed-to-seed spread to test it against; run more seeds",
+            different,
+            equivalent,
+            False,
+            seeds_d,
+            seeds_e,
+        )
     return Verdict(
         INCONCLUSIVE, f"Δ {fmt(delta)} (n={n}): needs {settle}", different, equivalent, False, seeds_d, seeds_e
     )
