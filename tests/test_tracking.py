@@ -87,3 +87,44 @@ def test_dataset_input_is_the_prepared_manifest_with_its_hash(monkeypatch, tmp_p
     assert logged.dataset.name == "data/raw/1000_tiff_minmax"
     assert logged.dataset.digest == prepared.data_digest()
     assert [t.value for t in logged.tags] == ["training"]
+
+
+def test_a_dataset_inserted_by_a_parallel_run_meanwhile_is_linked_not_fatal(monkeypatch, tmp_path, prepared_dir):
+    """Two grid workers log the same dataset at once: the store's second insert breaks the unique key (the
+    message below is sqlite's, from a failed `hdmap-ad grid --jobs 2`). The run links the row the other one
+    wrote instead of failing its training; any other store error still stops it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from hdmap_ad.pipeline.data import PreparedData
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    prepared = PreparedData.load(prepared_dir)
+    exp = tracking.ensure_experiment("datasets")
+    with mlflow.start_run(experiment_id=exp):  # the other worker, first
+        tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")
+    real, calls = mlflow.log_input, []
+
+    def racing(dataset, context=None):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                "datasets.digest"
+            )
+        return real(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run(experiment_id=exp) as run:
+        tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")
+    assert len(calls) == 2
+    (logged,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == prepared.data_digest()
+
+    def broken(dataset, context=None):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with mlflow.start_run(experiment_id=exp), pytest.raises(MlflowException, match="locked"):
+        tracking.log_dataset_input(prepared, "data/raw/1000_tiff_minmax")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -164,7 +165,26 @@ def log_dataset_input(prepared: PreparedData, name: str, context: str = "trainin
         dataset = mlflow.data.from_pandas(
             prepared.manifest, source=str(prepared.out_dir), name=str(name), digest=prepared.data_digest()
         )
-        mlflow.log_input(dataset, context=context)
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                mlflow.log_input(dataset, context=context)
+                return
+            except Exception as err:
+                if attempt == DATASET_ATTEMPTS - 1 or not lost_dataset_race(err):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+
+# Parallel grid workers log the same dataset (same experiment, name and digest) at once: the store looks it
+# up, finds none, and both insert it; the second insert breaks the unique key and fails the whole training
+# (seen with `hdmap-ad grid --jobs 2`). Trying again finds the row the other worker wrote and only links it.
+DATASET_ATTEMPTS = 3
+
+
+def lost_dataset_race(err: BaseException) -> bool:
+    """Whether `err` is the store refusing a second copy of a dataset another run inserted just before."""
+    text = str(err)
+    return "datasets" in text and any(k in text for k in ("UNIQUE constraint", "Duplicate entry", "duplicate key"))
 
 
 def find_run(
