@@ -49,7 +49,7 @@ Queue the methods x seeds grid as DVC experiments and run it with --jobs paralle
   2. dvc exp run --queue -S method=<methods> -S seed=<seeds> [-S KEY=VALUE ...]
   3. dvc queue start -j <jobs>
   4. wait until the queue has run this grid (progress from `dvc queue status`)
-  5. name failed experiments (`dvc queue logs NAME` shows why)
+  5. name failed experiments, each with the last lines of its log (`dvc queue logs NAME`)
   6. hdmap-ad compare
 
 Untracked files are not copied into queued experiments: commit (or git add) your changes first.

@@ -7,7 +7,7 @@ Steps (docs/design.md#pipe-mlflow explains why the order matters):
 2. `dvc exp run --queue -S method=a,b -S seed=x,y [-S more]` queues the cross product;
 3. `dvc queue start -j N` starts N workers (they inherit this process's environment);
 4. poll `dvc queue status` until this grid's tasks are done, reporting progress;
-5. name the failed experiments (`dvc queue logs NAME` shows why);
+5. name the failed experiments, each with the last lines of its `dvc queue logs NAME`;
 6. run `hdmap-ad compare` in the workspace (it reads the runs from MLflow, not from the workspace).
 
 Each training process of the grid claims a GPU of its own on a multi-GPU machine
