@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("anomalib")
+pytest.importorskip("anomalib", minversion="2.4")  # use_context_recentering arrived in anomalib 2.4
 
 from hdmap_ad.core.model import Dinomaly, DinomalyConfig, anomaly_map, group_distances  # noqa: E402
 
