@@ -46,3 +46,13 @@ def tiny_pipeline(tmp_path_factory):
     from fixtures_pipeline import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A throw-away DVC repository in the state `make run` leaves (tests/dvc_repo.py `trained_repo`), one per
+    test module that asks for it: the pipeline modules run side by side on xdist workers and none sees
+    another's experiments. test_pipeline_grid.py overrides it with an untrained one."""
+    from dvc_repo import trained_repo
+
+    return trained_repo(tmp_path_factory.mktemp("pipeline"))

@@ -19,15 +19,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from dvc_repo import dvc, mlflow_runs, restore_params, sh, snapshot, trained_repo
+from dvc_repo import dvc, mlflow_runs, restore_params, sh, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return trained_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_repro_writes_every_output(repo):

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from dvc_repo import dvc, env_for, mlflow_runs, restore_params, sh, snapshot, trained_repo, wait_for
+from dvc_repo import dvc, env_for, mlflow_runs, restore_params, sh, snapshot, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return trained_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_a_failing_train_keeps_the_last_good_model_and_metrics(repo):

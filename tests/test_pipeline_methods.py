@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dvc_repo import mlflow_runs, sh, trained_repo
+from dvc_repo import mlflow_runs, sh
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return trained_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.mark.parametrize(

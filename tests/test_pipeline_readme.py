@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dvc_repo import dvc, env_for, restore_params, sh, trained_repo
+from dvc_repo import dvc, env_for, restore_params, sh
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return trained_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def readme_block(tag: str) -> str:

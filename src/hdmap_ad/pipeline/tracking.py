@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -39,6 +40,14 @@ def curve_name(key: str) -> str:
     sections, `test_<metric>/…` and `val_auroc/…`, open the view and every training curve sits
     together below them instead of between them (`focal/…` and `grad/…` would sort first)."""
     return "train_" + key.removeprefix("train/").replace("/", "_")
+
+
+def log_curves(values: Mapping[str, float], step: int) -> None:
+    """Training curves and method diagnostics (`train/loss`, `grad/nan_count`, ...) into the active run at
+    `step`, each under its `curve_name`."""
+    import mlflow
+
+    mlflow.log_metrics({curve_name(k): float(v) for k, v in values.items()}, step=step)
 
 
 def tracking_uri(configured: str | None = None) -> str:

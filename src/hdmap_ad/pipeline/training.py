@@ -358,13 +358,7 @@ def train_loop(params: Params, setup: RunSetup, trainer: Trainer, bar: StepProgr
                 f"step {step}: non-finite {what} (NaN/Inf gradient elements: {nan_count}); update skipped",
                 stacklevel=1,
             )
-            mlflow.log_metrics(
-                {
-                    tracking.curve_name(k): v
-                    for k, v in {"train/bad_steps": bad_total, "grad/nan_count": nan_count}.items()
-                },
-                step=step,
-            )
+            tracking.log_curves({"train/bad_steps": bad_total, "grad/nan_count": nan_count}, step)
             if bad_in_row >= t_params.max_bad_steps:
                 raise HdmapError(
                     f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; "
@@ -383,7 +377,7 @@ def train_loop(params: Params, setup: RunSetup, trainer: Trainer, bar: StepProgr
             }
             logs.update(info)
             logs.update(method.diagnostics())
-            mlflow.log_metrics({tracking.curve_name(k): float(v) for k, v in logs.items()}, step=done)
+            tracking.log_curves(logs, done)
             bar.update(0, f"loss {logs['train/loss']:.4f} lr {lr:.2e} {logs['train/images_per_s']:.1f} img/s")
             window_loss, window_n, t_last = 0.0, 0, now
         if done % t_params.val_every == 0 and done != t_params.steps:

@@ -95,6 +95,16 @@ def decide(
         if different:
             why += "; a real but negligible difference"
         return Verdict(EQUIVALENT, why, different, True, different, seeds_d, seeds_e)
+    if tost is not None and tost.p is None and tost.low is not None and tost.low == tost.high:
+        # all paired differences equal (whole-map steps, few seeds): no spread for a test to measure against
+        why = f"Δ {fmt(delta)} on every seed (n={n}): no seed-to-seed spread to test it against; run more seeds"
+    else:
+        why = f"Δ {fmt(delta)} (n={n}): needs {seeds_to_settle(delta, need, fmt)}"
+    return Verdict(INCONCLUSIVE, why, different, equivalent, False, seeds_d, seeds_e)
+
+
+def seeds_to_settle(delta: float, need: SeedsNeeded | None, fmt) -> str:
+    """The words of an inconclusive verdict: the seeds that would show the observed Δ, and equivalence."""
     parts = []
     if need is not None:
         if need.n_needed is not None:
@@ -104,21 +114,7 @@ def decide(
         eq = describe_equivalence_seeds(need)
         if eq and (need.equivalence_n_needed is not None or need.equivalence_more_than is not None):
             parts.append(eq.replace("paired seeds", "seeds"))
-    settle = "; ".join(parts) if parts else "more seeds"
-    if tost is not None and tost.p is None and tost.low is not None and tost.low == tost.high:
-        # all paired differences equal (whole-map steps, few seeds): no spread for a test to measure against
-        return Verdict(
-            INCONCLUSIVE,
-            f"Δ {fmt(delta)} on every seed (n={n}): no seed-to-seed spread to test it against; run more seeds",
-            different,
-            equivalent,
-            False,
-            seeds_d,
-            seeds_e,
-        )
-    return Verdict(
-        INCONCLUSIVE, f"Δ {fmt(delta)} (n={n}): needs {settle}", different, equivalent, False, seeds_d, seeds_e
-    )
+    return "; ".join(parts) if parts else "more seeds"
 
 
 def overall(verdicts: Mapping[str, Verdict]) -> Verdict:
