@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # pytest workers: the suite is dominated by subprocesses (dvc, MLflow servers) that wait on I/O, so two
 # workers per core pay off on the 2-core machines; set PYTEST_WORKERS=0 to run in one process.
 PYTEST_WORKERS ?= 4
-PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 export DVC_NO_ANALYTICS := 1
 
 .PHONY: help run install test test-fast lint format bench gpu-check

@@ -4,6 +4,7 @@ to change it)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,55 @@ def tiny_pipeline(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A throw-away DVC repository in the state `make run` leaves (tests/dvc_repo.py `trained_repo`), one per
-    test module that asks for it: the pipeline modules run side by side on xdist workers and none sees
-    another's experiments. test_pipeline_grid.py overrides it with an untrained one."""
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory) -> Path:
+    """A throw-away DVC repository in the state `make run` leaves (tests/dvc_repo.py `trained_repo`), built
+    once per test run: under pytest-xdist the first worker that asks builds it in the run's shared
+    temporary folder while the others wait on a file lock. Never changed: modules get a clone (`repo`)."""
+    from filelock import FileLock
+
     from dvc_repo import trained_repo
 
-    return trained_repo(tmp_path_factory.mktemp("pipeline"))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder above the workers' own ones
+    root = shared / "trained-template"
+    with FileLock(str(shared / "trained-template.lock")):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            trained_repo(root)
+            (root / "built").touch()
+    return root / "repo"
+
+
+@pytest.fixture(scope="module")
+def repo(trained_template, tmp_path_factory) -> Path:
+    """A clone of `trained_template`, one per test module that asks for it: the pipeline modules run side
+    by side on xdist workers and none sees another's experiments. test_pipeline_grid.py overrides it with
+    an untrained one."""
+    from dvc_repo import clone_repo
+
+    return clone_repo(trained_template, tmp_path_factory.mktemp("pipeline") / "repo")
+
+
+# The modules that take longest (minutes each, measured with `make test`'s --durations), longest first.
+# pytest-xdist hands out whole modules (--dist loadfile) in collection order (--no-loadscope-reorder), so
+# starting these first keeps the 2-core run from ending on one long module while the other workers idle.
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_grid_ray.py",
+    "test_pipeline_grid.py",
+    "test_gpu_check.py",
+    "test_pipeline_faults.py",
+    "test_export.py",
+    "test_pipeline_methods.py",
+    "test_pipeline_readme.py",
+    "test_bench.py",
+    "test_store.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

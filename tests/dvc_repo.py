@@ -1,14 +1,16 @@
 """A throw-away DVC repository for the end-to-end tests (test_pipeline*.py): a copy of this one's
 pipeline files on tiny settings, its own git, DVC and MLflow store, and the commands a user types.
 
-Each test module builds its own repository (a module-scoped fixture calling `trained_repo`), so the
-modules run in parallel on separate pytest-xdist workers and no module sees another's experiments.
+The trained state (`trained_repo`: what `make run` leaves) is built once per test run and each module
+gets a `clone_repo` of it (tests/conftest.py), so the modules run in parallel on separate pytest-xdist
+workers and no module sees another's experiments.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -125,3 +127,36 @@ def trained_repo(root: Path) -> Path:
     sh(repo, "hdmap-ad", "init-tracking")
     sh(repo, sys.executable, "-m", "dvc", "repro")
     return repo
+
+
+def clone_repo(template: Path, dest: Path) -> Path:
+    """A copy of `template` at `dest` that works on its own: git, DVC and the outputs copy as they are
+    (they hold relative paths), but MLflow records absolute ones (the experiments' artifact locations, the
+    runs' artifact URIs, the logged models' MLmodel files, the compare reports), which are moved to `dest`
+    so the copy neither reads nor writes the template's artifacts."""
+    template, dest = Path(template).resolve(), Path(dest).resolve()
+    shutil.copytree(template, dest, symlinks=True)
+    old, new = str(template), str(dest)
+    db = sqlite3.connect(dest / "mlflow.db")
+    try:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT", "CHAR")):
+                    name = column[1]
+                    db.execute(
+                        f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0',
+                        (old, new, old),
+                    )
+        db.commit()
+        left = [t for t in tables if old in "".join(str(r) for r in db.execute(f'SELECT * FROM "{t}"'))]
+        assert not left, f"MLflow tables {left} still name the template {old}"
+    finally:
+        db.close()
+    for folder in ("mlartifacts", "mlruns", "reports"):
+        for path in (dest / folder).rglob("*"):
+            if path.is_file() and path.suffix in ("", ".json", ".md", ".yaml", ".txt"):
+                text = path.read_text(errors="surrogateescape")
+                if old in text:
+                    path.write_text(text.replace(old, new), errors="surrogateescape")
+    return dest

@@ -481,3 +481,13 @@ def test_a_file_over_450_lines_says_why_in_its_docstring():
         f"over {LONG_FILE_LINES} lines without '(Over 450 lines: <why>)' in the docstring: {unexplained}"
     )
     assert not stale, f"under {LONG_FILE_LINES} lines but still saying why it is over: {stale}"
+
+
+def test_the_suites_longest_first_list_names_existing_test_modules():
+    """tests/conftest.py starts these modules first on the xdist workers; a renamed module would silently
+    lose its place (and the full suite its packing)."""
+    from conftest import LONGEST_FIRST
+
+    missing = [name for name in LONGEST_FIRST if not (REPO / "tests" / name).is_file()]
+    assert not missing, f"LONGEST_FIRST names modules that do not exist: {missing}"
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)

@@ -85,15 +85,17 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
 
 def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
     """Kill `train` after a checkpoint, rerun: it resumes and ends where an uninterrupted run does."""
-    sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "method=baseline", "-S", "seed=7", "-S", "train.steps=12")
     from hdmap_ad.core import checkpoint
 
+    train = ["hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"]
+    shutil.rmtree(repo / "models/train_state", ignore_errors=True)  # earlier tests' killed runs
+    sh(repo, *train)  # the uninterrupted reference
     reference = json.loads((repo / "metrics/train.json").read_text())
     reference_thresholds = checkpoint.load(repo / "models/model.safetensors")["thresholds"]
     shutil.rmtree(repo / "models/train_state", ignore_errors=True)
     env = env_for(repo)
     proc = subprocess.Popen(
-        ["hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"],
+        train,
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -113,9 +115,7 @@ def test_killed_training_resumes_to_the_same_metrics(repo, tmp_path):
         time.sleep(0.2)
     proc.wait(timeout=60)
     assert proc.returncode != 0, "training finished before it could be killed; make it longer"
-    out = sh(
-        repo, "hdmap-ad", "train", "--set", "seed=7", "--set", "train.steps=12", "--set", "mlflow.experiment=resume"
-    )
+    out = sh(repo, *train)
     assert "resuming from" in out.stderr
     resumed = json.loads((repo / "metrics/train.json").read_text())
     assert resumed["val_auroc"] == reference["val_auroc"]

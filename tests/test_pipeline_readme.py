@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dvc_repo import dvc, env_for, restore_params, sh
+from dvc_repo import dvc, env_for, sh
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -32,9 +32,7 @@ def test_readme_exp_show_recipe_shows_state_steps_and_settings_and_the_clean_lin
     shows its parent's numbers, so its state must be visible), so are train.steps, profile and the setting
     that differs (train.lr); the headline AUROC stays, the other metrics and the deps go. Then README's
     clean-workspace line leaves git clean and DVC up to date."""
-    restore_params(repo)
-    dvc(repo, "repro")
-    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "add", "-A")  # the trained clone (tests/conftest.py `repo`), committed
     sh(repo, "git", "commit", "-qm", "baseline", "--allow-empty")
     out = dvc(repo, "exp", "run", "--queue", "-S", "method=focl")
     failed = re.search(r"Queued experiment '([^']+)'", out.stdout + out.stderr)
