@@ -1,9 +1,10 @@
 """End to end through DVC and MLflow, as a user drives it, on tiny settings: `dvc repro`, re-runs that
 leave git clean, `dvc exp run -S ...`, `dvc metrics diff`, and which settings retrain.
 
-One throw-away repository (tests/dvc_repo.py) is built for this module; the failure cases, the new
-methods, the grid and the README's DVC commands have modules of their own (test_pipeline_faults.py,
-_methods.py, _grid.py, _readme.py).
+One throw-away repository (a clone of the trained one, tests/conftest.py) for this module, whose tests
+run in order: the re-run that commits the trained state first, the experiment that changes the model
+last. The failure cases, the new methods, the grid and the README's DVC commands have modules of their
+own (test_pipeline_faults.py, _methods.py, _grid.py, _readme.py).
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ def test_runtime_settings_never_retrain(repo):
     restore_params(repo)
 
 
+def test_other_methods_section_does_not_retrain(repo):
+    sh(repo, sys.executable, "-m", "dvc", "repro")
+    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "gem.p=4")
+    assert "Running stage 'train'" not in out.stdout
+    restore_params(repo)
+
+
 def test_data_outside_the_repository_is_a_dependency_and_a_bad_map_keeps_prepared(repo, tmp_path):
     """`data.root` may point anywhere: editing a map there must rerun prepare, and a map that cannot be
     read must fail prepare with one line and leave the last good prepared data in place."""
@@ -137,38 +145,25 @@ def test_data_outside_the_repository_is_a_dependency_and_a_bad_map_keeps_prepare
 
 
 def test_exp_run_retrains_and_metrics_diff_shows_domains(repo):
-    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "method=focal", "-S", "seed=43")
+    """`dvc exp run -S method=aux -S seed=43`: retrains (not prepare), tracks the run in the baseline's
+    comparison group, and a method with outputs of its own (aux's domain accuracy) gets them to the metrics.
+    Only the baseline and aux run through DVC here: switching `method` takes the same path through
+    configure for every method, and each one trains and evaluates in tests/test_evaluation.py."""
+    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "method=aux", "-S", "seed=43")
     assert "Running stage 'train'" in out.stdout and "Running stage 'prepare'" not in out.stdout
     runs = mlflow_runs(repo)
     names = {name.rsplit("-", 1)[0] for name in runs["tags.mlflow.runName"]}
-    assert {"baseline-seed42", "focal-seed43"} <= names
+    assert {"baseline-seed42", "aux-seed43"} <= names
     # the two runs differ only in method and seed: one comparison group
-    pair = runs[runs["tags.mlflow.runName"].str.match(r"^(baseline-seed42|focal-seed43)-")]
+    pair = runs[runs["tags.mlflow.runName"].str.match(r"^(baseline-seed42|aux-seed43)-")]
     assert len(pair) >= 2 and pair["tags.comparison_key"].nunique() == 1
-    assert runs.loc[runs["tags.method"] == "focal", "tags.dvc_exp_name"].notna().all()
+    mine = runs[runs["tags.mlflow.runName"].str.startswith("aux-seed43-")]
+    assert len(mine) == 1 and mine.iloc[0]["tags.method"] == "aux" and mine.iloc[0]["tags.evaluated"] == "true"
+    assert mine["tags.dvc_exp_name"].notna().all()
+    assert "aux_domain_accuracy" in json.loads((repo / "metrics/eval_details.json").read_text())["domain_A"]
     # --all: a metric that happens to be equal for the two tiny models is listed too
     diff = sh(repo, sys.executable, "-m", "dvc", "metrics", "diff", "HEAD", "--md", "--all").stdout
     assert all(f"{d}.auroc" in diff for d in ("domain_A", "domain_B", "domain_C", "domain_D", "mean"))
     # what a person compares: headline metrics in percent, no thresholds, counts, ids or compare rows
     assert "threshold" not in diff and "run_id" not in diff and "compare.json" not in diff
     assert not re.search(r"\.(tp|fp|tn|fn|n_good|n_fault)\b", diff)
-
-
-def test_a_method_with_its_own_outputs_runs_as_an_experiment(repo):
-    """aux through `dvc exp run` (its extra metric reaches the outputs); baseline and focal run through
-    DVC in the tests above, every other method through train + evaluate in tests/test_evaluation.py:
-    switching `method` takes the same path through configure for all of them."""
-    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "method=aux", "-S", "seed=44")
-    assert "Running stage 'train'" in out.stdout
-    result = json.loads((repo / "metrics/eval.json").read_text())
-    assert 0.0 <= result["mean"]["auroc"] <= 100.0
-    runs = mlflow_runs(repo)
-    mine = runs[runs["tags.mlflow.runName"].str.startswith("aux-seed44-")]
-    assert len(mine) == 1 and mine.iloc[0]["tags.method"] == "aux" and mine.iloc[0]["tags.evaluated"] == "true"
-    assert "aux_domain_accuracy" in json.loads((repo / "metrics/eval_details.json").read_text())["domain_A"]
-
-
-def test_other_methods_section_does_not_retrain(repo):
-    sh(repo, sys.executable, "-m", "dvc", "repro")
-    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "gem.p=4")
-    assert "Running stage 'train'" not in out.stdout

@@ -59,7 +59,7 @@ def test_a_killed_train_keeps_the_last_good_model_and_metrics(repo):
 
 def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
     """DVC's second `exp run` fails on its lock after writing its -S values into params.yaml; the first
-    must then stop rather than record seed 12 beside a model trained with seed 11."""
+    must then stop, at its next checkpoint, rather than record seed 12 beside a model trained with seed 11."""
     start = time.time()
     first = subprocess.Popen(
         [sys.executable, "-m", "dvc", "exp", "run", "-S", "seed=11", "-S", "train.steps=400"],
@@ -77,6 +77,9 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
     assert first.returncode != 0, output[-3000:]
     assert "params.yaml changed while this run was in progress" in output
     assert "dvc exp run --queue" in output
+    from hdmap_ad.core.checkpoint import load
+
+    assert load(state)["step"] < 400  # stopped at a checkpoint, not after the whole training
     runs = mlflow_runs(repo)
     finished = runs[runs["status"] == "FINISHED"]
     assert not set(finished["tags.seed"]) & {"11", "12"}

@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,10 +312,17 @@ def save_train_state(params: Params, setup: RunSetup, trainer: Trainer, step: in
     )
 
 
-def train_loop(params: Params, setup: RunSetup, trainer: Trainer, bar: StepProgress) -> int:
+def train_loop(
+    params: Params,
+    setup: RunSetup,
+    trainer: Trainer,
+    bar: StepProgress,
+    after_checkpoint: Callable[[], None] | None = None,
+) -> int:
     """The steps from `trainer.start_step` on: updates, MLflow logs every runtime.log_every steps, validation
-    every train.val_every, the training state every runtime.checkpoint_every (after good updates only).
-    Stops with an error after train.max_bad_steps non-finite steps in a row; returns the skipped steps."""
+    every train.val_every, the training state every runtime.checkpoint_every (after good updates only),
+    then `after_checkpoint()` (which may stop the run by raising). Stops with an error after
+    train.max_bad_steps non-finite steps in a row; returns the skipped steps."""
     import mlflow
 
     t_params, run_params = params.train, params.runtime
@@ -391,6 +398,8 @@ def train_loop(params: Params, setup: RunSetup, trainer: Trainer, bar: StepProgr
         # Only after a good update: a checkpoint must never sit on the far side of a divergence.
         if bad_in_row == 0 and (done % run_params.checkpoint_every == 0 or done == t_params.steps):
             save_train_state(params, setup, trainer, done)
+            if after_checkpoint is not None:
+                after_checkpoint()
         bar.update(1)
     return bad_total
 
@@ -490,7 +499,15 @@ def train(
             steps = params.train.steps
             description = f"train {params.method} seed {params.seed}"
             with StepProgress(steps, description, every=params.runtime.log_every, start=trainer.start_step) as bar:
-                bad_total = train_loop(params, setup, trainer, bar)
+                # at each checkpoint too: a second `dvc exp run` stops this one within checkpoint_every steps,
+                # not after the whole training
+                bad_total = train_loop(
+                    params,
+                    setup,
+                    trainer,
+                    bar,
+                    lambda: check_config_unchanged(params, expected_config, params_file, overrides),
+                )
             check_config_unchanged(params, expected_config, params_file, overrides)
             val_metrics, thresholds = validate(trainer.model, trainer.method, setup.train_set, params, setup.device)
             bar.note(val_line(steps, steps, val_metrics))
