@@ -40,35 +40,43 @@ def prepared_dir(synthetic_root, tmp_path_factory) -> Path:
     return out
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test run, in the run's shared temporary folder: under pytest-xdist the
+    first worker that asks builds it while the others wait on a file lock, then all use the same folder.
+    Treat it as read-only: tests get a copy of it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder above the workers' own ones
+    root = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            (root / "built").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """One tiny model trained and evaluated by the real stages (tests/fixtures_pipeline.py), shared by
-    the tests of a trained model (predict, serving, export). Read-only: copy what you change."""
-    from fixtures_pipeline import build_tiny_pipeline
+    the tests of a trained model (predict, serving, export): built once per run, each xdist worker gets
+    its own copy (its MLflow store included). Read-only: copy what you change."""
+    from fixtures_pipeline import build_tiny_pipeline, clone_tiny_pipeline
 
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+    template = built_once(tmp_path_factory, "tiny-pipeline", lambda root: build_tiny_pipeline(root / "pipeline"))
+    return clone_tiny_pipeline(template / "pipeline", tmp_path_factory.mktemp("pipeline") / "pipeline")
 
 
 @pytest.fixture(scope="session")
 def trained_template(tmp_path_factory) -> Path:
     """A throw-away DVC repository in the state `make run` leaves (tests/dvc_repo.py `trained_repo`), built
-    once per test run: under pytest-xdist the first worker that asks builds it in the run's shared
-    temporary folder while the others wait on a file lock. Never changed: modules get a clone (`repo`)."""
-    from filelock import FileLock
-
+    once per test run (`built_once`). Never changed: modules get a clone (`repo`)."""
     from dvc_repo import trained_repo
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the folder above the workers' own ones
-    root = shared / "trained-template"
-    with FileLock(str(shared / "trained-template.lock")):
-        if not (root / "built").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            trained_repo(root)
-            (root / "built").touch()
-    return root / "repo"
+    return built_once(tmp_path_factory, "trained-template", trained_repo) / "repo"
 
 
 @pytest.fixture(scope="module")

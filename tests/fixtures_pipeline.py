@@ -2,11 +2,9 @@
 
 Built with the project's own code in a temporary folder: a 10-block ViT with 32-d embeddings
 (random weights), 28×84 inputs, 5 training steps, two domains, and an MLflow sqlite store of its
-own. `build_tiny_pipeline(root)` makes it; test modules wrap it in a session-scoped fixture:
-
-    @pytest.fixture(scope="session")
-    def tiny_pipeline(tmp_path_factory):
-        return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+own. `build_tiny_pipeline(root)` makes it (and records it in root/tiny_pipeline.json);
+`clone_tiny_pipeline(root, dest)` copies it, MLflow store included, so each pytest-xdist worker uses a
+copy of one build (tests/conftest.py `tiny_pipeline`).
 
 The process-global state it touches (cwd, MLFLOW_TRACKING_URI / DVC_ROOT, MLflow's tracking URI)
 is restored afterwards; `pipeline.env()` gives the environment a subprocess needs.
@@ -15,16 +13,20 @@ is restored afterwards; `pipeline.env()` gives the environment a subprocess need
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 import shipped
 import tiny
+from dvc_repo import clone_repo
 
 REPO = Path(__file__).resolve().parents[1]
+RECORD = "tiny_pipeline.json"
+PATH_FIELDS = ("root", "params_file", "checkpoint", "scores_csv", "data_root")
 DOMAINS = ["domain_A", "domain_C"]
 EXPERIMENT = "hdmap-tiny-test"
 
@@ -95,6 +97,7 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
     from hdmap_ad.pipeline.synth import SynthConfig, generate
 
     root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params(root), sort_keys=False))
@@ -129,7 +132,7 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
         thresholds = load(training.MODEL_FILE)["thresholds"]
     if previous_uri is not None:
         mlflow.set_tracking_uri(previous_uri)
-    return TinyPipeline(
+    built = TinyPipeline(
         root=root,
         params_file=params_file,
         tracking_uri=uri,
@@ -141,3 +144,16 @@ def build_tiny_pipeline(root: Path) -> TinyPipeline:
         model_uri=f"models:/{logged.model_id}",
         thresholds=dict(thresholds),
     )
+    (root / RECORD).write_text(json.dumps(asdict(built), default=str))
+    return built
+
+
+def clone_tiny_pipeline(template: Path, dest: Path) -> TinyPipeline:
+    """A working copy of a built pipeline at `dest`: its files, and its MLflow store pointing at the
+    copy's artifacts (tests/dvc_repo.py `clone_repo`); same run and model ids."""
+    template, dest = Path(template).resolve(), clone_repo(template, dest)
+    record = json.loads((dest / RECORD).read_text())
+    for name in PATH_FIELDS:
+        record[name] = dest / Path(record[name]).relative_to(template)
+    record["tracking_uri"] = f"sqlite:///{dest / 'mlflow.db'}"
+    return TinyPipeline(**record)
