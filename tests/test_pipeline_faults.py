@@ -75,7 +75,7 @@ def test_a_second_exp_run_in_the_workspace_stops_the_first(repo):
     assert second.returncode != 0
     output, _ = first.communicate(timeout=600)
     assert first.returncode != 0, output[-3000:]
-    assert "params.yaml changed while this run was in progress" in output
+    assert "params.yaml changed while this run was in progress" in output, output[-3000:]
     assert "dvc exp run --queue" in output
     from hdmap_ad.core.checkpoint import load
 

@@ -190,3 +190,29 @@ def test_settings_are_params_and_curves_sort_below_the_headline_metrics(workdir,
         sections = {k.rsplit("/", 1)[0] for k in data.metrics if "/" in k}
         assert sections == {"val_auroc"}  # every other metric is in MLflow's default section, shown last
     assert {"train_focal_loss_0", "train_focal_loss_1"} <= set(focal.metrics)
+
+
+def test_a_params_file_caught_mid_rewrite_stops_the_run_as_changed(tmp_path):
+    """train re-reads params.yaml at each checkpoint while another `dvc exp run` may be rewriting it: a file
+    caught half written (cut anywhere) must stop the run with the one "changed while in progress" line, never
+    with a YAML or validation error that hides the reason."""
+    import shipped
+    from hdmap_ad.core.config import load_params
+    from hdmap_ad.pipeline.fingerprint import check_config_unchanged
+
+    text = shipped.text("params.yaml")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(text)
+    params = load_params(params_file)
+    expected = tmp_path / "train_config.json"
+    expected.write_text(json.dumps(params.training_config()))
+    check_config_unchanged(params, expected, params_file)  # unchanged: no error
+    stopped = 0
+    for cut in np.linspace(0, len(text) - 1, 41).astype(int):
+        params_file.write_text(text[:cut])
+        try:
+            check_config_unchanged(params, expected, params_file)
+        except HdmapError as err:
+            assert "params.yaml changed while this run was in progress" in str(err), (cut, str(err))
+            stopped += 1
+    assert stopped >= 35  # most cuts lose a training setting or break the YAML

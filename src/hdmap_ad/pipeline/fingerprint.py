@@ -78,10 +78,18 @@ def check_config_unchanged(
     if not expected_path.is_file():
         raise HdmapError(f"{expected_path}: not found (the DVC `configure` stage writes it; run `dvc repro`)")
     expected = json.loads(expected_path.read_text())
-    now = load_params(params_file, overrides).training_config() if params_file is not None else params.training_config()
+    unreadable = ""
+    try:
+        now = (
+            load_params(params_file, overrides).training_config()
+            if params_file is not None
+            else params.training_config()
+        )
+    except HdmapError as err:  # caught while DVC rewrites it (half written, or with a typo): a change all the same
+        now, unreadable = None, f"; it cannot be read now: {err}"
     if params.training_config() != expected or now != expected:
         raise HdmapError(
-            f"params.yaml changed while this run was in progress (it no longer matches {expected_path}); another "
+            f"params.yaml changed while this run was in progress (it no longer matches {expected_path}{unreadable}); another "
             "`dvc exp run` in this workspace? DVC runs one experiment per workspace at a time: queue them with "
             "`dvc exp run --queue ...` + `dvc queue start`, or use `hdmap-ad grid`. This run was stopped so that "
             "no result is recorded under settings it was not trained with"
