@@ -82,8 +82,7 @@ def trained_template(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def repo(trained_template, tmp_path_factory) -> Path:
     """A clone of `trained_template`, one per test module that asks for it: the pipeline modules run side
-    by side on xdist workers and none sees another's experiments. test_pipeline_grid.py overrides it with
-    an untrained one."""
+    by side on xdist workers and none sees another's experiments."""
     from dvc_repo import clone_repo
 
     return clone_repo(trained_template, tmp_path_factory.mktemp("pipeline") / "repo")
