@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+# the request limits `serving` starts `hdmap-ad serve` with
+LIMIT_MB = 1
+MAX_MAPS = 8
 
 
 def _free_port() -> int:
@@ -80,3 +84,75 @@ def running_mlflow_server(folder: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
         log.close()
+
+
+@contextlib.contextmanager
+def serving(pipeline, folder: Path, *extra: str):
+    """`hdmap-ad serve` of a tests/fixtures_pipeline.py `TinyPipeline` on a free loopback port, with this
+    module's request limits (LIMIT_MB, MAX_MAPS); yields (port, process, log path) once /ping answers, and
+    stops the server's whole process group at the end."""
+    port = _free_port()
+    log_path = folder / f"serve-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(BIN / "hdmap-ad"), "serve", "--params", str(pipeline.params_file), "--model", str(pipeline.checkpoint)]
+        + ["--port", str(port), "--max-request-mb", str(LIMIT_MB), "--max-maps", str(MAX_MAPS), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=pipeline.root,
+        env=pipeline.env(),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                if http("127.0.0.1", port, "GET", "/ping")[0] == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not come up in 120 s:\n" + log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield port, proc, log_path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()
+
+
+def http(host: str, port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """(status, parsed JSON or text) over a raw socket, so that a refusal sent before the body is read arrives."""
+    head = {"Host": f"{host}:{port}", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    head.update(headers or {})
+    head = {k: v for k, v in head.items() if v is not None}
+    request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
+    with socket.create_connection((host, port), timeout=60) as s:
+        s.sendall(request.encode() + body)
+        return read_response(s)
+
+
+def read_response(s: socket.socket):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before an answer: {data[:200]!r}")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status = int(head.split()[1])
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(rest) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    try:
+        return status, json.loads(rest[:length])
+    except ValueError:
+        return status, rest[:length].decode()

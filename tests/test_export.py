@@ -20,6 +20,7 @@ import pytest
 import tiny
 from fixtures_pipeline import TinyPipeline, tiny_params
 from hdmap_ad.core.method_params import METHODS
+from servers import http, serving
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -434,3 +435,19 @@ def test_signed_onnx_export_with_a_shared_key(exported, tiny_pipeline, tmp_path,
     )
     monkeypatch.delenv("HDMAP_AD_SIGNING_KEY")  # no key: the signature is not checked, the hash still is
     assert OnnxScorer(signed).thresholds == OnnxScorer(exported).thresholds
+
+
+def test_onnx_backend_serves_the_same_contract(exported, tiny_pipeline, tmp_path):
+    """`hdmap-ad serve --backend onnx` of the exported file: MLflow's /invocations contract, and the
+    requests an ONNX graph cannot answer refused with one line."""
+    pipeline = tiny_pipeline
+    onnx_pipeline = TinyPipeline(**{**pipeline.__dict__, "checkpoint": exported})
+    with serving(onnx_pipeline, tmp_path, "--backend", "onnx") as (port, _, _):
+        maps = _test_maps(pipeline)[1][:4]  # within the server's MAX_MAPS
+        status, answer = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": maps.tolist()}).encode())
+        assert status == 200 and len(answer["predictions"]) == len(maps), answer
+        body = json.dumps({"inputs": [[[1.0]]], "params": {"resize": True}}).encode()
+        status, answer = http("127.0.0.1", port, "POST", "/invocations", body)
+        assert status == 400 and "not available on an exported ONNX model" in answer["message"]
+        status, answer = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": [[[1.0]]]}).encode())
+        assert status == 400 and "shape 1x1, the model was trained on 31x95" in answer["message"]

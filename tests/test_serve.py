@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,90 +20,14 @@ import psutil
 import pytest
 
 from fixtures_pipeline import TinyPipeline
+from servers import LIMIT_MB, MAX_MAPS, http, read_response, serving
 
 BIN = Path(sys.executable).parent
-LIMIT_MB = 1
-MAX_MAPS = 8
 # What the server may add to its idle RSS while it answers any of these requests: the body (<= 1 MiB),
 # its parse (<= 8 maps' numbers, ~32 bytes each), the scoring of one batch of the tiny model, allocator slack.
 RSS_BOUND_MB = 120
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(pipeline: TinyPipeline, folder: Path, *extra: str):
-    port = _free_port()
-    log_path = folder / f"serve-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(BIN / "hdmap-ad"), "serve", "--params", str(pipeline.params_file), "--model", str(pipeline.checkpoint)]
-        + ["--port", str(port), "--max-request-mb", str(LIMIT_MB), "--max-maps", str(MAX_MAPS), *extra],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=pipeline.root,
-        env=pipeline.env(),
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            with contextlib.suppress(OSError):
-                if http("127.0.0.1", port, "GET", "/ping")[0] == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not come up in 120 s:\n" + log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        yield port, proc, log_path
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-        log.close()
-
-
-def http(host: str, port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    """(status, parsed JSON or text) over a raw socket, so that a refusal sent before the body is read arrives."""
-    head = {"Host": f"{host}:{port}", "Content-Type": "application/json", "Content-Length": str(len(body))}
-    head.update(headers or {})
-    head = {k: v for k, v in head.items() if v is not None}
-    request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
-    with socket.create_connection((host, port), timeout=60) as s:
-        s.sendall(request.encode() + body)
-        return _response(s)
-
-
-def _response(s: socket.socket):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"connection closed before an answer: {data[:200]!r}")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    status = int(head.split()[1])
-    length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    while len(rest) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    try:
-        return status, json.loads(rest[:length])
-    except ValueError:
-        return status, rest[:length].decode()
 
 
 class PeakRss:
@@ -224,7 +146,7 @@ def test_oversized_requests_are_refused_before_reading_and_memory_stays_bounded(
                 for _ in range(2000):  # up to 120 MB
                     s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     sent += len(chunk)
-            status, answer = _response(s)
+            status, answer = read_response(s)
         assert status == 413 and "body of more than 1" in answer["message"], answer
         assert sent < 20 * 2**20  # it stopped reading soon after the limit
         # 3. just under the byte limit but more numbers than 8 maps hold: refused before JSON parsing
@@ -243,32 +165,6 @@ def test_oversized_requests_are_refused_before_reading_and_memory_stays_bounded(
     _, maps = _maps(tiny_pipeline, 1)
     status, _ = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": maps.tolist()}).encode())
     assert status == 200
-
-
-def test_onnx_backend_serves_the_same_contract(tiny_pipeline, tmp_path):
-    pytest.importorskip("onnxruntime")
-    onnx_file = tmp_path / "model.onnx"
-    p = subprocess.run(
-        [str(BIN / "hdmap-ad"), "export", "--params", str(tiny_pipeline.params_file)]
-        + ["--model", str(tiny_pipeline.checkpoint), "--format", "onnx", "--out", str(onnx_file)],
-        capture_output=True,
-        text=True,
-        env=tiny_pipeline.env(),
-        cwd=tiny_pipeline.root,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    pipeline = tiny_pipeline
-    onnx_pipeline = TinyPipeline(**{**pipeline.__dict__, "checkpoint": onnx_file})
-    with serving(onnx_pipeline, tmp_path, "--backend", "onnx") as (port, _, _):
-        _, maps = _maps(pipeline)
-        status, answer = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": maps.tolist()}).encode())
-        assert status == 200 and len(answer["predictions"]) == len(maps), answer
-        body = json.dumps({"inputs": [[[1.0]]], "params": {"resize": True}}).encode()
-        status, answer = http("127.0.0.1", port, "POST", "/invocations", body)
-        assert status == 400 and "not available on an exported ONNX model" in answer["message"]
-        status, answer = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": [[[1.0]]]}).encode())
-        assert status == 400 and "shape 1x1, the model was trained on 31x95" in answer["message"]
 
 
 def test_a_wrong_limit_is_one_line(tiny_pipeline):
