@@ -440,10 +440,9 @@ def test_signed_onnx_export_with_a_shared_key(exported, tiny_pipeline, tmp_path,
 def test_onnx_backend_serves_the_same_contract(exported, tiny_pipeline, tmp_path):
     """`hdmap-ad serve --backend onnx` of the exported file: MLflow's /invocations contract, and the
     requests an ONNX graph cannot answer refused with one line."""
-    pipeline = tiny_pipeline
-    onnx_pipeline = TinyPipeline(**{**pipeline.__dict__, "checkpoint": exported})
+    onnx_pipeline = TinyPipeline(**{**tiny_pipeline.__dict__, "checkpoint": exported})
     with serving(onnx_pipeline, tmp_path, "--backend", "onnx") as (port, _, _):
-        maps = _test_maps(pipeline)[1][:4]  # within the server's MAX_MAPS
+        maps = _test_maps(tiny_pipeline)[1][:4]  # within the server's MAX_MAPS
         status, answer = http("127.0.0.1", port, "POST", "/invocations", json.dumps({"inputs": maps.tolist()}).encode())
         assert status == 200 and len(answer["predictions"]) == len(maps), answer
         body = json.dumps({"inputs": [[[1.0]]], "params": {"resize": True}}).encode()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from dvc_repo import mlflow_runs, sh
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 DINOV3 = ["model.encoder=vit_small_patch16_dinov3", "preprocess.resize=[32,96]", "preprocess.crop=[32,96]"]
